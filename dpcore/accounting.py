@@ -1,0 +1,208 @@
+"""Privacy accounting for DP-SGD, over Google's dp-accounting library.
+
+This module is the single source of every ε the project shows: the trainer, the CLI and the app
+all call it with the exact (σ, q, T, δ) of a run. DP-SGD with Poisson sampling is the event
+`SelfComposed(PoissonSampled(q, Gaussian(σ)), T)` under the add-or-remove-one relation.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
+
+import dp_accounting
+import numpy as np
+from dp_accounting import pld, rdp
+from dp_accounting.rdp import rdp_privacy_accountant
+
+from .errors import ConfigError
+
+ACCOUNTANTS = ("rdp", "pld")
+
+# Dense low orders matter at small q and large ε; high orders matter at tiny ε.
+RDP_ORDERS: tuple[float, ...] = tuple(
+    [1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0, 4.5]
+    + list(range(5, 64))
+    + [64, 80, 96, 128, 160, 192, 256, 320, 384, 512, 768, 1024]
+)
+# PLD ε is a pessimistic (valid) upper bound at any discretization; 1e-3 is 10-15x faster than the
+# library default 1e-4 and moves ε by < 0.01% on DP-SGD plans (tests/test_accounting.py checks this).
+PLD_DISCRETIZATION = 1e-3
+
+# dp-accounting logs a warning per fractional order when q is large; the orders are still handled.
+logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def _check(accountant: str, sigma: float | None, q: float, steps: int, delta: float) -> None:
+    if accountant not in ACCOUNTANTS:
+        raise ConfigError("accountant", f"unknown accountant {accountant!r}", f"use one of {ACCOUNTANTS}")
+    if sigma is not None and not (sigma >= 0 and math.isfinite(sigma)):
+        raise ConfigError("noise_multiplier", f"must be a finite number ≥ 0, got {sigma}", "pass σ ≥ 0")
+    if not 0 < q <= 1:
+        raise ConfigError("sample_rate", f"must be in (0, 1], got {q}", "use batch size / data set size")
+    if int(steps) != steps or steps < 0:
+        raise ConfigError("steps", f"must be a whole number ≥ 0, got {steps}", "pass the number of optimizer steps")
+    if not 0 < delta < 1:
+        raise ConfigError("delta", f"must be in (0, 1), got {delta}", "use δ well below 1/n, e.g. 1e-5")
+
+
+def make_accountant(accountant: str) -> dp_accounting.PrivacyAccountant:
+    """A fresh accountant of the named kind with this project's settings."""
+    if accountant == "rdp":
+        return rdp.RdpAccountant(orders=RDP_ORDERS)
+    if accountant == "pld":
+        return pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+    raise ConfigError("accountant", f"unknown accountant {accountant!r}", f"use one of {ACCOUNTANTS}")
+
+
+def dp_sgd_event(noise_multiplier: float, sample_rate: float, steps: int) -> dp_accounting.DpEvent:
+    """The DpEvent of T steps of Poisson-sampled Gaussian DP-SGD."""
+    return dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)),
+        int(steps),
+    )
+
+
+def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp") -> float:
+    """ε spent by `steps` DP-SGD steps with noise σ and Poisson rate q, at δ (inf when σ = 0)."""
+    _check(accountant, noise_multiplier, sample_rate, steps, delta)
+    if steps == 0:
+        return 0.0
+    if noise_multiplier == 0:
+        return math.inf
+    acc = make_accountant(accountant)
+    acc.compose(dp_sgd_event(noise_multiplier, sample_rate, steps))
+    return float(acc.get_epsilon(delta))
+
+
+def calibrate_noise(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp", rtol: float = 0.005
+) -> float:
+    """Smallest σ (within `rtol`) such that ε(σ, q, T, δ) ≤ target ε.
+
+    dp-accounting's Brent search brackets the answer; the result is then bisected until ε lies in
+    [target·(1 − rtol), target], so the guarantee holds and is tight (within 1% by default).
+    """
+    _check(accountant, None, sample_rate, steps, delta)
+    if not target_epsilon > 0:
+        raise ConfigError("epsilon", f"must be > 0, got {target_epsilon}", "pass a positive ε, or train non-private")
+    if steps == 0:
+        raise ConfigError("steps", "a plan with 0 steps needs no noise", "train for at least one step")
+
+    def eps_of(sigma: float) -> float:
+        return epsilon(sigma, sample_rate, steps, delta, accountant)
+
+    # Bracket with RDP (fast at any σ); PLD is tighter, so its σ lies at or below RDP's.
+    sigma_rdp = float(dp_accounting.calibrate_dp_mechanism(
+        lambda: make_accountant("rdp"),
+        lambda s: dp_sgd_event(s, sample_rate, steps),
+        target_epsilon,
+        delta,
+        bracket_interval=dp_accounting.LowerEndpointAndGuess(0.05, 1.0),
+        tol=1e-4,
+    ))
+    hi = sigma_rdp
+    while eps_of(hi) > target_epsilon:  # make the upper end safe
+        hi *= 1.02
+    lo = hi / 1.02 if accountant == "rdp" else hi / 2
+    while eps_of(lo) <= target_epsilon:  # and the lower end unsafe
+        hi, lo = lo, lo / 1.5
+    # Bisect until the guarantee holds and is tight: ε(hi) in [target·(1 − rtol), target].
+    eps_hi = eps_of(hi)
+    for _ in range(60):
+        if eps_hi >= target_epsilon * (1 - rtol):
+            break
+        mid = (lo + hi) / 2
+        eps_mid = eps_of(mid)
+        if eps_mid <= target_epsilon:
+            hi, eps_hi = mid, eps_mid
+        else:
+            lo = mid
+    return hi
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """Everything needed to state a run's guarantee: the accountant inputs and the ε they give."""
+
+    accountant: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+    epsilon: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def plan(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> PrivacyPlan:
+    """σ calibrated for a target ε, and the ε that σ really gives for the planned (q, T)."""
+    sigma = calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant)
+    return PrivacyPlan(accountant, sigma, sample_rate, steps, delta, epsilon(sigma, sample_rate, steps, delta, accountant))
+
+
+class EpsilonTracker:
+    """ε after t steps for fixed (σ, q, δ); cheap enough to call after every training step under RDP.
+
+    RDP composes additively, so the RDP vector of one step is computed once and scaled by t before
+    dp-accounting's own RDP→(ε, δ) conversion; `epsilon` above is the reference this is tested against.
+    PLD has no such shortcut: each call composes afresh (about a second), so the trainer asks for it
+    only at scheduled steps (see `pld_schedule`).
+    """
+
+    def __init__(self, noise_multiplier: float, sample_rate: float, delta: float, accountant: str = "rdp"):
+        _check(accountant, noise_multiplier, sample_rate, 0, delta)
+        self.noise_multiplier, self.sample_rate, self.delta, self.accountant = (
+            noise_multiplier, sample_rate, delta, accountant)
+        self._rdp_one_step = None
+        if accountant == "rdp" and noise_multiplier > 0:
+            self._rdp_one_step = _rdp_one_step(noise_multiplier, sample_rate)
+
+    @property
+    def cheap(self) -> bool:
+        return self.accountant == "rdp"
+
+    def __call__(self, steps: int) -> float:
+        if steps == 0:
+            return 0.0
+        if self.noise_multiplier == 0:
+            return math.inf
+        if self._rdp_one_step is not None:
+            eps, _ = rdp_privacy_accountant.compute_epsilon(RDP_ORDERS, self._rdp_one_step * steps, self.delta)
+            return float(eps)
+        return epsilon(self.noise_multiplier, self.sample_rate, steps, self.delta, self.accountant)
+
+
+@lru_cache(maxsize=64)
+def _rdp_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    acc = make_accountant("rdp")
+    acc.compose(dp_sgd_event(noise_multiplier, sample_rate, 1))
+    vec = getattr(acc, "_rdp", None)
+    if vec is None:  # pragma: no cover - only if dp-accounting renames its internals
+        raise RuntimeError("dp-accounting's RdpAccountant no longer exposes its RDP vector")
+    vec = np.array(vec, dtype=float)
+    vec.setflags(write=False)
+    return vec
+
+
+def checkpoint_steps(total_steps: int, points: int = 40) -> list[int]:
+    """About `points` step counts from 1 to total_steps (always including both ends)."""
+    if total_steps <= 0:
+        return []
+    if total_steps <= points:
+        return list(range(1, total_steps + 1))
+    grid = np.unique(np.round(np.linspace(1, total_steps, points)).astype(int))
+    return [int(s) for s in grid]
+
+
+def epsilon_curve(
+    noise_multiplier: float, sample_rate: float, total_steps: int, delta: float,
+    accountant: str = "rdp", steps: Sequence[int] | None = None,
+) -> list[tuple[int, float]]:
+    """(step, ε spent) pairs for a plan: what the ε-vs-step chart draws."""
+    tracker = EpsilonTracker(noise_multiplier, sample_rate, delta, accountant)
+    grid = list(steps) if steps is not None else checkpoint_steps(total_steps, 100 if tracker.cheap else 25)
+    return [(int(s), tracker(int(s))) for s in grid]

@@ -1,0 +1,302 @@
+"""`python -m dpcore ...`: the same engine the app drives, from a terminal."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import warnings
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+from . import accounting
+from .config import DEVICES, OPTIMIZERS, SCOPES, RunConfig
+from .errors import DPCoreError
+from .events import Event
+
+_DEFAULTS = RunConfig()
+
+
+def _add_runs_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs-dir", default="runs", help="folder of stored runs (default: runs/)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dpcore", description=(
+        "DP-SGD fine-tuning of image classifiers with exact privacy accounting."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one run (DP-SGD, or --non-private) and store it")
+    _add_runs_dir(t)
+    d = _DEFAULTS
+    t.add_argument("--dataset", default=d.dataset, help="digits | folder | ham10000 | pneumoniamnist | dermamnist | cifar10")
+    t.add_argument("--data-dir", default=None, help="data folder (folder, ham10000) or npz file (MedMNIST)")
+    t.add_argument("--backbone", default=d.backbone, help="see `python -m dpcore backbones`")
+    t.add_argument("--pretrained", default=d.pretrained, help="none | hub | PATH.safetensors")
+    t.add_argument("--scope", default=d.scope, choices=SCOPES, help="which parameters are fine-tuned")
+    priv = t.add_mutually_exclusive_group()
+    priv.add_argument("--epsilon", type=float, default=d.epsilon, help=f"target ε (default {d.epsilon})")
+    priv.add_argument("--non-private", action="store_true", help="no clipping, no noise, no guarantee (baseline)")
+    t.add_argument("--delta", type=float, default=d.delta)
+    t.add_argument("--accountant", default=d.accountant, choices=accounting.ACCOUNTANTS)
+    t.add_argument("--epochs", type=int, default=d.epochs)
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help="logical (expected) batch size")
+    t.add_argument("--max-physical-batch-size", type=int, default=d.max_physical_batch_size,
+                   help="memory bound; larger logical batches are accumulated (virtual steps)")
+    t.add_argument("--lr", type=float, default=d.lr)
+    t.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
+    t.add_argument("--momentum", type=float, default=d.momentum)
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    t.add_argument("--clip-norm", type=float, default=d.clip_norm, help="per-example gradient clip norm C")
+    t.add_argument("--image-size", type=int, default=None, help="input size (default: the backbone's)")
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--device", default=d.device, choices=DEVICES)
+    t.add_argument("--test-fraction", type=float, default=d.test_fraction,
+                   help="held-out fraction where the data set has no official test split")
+    t.add_argument("--medmnist-size", type=int, default=d.medmnist_size)
+    t.add_argument("--skip-unreadable", action="store_true", help="leave out unreadable images (recorded)")
+    t.add_argument("--evals-per-epoch", type=int, default=d.evals_per_epoch)
+    t.add_argument("--cache-dir", default=None, help="download cache (MedMNIST, CIFAR-10)")
+    t.add_argument("--config", default=None, help="JSON run config; explicit flags are ignored when given")
+    t.add_argument("--quiet", action="store_true", help="print only the model card")
+
+    r = sub.add_parser("runs", help="table of stored runs")
+    _add_runs_dir(r)
+    r.add_argument("--ids", action="store_true", help="only the run ids, oldest first, one per line")
+
+    e = sub.add_parser("epsilon", help="ε of a DP-SGD plan (σ, q, T, δ)")
+    _add_runs_dir(e)
+    e.add_argument("--noise", type=float, required=True, help="noise multiplier σ")
+    e.add_argument("--sample-rate", type=float, required=True, help="Poisson sampling rate q")
+    e.add_argument("--steps", type=int, required=True)
+    e.add_argument("--delta", type=float, default=1e-5)
+    e.add_argument("--accountant", default="rdp", choices=accounting.ACCOUNTANTS)
+
+    c = sub.add_parser("calibrate", help="smallest σ whose ε is at most the target")
+    _add_runs_dir(c)
+    c.add_argument("--epsilon", type=float, required=True)
+    c.add_argument("--delta", type=float, default=1e-5)
+    c.add_argument("--sample-rate", type=float, required=True)
+    c.add_argument("--steps", type=int, required=True)
+    c.add_argument("--accountant", default="rdp", choices=accounting.ACCOUNTANTS)
+
+    p = sub.add_parser("predict", help="class probabilities of a stored run for image files")
+    _add_runs_dir(p)
+    p.add_argument("--run", required=True, help="run id (see `runs --ids`)")
+    p.add_argument("images", nargs="+", help="image files (png, jpg, ...)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    for name, helptext in (("backbones", "registered backbones"), ("datasets", "registered data sets")):
+        s = sub.add_parser(name, help=helptext)
+        _add_runs_dir(s)
+
+    card = sub.add_parser("card", help="print a stored run's model card")
+    _add_runs_dir(card)
+    card.add_argument("run_id")
+    card.add_argument("--json", action="store_true")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    if args.config:
+        return RunConfig.from_json(Path(args.config).read_text())
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["epsilon"] = None if args.non_private else args.epsilon
+    return RunConfig(**values)
+
+
+class ProgressPrinter:
+    """Prints step, loss and ε lines (thinned to about 200 per run) and every evaluation."""
+
+    def __init__(self, out=sys.stdout):
+        self.out = out
+        self.every = 1
+
+    def __call__(self, ev: Event) -> None:
+        if ev.kind == "plan":
+            d = ev.data
+            self.every = max(1, d["total_steps"] // 200)
+            line = (f"plan: {d['n_train']} train / {d['n_test']} test images, {d['steps_per_epoch']} steps/epoch, "
+                    f"{d['total_steps']} steps on {d['device']}")
+            if "noise_multiplier" in d:
+                line += (f"; σ={d['noise_multiplier']:.4f}, q={d['sample_rate']:.5f}, C from config, "
+                         f"planned ε={d['epsilon']:.4f} (target {d['target_epsilon']:g}, δ={d['delta']:g}, "
+                         f"{d['accountant'].upper()})")
+            self._print(line)
+        elif ev.kind == "log":
+            self._print(ev.message)
+        elif ev.kind == "step" and (ev.step % self.every == 0 or ev.step == ev.total_steps):
+            eps = f"  ε {ev.epsilon:.4f}" if ev.epsilon is not None else ""
+            loss = f"{ev.loss:.4f}" if ev.loss is not None else "  -   "
+            self._print(f"step {ev.step:>5}/{ev.total_steps}  epoch {ev.epoch:5.2f}  loss {loss}{eps}  "
+                        f"elapsed {ev.elapsed:6.1f}s  eta {ev.eta:6.1f}s")
+        elif ev.kind == "eval":
+            m = ev.metrics
+            auc = f"{m['roc_auc']:.4f}" if m.get("roc_auc") is not None else "n/a"
+            self._print(f"eval @ step {ev.step}: test accuracy {m['accuracy']:.4f}  balanced {m['balanced_accuracy']:.4f}"
+                        f"  ROC-AUC {auc}  loss {m['loss']:.4f}")
+        elif ev.kind in ("cancelled", "failed"):
+            self._print(f"{ev.kind}: {ev.message or ''}")
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+
+def format_card(card: dict) -> str:
+    d, m, p = card["dataset"], card["model"], card["privacy"]
+    tm = card.get("test_metrics") or {}
+    lines = [
+        f"== model card: run {card['run_id']} ({card['status']}, {card['date']}) ==",
+        f"data      : {d['name']}" + (f" ({d['data_dir']})" if d.get("data_dir") else "")
+        + f", {d['n_train']} train / {d['n_test']} test, classes {d['class_names']}",
+        f"split     : {d['split'].get('method', d['split'])}; unit of privacy: {d['privacy_unit']}",
+        f"model     : {m['backbone']} (weights: {m['weights'].get('source')}"
+        + (f" {m['weights'].get('name')}" if m['weights'].get('name') else "") + f"), scope {m['scope']}, "
+        f"{m['trainable_params']['trainable']:,} of {m['trainable_params']['total']:,} parameters trained",
+    ]
+    if p["private"]:
+        lines.append(f"privacy   : ε = {p['epsilon']:.4f} (target {p['target_epsilon']:g}), δ = {p['delta']:g}, "
+                     f"{p['accountant'].upper()}; σ = {p['noise_multiplier']:.4f}, q = {p['sample_rate']:.5f}, "
+                     f"T = {p['steps']} steps, C = {p['clip_norm']:g}")
+    else:
+        lines.append("privacy   : none (non-private baseline)")
+    lines.append(f"guarantee : {card['guarantee']}")
+    if tm:
+        auc = f"{tm['roc_auc']:.4f}" if tm.get("roc_auc") is not None else "n/a"
+        lines.append(f"test      : accuracy {tm['accuracy']:.4f}, balanced accuracy {tm['balanced_accuracy']:.4f}, "
+                     f"ROC-AUC {auc}")
+        lines.append("recall    : " + ", ".join(f"{k} {v:.3f}" for k, v in tm["per_class_recall"].items()))
+    lines.append(f"training  : {card['training']['duration_s']:.1f} s on {card['training']['device']}")
+    for w in card.get("warnings", []):
+        lines.append(f"warning   : {w}")
+    return "\n".join(lines)
+
+
+def _cmd_train(args) -> int:
+    from .store import RunStore
+    from .trainer import train
+
+    config = config_from_args(args)
+    store = RunStore(args.runs_dir)
+    printer = None if args.quiet else ProgressPrinter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the trainer reports warnings as events and in the card
+        result = train(config, store, listener=printer)
+    print(format_card(result.card))
+    print(f"card: {store.run_dir(result.run_id) / 'card.json'}")
+    return 0
+
+
+def _cmd_runs(args) -> int:
+    from .store import RunStore
+
+    runs = RunStore(args.runs_dir).list_runs()
+    if args.ids:
+        for r in runs:
+            print(r.run_id)
+        return 0
+    if not runs:
+        print(f"no runs in {args.runs_dir}")
+        return 0
+    head = f"{'run id':<23} {'status':<9} {'dataset':<14} {'backbone':<22} {'ε':>7} {'δ':>7} {'acc':>6} {'auc':>6} {'secs':>6}  created"
+    print(head)
+    for r in runs:
+        p, m = r.privacy or {}, r.metrics or {}
+        eps = f"{p['epsilon']:.3f}" if p.get("epsilon") is not None else ("-" if r.private else "nonDP")
+        delta = f"{p['delta']:.0e}" if p.get("delta") else "-"
+        acc = f"{m['accuracy']:.3f}" if m.get("accuracy") is not None else "-"
+        auc = f"{m['roc_auc']:.3f}" if m.get("roc_auc") is not None else "-"
+        secs = f"{r.duration:.0f}" if r.duration is not None else "-"
+        created = datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M")
+        print(f"{r.run_id:<23} {r.status:<9} {r.dataset:<14} {r.backbone[:22]:<22} {eps:>7} {delta:>7} {acc:>6} "
+              f"{auc:>6} {secs:>6}  {created}")
+    return 0
+
+
+def _cmd_epsilon(args) -> int:
+    eps = accounting.epsilon(args.noise, args.sample_rate, args.steps, args.delta, args.accountant)
+    print(f"epsilon {eps:.6g}  (sigma={args.noise:g}, q={args.sample_rate:g}, T={args.steps}, "
+          f"delta={args.delta:g}, {args.accountant.upper()})")
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    sigma = accounting.calibrate_noise(args.epsilon, args.delta, args.sample_rate, args.steps, args.accountant)
+    eps = accounting.epsilon(sigma, args.sample_rate, args.steps, args.delta, args.accountant)
+    print(f"sigma {sigma:.6g}  (gives epsilon={eps:.6g} <= {args.epsilon:g} at q={args.sample_rate:g}, "
+          f"T={args.steps}, delta={args.delta:g}, {args.accountant.upper()})")
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from PIL import Image, UnidentifiedImageError
+
+    from .predict import load_run
+    from .store import RunStore
+
+    loaded = load_run(RunStore(args.runs_dir), args.run)
+    images = []
+    for path in args.images:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                images.append(im.copy())
+        except FileNotFoundError:
+            raise DPCoreError(f"{path}: no such file")
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DPCoreError(f"{path}: not a readable image ({exc}); pass PNG or JPEG files")
+    probs = loaded.predict_proba(images)
+    if args.json:
+        print(json.dumps([{"image": p, "probabilities": dict(zip(loaded.class_names, map(float, row)))}
+                          for p, row in zip(args.images, probs)], indent=2))
+        return 0
+    names = loaded.class_names
+    width = max(len(p) for p in args.images)
+    print(f"{'image':<{width}}  {'predicted':<12} " + " ".join(f"{n[:10]:>10}" for n in names))
+    for path, row in zip(args.images, probs):
+        print(f"{path:<{width}}  {names[int(row.argmax())][:12]:<12} " + " ".join(f"{v:>10.4f}" for v in row))
+    return 0
+
+
+def _cmd_backbones(args) -> int:
+    import models
+
+    for name in models.list_models():
+        spec = models.get_spec(name)
+        print(f"{name:<40} {spec.description}")
+    return 0
+
+
+def _cmd_datasets(args) -> int:
+    from .data import DATASETS
+
+    for name, info in DATASETS.items():
+        print(f"{name:<16} {info}")
+    return 0
+
+
+def _cmd_card(args) -> int:
+    from .store import RunStore
+
+    card = RunStore(args.runs_dir).card(args.run_id)
+    print(json.dumps(card, indent=2) if args.json else format_card(card))
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "runs": _cmd_runs, "epsilon": _cmd_epsilon, "calibrate": _cmd_calibrate,
+            "predict": _cmd_predict, "backbones": _cmd_backbones, "datasets": _cmd_datasets, "card": _cmd_card}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except DPCoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

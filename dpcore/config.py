@@ -1,0 +1,167 @@
+"""The one frozen, validated description of a training run; saved as config.json with every run."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .accounting import ACCOUNTANTS
+from .errors import ConfigError
+
+SCOPES = ("full", "head", "bias")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+DEVICES = ("auto", "cpu", "cuda")
+MEDMNIST_SIZES = (28, 64, 128, 224)
+DATASETS_NEEDING_DIR = ("folder", "ham10000")
+
+
+class PrivacyWarning(UserWarning):
+    """A setting that is allowed but weakens the guarantee (e.g. δ > 1/n)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A run: data, backbone, privacy budget and optimisation. Immutable; `replace` makes variants.
+
+    `epsilon=None` means non-private (no clipping, no noise, no ε claimed); use `non_private=True`
+    from the CLI. `batch_size` is the logical (expected) batch; `max_physical_batch_size` bounds
+    memory, with virtual steps accumulating up to the logical batch.
+    """
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    backbone: str = "tiny_cnn"
+    pretrained: str = "none"  # "none" | "hub" | path to a .safetensors file
+    scope: str = "full"
+    epsilon: float | None = 2.0
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    epochs: int = 15
+    batch_size: int = 256
+    max_physical_batch_size: int = 128
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    image_size: int | None = None  # None: the backbone's default input size
+    seed: int = 0
+    device: str = "auto"
+    test_fraction: float = 0.2  # used only where the data set has no official test split
+    medmnist_size: int = 28
+    skip_unreadable: bool = False
+    evals_per_epoch: int = 1
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    @property
+    def private(self) -> bool:
+        return self.epsilon is not None
+
+    # -- validation -------------------------------------------------------------------------
+    def _validate(self) -> None:
+        from models import list_models  # local import: models/ imports dpcore.errors only
+
+        from .data import list_datasets
+
+        def bad(field: str, problem: str, fix: str) -> None:
+            raise ConfigError(field, problem, fix)
+
+        if self.dataset not in list_datasets():
+            bad("dataset", f"unknown data set {self.dataset!r}", f"use one of {', '.join(list_datasets())}")
+        if self.backbone not in list_models():
+            bad("backbone", f"unknown backbone {self.backbone!r}", f"use one of {', '.join(list_models())}")
+        if self.pretrained not in ("none", "hub") and not str(self.pretrained).endswith(".safetensors"):
+            bad("pretrained", f"{self.pretrained!r} is neither 'none', 'hub' nor a .safetensors file",
+                "pass none, hub, or the path of a .safetensors weights file")
+        if self.scope not in SCOPES:
+            bad("scope", f"unknown fine-tuning scope {self.scope!r}", f"use one of {SCOPES}")
+        if self.epsilon is not None:
+            if isinstance(self.epsilon, bool) or not isinstance(self.epsilon, (int, float)):
+                bad("epsilon", f"must be a number, got {self.epsilon!r}", "pass e.g. --epsilon 2")
+            if not self.epsilon > 0 or not math.isfinite(self.epsilon):
+                bad("epsilon", f"must be a finite number > 0, got {self.epsilon}",
+                    "pass a positive ε such as 0.5, 2 or 8 (or --non-private for a baseline without DP)")
+        if not 0 < self.delta < 1:
+            bad("delta", f"must be in (0, 1), got {self.delta}", "use δ well below 1/n, e.g. 1e-5")
+        if self.accountant not in ACCOUNTANTS:
+            bad("accountant", f"unknown accountant {self.accountant!r}", f"use one of {ACCOUNTANTS}")
+        for name in ("epochs", "batch_size", "max_physical_batch_size", "evals_per_epoch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                bad(name, f"must be a whole number ≥ 1, got {v!r}", f"pass --{name.replace('_', '-')} 1 or more")
+        for name in ("lr", "clip_norm"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
+                bad(name, f"must be a finite number > 0, got {v!r}", f"pass a positive --{name.replace('_', '-')}")
+        if not 0 <= self.momentum < 1:
+            bad("momentum", f"must be in [0, 1), got {self.momentum}", "pass e.g. 0.9, or 0 for plain SGD")
+        if self.weight_decay < 0:
+            bad("weight_decay", f"must be ≥ 0, got {self.weight_decay}", "pass 0 or a small positive value")
+        if self.optimizer not in OPTIMIZERS:
+            bad("optimizer", f"unknown optimizer {self.optimizer!r}", f"use one of {OPTIMIZERS}")
+        if self.image_size is not None and (not isinstance(self.image_size, int) or not 8 <= self.image_size <= 1024):
+            bad("image_size", f"must be a whole number of pixels in [8, 1024], got {self.image_size!r}",
+                "pass e.g. --image-size 64, or leave it out for the backbone's default")
+        if not isinstance(self.seed, int):
+            bad("seed", f"must be a whole number, got {self.seed!r}", "pass e.g. --seed 0")
+        if self.device not in DEVICES:
+            bad("device", f"unknown device {self.device!r}", f"use one of {DEVICES}")
+        if not 0 < self.test_fraction < 1:
+            bad("test_fraction", f"must be in (0, 1), got {self.test_fraction}", "pass e.g. 0.2")
+        if self.medmnist_size not in MEDMNIST_SIZES:
+            bad("medmnist_size", f"MedMNIST comes in sizes {MEDMNIST_SIZES}, got {self.medmnist_size}",
+                "pick one of those sizes")
+
+    def check_paths(self) -> None:
+        """Checks of files this machine must have to train (not needed to reload a finished run)."""
+        if self.dataset in DATASETS_NEEDING_DIR and not self.data_dir:
+            raise ConfigError("data_dir", f"data set {self.dataset!r} needs a data folder", "pass --data-dir PATH")
+        if self.data_dir and not Path(self.data_dir).exists():
+            raise ConfigError("data_dir", f"{self.data_dir} does not exist",
+                              "check the path (the data are read in place, never copied)")
+        if self.pretrained not in ("none", "hub") and not Path(self.pretrained).is_file():
+            raise ConfigError("pretrained", f"weights file {self.pretrained} does not exist",
+                              "check the path, or use --pretrained none (random init) or hub")
+
+    def check_against_data(self, n_train: int) -> None:
+        """Checks that need the training-set size n: batch ≤ n, and a warning when δ > 1/n."""
+        if self.batch_size > n_train:
+            raise ConfigError("batch_size", f"logical batch {self.batch_size} is larger than the {n_train} "
+                              "training examples", f"use --batch-size {max(1, n_train // 4)} or smaller")
+        if self.private and self.delta > 1.0 / n_train:
+            warnings.warn(
+                f"delta={self.delta:g} is larger than 1/n = {1.0 / n_train:.3g} for n={n_train} training "
+                "examples: a mechanism that publishes one random example whole meets such a δ. "
+                f"Use delta ≤ {0.1 / n_train:.1g}.",
+                PrivacyWarning,
+                stacklevel=2,
+            )
+
+    # -- (de)serialisation -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(unknown[0], "is not a run-config field", f"remove it; valid fields: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunConfig":
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,63 @@
+"""Class probabilities from a stored run, with exactly the preprocessing it was trained with."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+import models
+
+from .config import RunConfig
+from .data import to_rgb
+from .errors import DPCoreError
+from .model_io import load_weights, read_metadata
+from .preprocess import Normalizer, make_to_uint8
+from .store import RunStore
+
+
+@dataclass
+class LoadedRun:
+    run_id: str
+    config: RunConfig
+    model: torch.nn.Module
+    class_names: list[str]
+    data_config: dict[str, Any]
+    to_uint8: Callable[[Image.Image], torch.Tensor]
+    normalize: Normalizer
+    device: torch.device
+
+    @torch.no_grad()
+    def predict_proba(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
+        """(N, classes) probabilities; images in any PIL mode (converted like the training images)."""
+        if not images:
+            return np.zeros((0, len(self.class_names)))
+        out = []
+        for start in range(0, len(images), batch_size):
+            x = torch.stack([self.to_uint8(to_rgb(im)) for im in images[start:start + batch_size]])
+            logits = self.model(self.normalize(x.to(self.device)))
+            out.append(torch.softmax(logits.float(), dim=1).cpu())
+        return torch.cat(out).numpy()
+
+
+def load_run(store: RunStore, run_id: str, device: str = "cpu") -> LoadedRun:
+    """Rebuild a run's model from config.json + model.safetensors only (no pickle, no training data)."""
+    run_dir = store.run_dir(run_id)
+    weights = run_dir / "model.safetensors"
+    if not weights.exists():
+        status = store.get_run(run_id).status
+        raise DPCoreError(f"run {run_id} has no saved model (status: {status}); only finished or cancelled "
+                          "runs can predict")
+    config = RunConfig.from_json((run_dir / "config.json").read_text())
+    meta = read_metadata(weights)
+    created = models.create_model(config.backbone, len(meta["class_names"]), pretrained="none",
+                                  image_size=config.image_size)
+    models.set_trainable(created.model, config.scope)
+    load_weights(created.model, weights)
+    dev = torch.device(device)
+    model = created.model.to(dev).eval()
+    data_config = meta["data_config"]
+    return LoadedRun(run_id, config, model, meta["class_names"], data_config, make_to_uint8(data_config),
+                     Normalizer.from_config(data_config).to(dev), dev)

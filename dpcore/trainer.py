@@ -1,0 +1,340 @@
+"""DP-SGD training (Opacus) and its non-private twin on the same loop.
+
+`train(config, ...)` is safe to call from a background thread: it reports progress only through
+events, stops between physical batches when `cancel` is set, and records every outcome (done,
+failed, cancelled) in the run store before returning or re-raising.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch.utils.data import DataLoader, TensorDataset
+
+import models
+
+from . import accounting
+from .card import build_card
+from .config import RunConfig
+from .data import load_dataset, materialize
+from .errors import ConfigError
+from .events import Event, Listener, fan_out
+from .metrics import classification_metrics
+from .model_io import save_model
+from .preprocess import Normalizer, make_to_uint8
+from .store import RunStore
+
+
+class Cancelled(Exception):
+    """Raised inside the loop when a cancel request is seen; the run is stored as cancelled."""
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    status: str
+    card: dict[str, Any]
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cpu":
+        return torch.device("cpu")
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device", "CUDA was requested but no CUDA GPU is visible to torch",
+                              "use --device auto or cpu, or install a CUDA build of torch")
+        return torch.device("cuda")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Logical steps per epoch; Opacus' Poisson loader then samples at rate q = 1/steps_per_epoch."""
+    return math.ceil(n_train / batch_size)
+
+
+def train(
+    config: RunConfig,
+    store: RunStore,
+    listener: Listener | None = None,
+    cancel: threading.Event | None = None,
+    run_id: str | None = None,
+) -> TrainResult:
+    """Train one run end to end and store it. Re-raises the error of a failed run after recording it."""
+    run_id = run_id or store.create_run(config)
+    cancel = cancel or threading.Event()
+    emit = fan_out(store.add_event, listener)
+    t0 = time.time()
+    store.set_status(run_id, "running")
+    emit(Event("started", run_id, message=f"{config.dataset} / {config.backbone} / "
+               + (f"ε={config.epsilon:g}" if config.private else "non-private")))
+    try:
+        return _Run(config, store, run_id, emit, cancel, t0).execute()
+    except KeyboardInterrupt:
+        store.set_status(run_id, "cancelled", error="interrupted (Ctrl-C) before the run finished")
+        emit(Event("cancelled", run_id, elapsed=time.time() - t0, message="interrupted"))
+        raise
+    except BaseException as exc:
+        message = f"{type(exc).__name__}: {exc}"
+        store.set_status(run_id, "failed", error=message + "\n" + traceback.format_exc(limit=8))
+        emit(Event("failed", run_id, elapsed=time.time() - t0, message=message))
+        raise
+
+
+class _Run:
+    """The state of one run while it trains; split out of `train` so each phase reads on its own."""
+
+    def __init__(self, config: RunConfig, store: RunStore, run_id: str, emit: Listener,
+                 cancel: threading.Event, t0: float):
+        self.config, self.store, self.run_id, self.emit, self.cancel, self.t0 = (
+            config, store, run_id, emit, cancel, t0)
+        self.step = 0
+        self.last_metrics: dict[str, Any] | None = None
+        self.eval_history: list[dict[str, Any]] = []
+
+    # -- setup -----------------------------------------------------------------------------
+    def execute(self) -> TrainResult:
+        cfg = self.config
+        cfg.check_paths()
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.device = resolve_device(cfg.device)
+
+        splits = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, test_fraction=cfg.test_fraction,
+                              cache_dir=cfg.cache_dir, medmnist_size=cfg.medmnist_size)
+        self.splits = splits
+        self.n_classes = len(splits.class_names)
+        created = models.create_model(cfg.backbone, self.n_classes, pretrained=cfg.pretrained,
+                                      image_size=cfg.image_size)
+        self.created = created
+        self.trainable = models.set_trainable(created.model, cfg.scope)
+        to_uint8 = make_to_uint8(created.data_config)
+        self.log(f"decoding and resizing {len(splits.train)} train + {len(splits.test)} test images "
+                 f"to {tuple(created.data_config['input_size'][1:])}")
+        train_m = materialize(splits.train, to_uint8, skip_unreadable=cfg.skip_unreadable)
+        test_m = materialize(splits.test, to_uint8, skip_unreadable=cfg.skip_unreadable)
+        self.skipped = {"train": train_m.skipped, "test": test_m.skipped}
+        self.n_train, self.n_test = len(train_m.labels), len(test_m.labels)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cfg.check_against_data(self.n_train)
+        self.warnings = [str(w.message) for w in caught]
+        for w in self.warnings:
+            self.log("warning: " + w)
+
+        self.model = created.model.to(self.device)
+        self.normalize = Normalizer.from_config(created.data_config).to(self.device)
+        self.train_set = TensorDataset(train_m.images, train_m.labels)
+        self.test_x, self.test_y = test_m.images, test_m.labels
+        self.spe = steps_per_epoch(self.n_train, cfg.batch_size)
+        self.total_steps = cfg.epochs * self.spe
+        self.eval_steps = _eval_schedule(self.spe, cfg.epochs, cfg.evals_per_epoch)
+        self.optimizer = _make_optimizer(cfg, [p for p in self.model.parameters() if p.requires_grad])
+        self.criterion = torch.nn.CrossEntropyLoss()
+
+        if cfg.private:
+            self._setup_private()
+        self.emit(Event("plan", self.run_id, total_steps=self.total_steps, elapsed=self.elapsed(),
+                        data=self.plan_summary()))
+        status = "done"
+        try:
+            self._loop()
+        except Cancelled:
+            status = "cancelled"
+        return self._finish(status)
+
+    def _setup_private(self) -> None:
+        cfg = self.config
+        self.sample_rate = 1.0 / self.spe
+        self.log(f"calibrating σ for ε={cfg.epsilon:g}, δ={cfg.delta:g}, q={self.sample_rate:.5f}, "
+                 f"T={self.total_steps} ({cfg.accountant.upper()})")
+        self.privacy_plan = accounting.plan(cfg.epsilon, cfg.delta, self.sample_rate, self.total_steps,
+                                            cfg.accountant)
+        self.engine = PrivacyEngine(accountant="rdp")  # used for its exact record of (σ, q, steps) taken
+        loader = DataLoader(self.train_set, batch_size=cfg.batch_size, shuffle=False)
+        self.model, self.optimizer, self.loader = self.engine.make_private(
+            module=self.model, optimizer=self.optimizer, data_loader=loader,
+            noise_multiplier=self.privacy_plan.noise_multiplier, max_grad_norm=cfg.clip_norm,
+            poisson_sampling=True, grad_sample_mode=getattr(self.created, "grad_sample_mode", "hooks"),
+        )
+        if abs(self.loader.sample_rate - self.sample_rate) > 1e-12:
+            raise RuntimeError(f"Opacus samples at q={self.loader.sample_rate}, the plan assumed {self.sample_rate}")
+        self.eps_tracker = accounting.EpsilonTracker(self.privacy_plan.noise_multiplier, self.sample_rate,
+                                                     cfg.delta, cfg.accountant)
+        self.eps_steps = set(accounting.checkpoint_steps(self.total_steps, 40)) | set(self.eval_steps)
+
+    def plan_summary(self) -> dict[str, Any]:
+        cfg = self.config
+        out = {"n_train": self.n_train, "n_test": self.n_test, "steps_per_epoch": self.spe,
+               "total_steps": self.total_steps, "class_names": self.splits.class_names,
+               "device": str(self.device), "trainable_params": self.trainable}
+        if cfg.private:
+            out.update(self.privacy_plan.to_dict(), target_epsilon=cfg.epsilon,
+                       expected_batch_size=self.n_train * self.sample_rate)
+        return out
+
+    # -- the loop --------------------------------------------------------------------------
+    def _loop(self) -> None:
+        for epoch in range(self.config.epochs):
+            if self.config.private:
+                self._private_epoch(epoch)
+            else:
+                self._nonprivate_epoch(epoch)
+
+    def _private_epoch(self, epoch: int) -> None:
+        losses: list[tuple[float, int]] = []
+        stepped = []
+        previous_hook = self.optimizer.step_hook
+
+        def on_real_step(opt) -> None:  # called by Opacus only when noise was added and a step taken
+            if previous_hook is not None:
+                previous_hook(opt)
+            stepped.append(True)
+
+        self.optimizer.attach_step_hook(on_real_step)
+        with BatchMemoryManager(data_loader=self.loader, max_physical_batch_size=self.config.max_physical_batch_size,
+                                optimizer=self.optimizer) as physical_loader:
+            for x, y in physical_loader:
+                self._check_cancel()
+                self.model.train()
+                self.optimizer.zero_grad(set_to_none=True)
+                out = self.model(self.normalize(x.to(self.device)))
+                loss = self.criterion(out, y.to(self.device))
+                loss.backward()
+                if len(y):
+                    losses.append((float(loss.detach()), len(y)))
+                self.optimizer.step()
+                if stepped:
+                    stepped.clear()
+                    self._after_step(epoch, losses)
+                    losses = []
+
+    def _nonprivate_epoch(self, epoch: int) -> None:
+        cfg = self.config
+        order = torch.randperm(self.n_train)
+        for start in range(0, self.n_train, cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            self.model.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            losses = []
+            for chunk in idx.split(cfg.max_physical_batch_size):
+                self._check_cancel()
+                x, y = self.train_set[chunk]
+                out = self.model(self.normalize(x.to(self.device)))
+                loss = self.criterion(out, y.to(self.device))
+                (loss * (len(chunk) / len(idx))).backward()  # gradient of the mean over the logical batch
+                losses.append((float(loss.detach()), len(chunk)))
+            self.optimizer.step()
+            self._after_step(epoch, losses)
+
+    def _check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise Cancelled()
+
+    def _after_step(self, epoch: int, losses: list[tuple[float, int]]) -> None:
+        self.step += 1
+        n = sum(k for _, k in losses)
+        loss = sum(v * k for v, k in losses) / n if n else None
+        eps = None
+        if self.config.private and (self.eps_tracker.cheap or self.step in self.eps_steps):
+            eps = self.eps_tracker(self.step)
+        elapsed = self.elapsed()
+        eta = elapsed / self.step * (self.total_steps - self.step)
+        self.emit(Event("step", self.run_id, step=self.step, total_steps=self.total_steps,
+                        epoch=self.step / self.spe, loss=loss, epsilon=eps, elapsed=elapsed, eta=eta))
+        if self.step in self.eval_steps:
+            self.last_metrics = self.evaluate()
+            self.eval_history.append({"step": self.step, **_headline(self.last_metrics)})
+            self.emit(Event("eval", self.run_id, step=self.step, total_steps=self.total_steps,
+                            epoch=self.step / self.spe, epsilon=eps, metrics=self.last_metrics,
+                            elapsed=self.elapsed(), eta=eta))
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        self.model.eval()
+        probs, losses = [], 0.0
+        for start in range(0, self.n_test, self.config.max_physical_batch_size):
+            x = self.test_x[start:start + self.config.max_physical_batch_size].to(self.device)
+            y = self.test_y[start:start + self.config.max_physical_batch_size].to(self.device)
+            logits = self.model(self.normalize(x))
+            losses += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+            probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        metrics = classification_metrics(self.test_y.numpy(), torch.cat(probs).numpy(), self.splits.class_names)
+        metrics["loss"] = losses / max(self.n_test, 1)
+        return metrics
+
+    # -- the end ---------------------------------------------------------------------------
+    def _finish(self, status: str) -> TrainResult:
+        cfg = self.config
+        privacy = self._privacy_spent()
+        if status == "done" and (self.last_metrics is None or self.eval_history[-1]["step"] != self.step):
+            self.last_metrics = self.evaluate()
+        raw_model = self.model._module if cfg.private else self.model
+        save_model(raw_model, self.store.run_dir(self.run_id) / "model.safetensors", self.splits.class_names,
+                   self.created.data_config, self.run_id)
+        card = build_card(
+            run_id=self.run_id, config=cfg, status=status, splits=self.splits, n_train=self.n_train,
+            n_test=self.n_test, skipped=self.skipped, created=self.created, trainable=self.trainable,
+            privacy=privacy, metrics=self.last_metrics, eval_history=self.eval_history,
+            device=str(self.device), duration=self.elapsed(), warnings=self.warnings,
+        )
+        self.store.write_json(self.run_id, "card.json", card)
+        self.store.record_results(self.run_id, self.last_metrics, privacy)
+        self.store.set_status(self.run_id, status)
+        self.emit(Event("finished" if status == "done" else "cancelled", self.run_id, step=self.step,
+                        total_steps=self.total_steps, epoch=self.step / self.spe,
+                        epsilon=privacy.get("epsilon"), metrics=self.last_metrics, elapsed=self.elapsed(),
+                        eta=0.0, data={"card": card}))
+        return TrainResult(self.run_id, status, card)
+
+    def _privacy_spent(self) -> dict[str, Any]:
+        """The guarantee for what was actually trained, from Opacus' own record of (σ, q, steps)."""
+        cfg = self.config
+        if not cfg.private:
+            return {"private": False, "epsilon": None, "delta": None, "accountant": None,
+                    "noise_multiplier": None, "sample_rate": None, "steps": self.step, "clip_norm": None}
+        history = self.engine.accountant.history
+        sigma = self.privacy_plan.noise_multiplier
+        if any(abs(s - sigma) > 1e-12 or abs(q - self.sample_rate) > 1e-12 for s, q, _ in history):
+            raise RuntimeError(f"Opacus recorded steps with other (σ, q) than planned: {history}")
+        steps = sum(n for _, _, n in history)
+        if steps != self.step:
+            raise RuntimeError(f"Opacus counted {steps} noisy steps, the loop counted {self.step}")
+        eps = accounting.epsilon(sigma, self.sample_rate, steps, cfg.delta, cfg.accountant)
+        return {"private": True, "epsilon": eps, "delta": cfg.delta, "accountant": cfg.accountant,
+                "noise_multiplier": sigma, "sample_rate": self.sample_rate, "steps": steps,
+                "planned_steps": self.total_steps, "planned_epsilon": self.privacy_plan.epsilon,
+                "target_epsilon": cfg.epsilon, "clip_norm": cfg.clip_norm,
+                "expected_batch_size": self.n_train * self.sample_rate, "poisson_sampling": True}
+
+    def log(self, message: str) -> None:
+        self.emit(Event("log", self.run_id, step=self.step, elapsed=self.elapsed(), message=message))
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+
+def _make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _eval_schedule(spe: int, epochs: int, per_epoch: int) -> set[int]:
+    """Steps after which the test split is evaluated: `per_epoch` evenly spaced per epoch, and the last."""
+    marks = {min(spe, max(1, round(spe * (k + 1) / per_epoch))) for k in range(per_epoch)}
+    return {e * spe + m for e in range(epochs) for m in marks}
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: metrics.get(k) for k in ("accuracy", "balanced_accuracy", "roc_auc", "loss")}
