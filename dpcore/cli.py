@@ -111,7 +111,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 class ProgressPrinter:
     """Prints step, loss and ε lines (thinned to about 200 per run) and every evaluation."""
 
-    def __init__(self, out=sys.stdout):
+    def __init__(self, out=None):
         self.out = out
         self.every = 1
 
@@ -122,7 +122,7 @@ class ProgressPrinter:
             line = (f"plan: {d['n_train']} train / {d['n_test']} test images, {d['steps_per_epoch']} steps/epoch, "
                     f"{d['total_steps']} steps on {d['device']}")
             if "noise_multiplier" in d:
-                line += (f"; σ={d['noise_multiplier']:.4f}, q={d['sample_rate']:.5f}, C from config, "
+                line += (f"; σ={d['noise_multiplier']:.4f}, q={d['sample_rate']:.5f}, C={d['clip_norm']:g}, "
                          f"planned ε={d['epsilon']:.4f} (target {d['target_epsilon']:g}, δ={d['delta']:g}, "
                          f"{d['accountant'].upper()})")
             self._print(line)
@@ -142,7 +142,7 @@ class ProgressPrinter:
             self._print(f"{ev.kind}: {ev.message or ''}")
 
     def _print(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+        print(text, file=self.out or sys.stdout, flush=True)
 
 
 def format_card(card: dict) -> str:

@@ -61,6 +61,21 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
     return math.ceil(n_train / batch_size)
 
 
+def privatize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_set, *, batch_size: int,
+              noise_multiplier: float, clip_norm: float, grad_sample_mode: str = "hooks"):
+    """Opacus' DP-SGD pieces: per-example gradients, clipping to C, Gaussian noise σ·C, Poisson sampling.
+
+    The loader samples each example independently with q = 1/ceil(n/batch_size), which is the q the
+    accountant is given. The engine is kept for its record of (σ, q, steps) actually taken.
+    """
+    engine = PrivacyEngine(accountant="rdp")
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=False)
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+        max_grad_norm=clip_norm, poisson_sampling=True, grad_sample_mode=grad_sample_mode)
+    return engine, model, optimizer, loader
+
+
 def train(
     config: RunConfig,
     store: RunStore,
@@ -158,13 +173,10 @@ class _Run:
                  f"T={self.total_steps} ({cfg.accountant.upper()})")
         self.privacy_plan = accounting.plan(cfg.epsilon, cfg.delta, self.sample_rate, self.total_steps,
                                             cfg.accountant)
-        self.engine = PrivacyEngine(accountant="rdp")  # used for its exact record of (σ, q, steps) taken
-        loader = DataLoader(self.train_set, batch_size=cfg.batch_size, shuffle=False)
-        self.model, self.optimizer, self.loader = self.engine.make_private(
-            module=self.model, optimizer=self.optimizer, data_loader=loader,
-            noise_multiplier=self.privacy_plan.noise_multiplier, max_grad_norm=cfg.clip_norm,
-            poisson_sampling=True, grad_sample_mode=getattr(self.created, "grad_sample_mode", "hooks"),
-        )
+        self.engine, self.model, self.optimizer, self.loader = privatize(
+            self.model, self.optimizer, self.train_set, batch_size=cfg.batch_size,
+            noise_multiplier=self.privacy_plan.noise_multiplier, clip_norm=cfg.clip_norm,
+            grad_sample_mode=getattr(self.created, "grad_sample_mode", "hooks"))
         if abs(self.loader.sample_rate - self.sample_rate) > 1e-12:
             raise RuntimeError(f"Opacus samples at q={self.loader.sample_rate}, the plan assumed {self.sample_rate}")
         self.eps_tracker = accounting.EpsilonTracker(self.privacy_plan.noise_multiplier, self.sample_rate,
@@ -177,7 +189,7 @@ class _Run:
                "total_steps": self.total_steps, "class_names": self.splits.class_names,
                "device": str(self.device), "trainable_params": self.trainable}
         if cfg.private:
-            out.update(self.privacy_plan.to_dict(), target_epsilon=cfg.epsilon,
+            out.update(self.privacy_plan.to_dict(), target_epsilon=cfg.epsilon, clip_norm=cfg.clip_norm,
                        expected_batch_size=self.n_train * self.sample_rate)
         return out
 

@@ -1,7 +1,9 @@
 """``tiny_cnn``: a small conv net that trains quickly under DP-SGD on a CPU.
 
-Three 3x3 conv blocks (3->16->32->64 channels), each conv -> GroupNorm -> ReLU -> 2x2 max-pool,
-then adaptive average pooling and a linear head. GroupNorm (not BatchNorm) keeps every sample
+Two 3x3 conv blocks (3->16->32 channels), each conv -> GroupNorm -> ReLU -> 2x2 max-pool, then
+adaptive average pooling to a 4x4 grid and a linear head. Keeping a coarse spatial grid (rather than
+pooling to 1x1) matters under DP: on sklearn digits at ε=2 it lifts test accuracy from about 0.70
+to 0.87-0.93 (measured with Adam lr 0.01, batch 256, 15 epochs; see the note on issue 2). GroupNorm (not BatchNorm) keeps every sample
 independent of the others, as DP-SGD requires; every layer has an Opacus hook-based grad sampler,
 so per-sample gradients are computed without the functorch fallback.
 
@@ -38,12 +40,12 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class TinyCNN(nn.Module):
-    def __init__(self, num_classes: int = 10, in_chans: int = 3, widths=(16, 32, 64)):
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, widths=(16, 32), grid: int = 4):
         super().__init__()
         chans = (in_chans, *widths)
         self.features = nn.Sequential(*[_block(a, b) for a, b in zip(chans[:-1], chans[1:])])
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.num_features = widths[-1]
+        self.pool = nn.AdaptiveAvgPool2d(grid)
+        self.num_features = widths[-1] * grid * grid
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.pretrained_cfg = dict(TINY_CNN_CFG, num_classes=num_classes)

@@ -1,0 +1,162 @@
+"""ImageFolder layouts: ROOT/{train,test[,val]}/CLASS/* (Kaggle chest_xray, DermNet) or ROOT/CLASS/*.
+
+Files are only listed here, not decoded (that happens once, in `materialize`). Nothing is dropped
+silently: files that are not images are listed in split_info["ignored_files"] and warned about.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+from .base import DataSplits
+from .images import PathImageList
+from .split import finish, stratified_split
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+SPLIT_NAMES = {"train": "train", "test": "test", "val": "val", "valid": "val", "validation": "val"}
+
+
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def check_data_dir(data_dir, dataset: str) -> Path:
+    if data_dir is None or str(data_dir) == "":
+        raise ConfigError("data_dir", f"data set {dataset!r} needs a data folder", "pass --data-dir PATH")
+    root = Path(data_dir).expanduser()
+    if not root.exists():
+        raise ConfigError("data_dir", f"{root} does not exist",
+                          "check the path (the data are read in place, never copied)")
+    if not root.is_dir():
+        raise ConfigError("data_dir", f"{root} is a file, not a folder", f"pass the folder that holds the {dataset} data")
+    return root
+
+
+def _visible(path: Path) -> list[os.DirEntry]:
+    return sorted((e for e in os.scandir(path) if not e.name.startswith(".")), key=lambda e: e.name)
+
+
+def _scan_class(class_dir: Path, root: Path, ignored: list[str]) -> list[str]:
+    """Image files anywhere below one class folder (like torchvision's ImageFolder), sorted."""
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(class_dir):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if f.startswith("."):
+                continue  # .DS_Store, ._AppleDouble, editor swap files
+            p = Path(dirpath) / f
+            if is_image_file(f):
+                found.append(str(p))
+            else:
+                ignored.append(str(p.relative_to(root)))
+    if not found:
+        raise DataError(f"class folder {class_dir} holds no image files (extensions: {', '.join(IMAGE_EXTENSIONS)}). "
+                        "Fix: add images, or remove the folder if the class is not wanted")
+    return found
+
+
+def _scan_classes(parent: Path, root: Path, ignored: list[str]) -> dict[str, list[str]]:
+    """{class name: image paths} for the class folders directly under `parent`; loose files there are ignored."""
+    classes: dict[str, list[str]] = {}
+    for e in _visible(parent):
+        if e.is_dir():
+            classes[e.name] = _scan_class(Path(e.path), root, ignored)
+        else:
+            ignored.append(str(Path(e.path).relative_to(root)))
+    if not classes:
+        raise DataError(f"{parent} has no class folders. Fix: arrange the images as {parent}/CLASS_NAME/image.jpg")
+    return classes
+
+
+def _as_list(classes: dict[str, list[str]], class_names: list[str], where: Path) -> PathImageList:
+    unknown = sorted(set(classes) - set(class_names))
+    if unknown:
+        raise DataError(f"{where} has class folder(s) {unknown} that train/ does not have (train classes: "
+                        f"{class_names}). Fix: rename them to match train/, or add them to train/")
+    paths = [p for c in class_names for p in classes.get(c, [])]
+    labels = [i for i, c in enumerate(class_names) for _ in classes.get(c, [])]
+    return PathImageList(paths, labels)
+
+
+def load_folder(data_dir, *, seed: int = 0, test_fraction: float = 0.2) -> DataSplits:
+    root = check_data_dir(data_dir, "folder")
+    ignored: list[str] = []
+    entries = _visible(root)
+    dirs = [e for e in entries if e.is_dir()]
+    root_files = [e.name for e in entries if not e.is_dir()]
+    splits: dict[str, Path] = {}
+    for d in dirs:
+        role = SPLIT_NAMES.get(d.name.lower())
+        if role in splits:
+            raise DataError(f"{root} has two folders for the {role} split ({splits[role].name}/ and {d.name}/). "
+                            "Fix: keep one")
+        if role:
+            splits[role] = Path(d.path)
+    info: dict = {"root": str(root)}
+
+    if splits:
+        if "train" not in splits:
+            raise DataError(f"{root} has {', '.join(sorted(p.name + '/' for p in splits.values()))} but no train/ "
+                            "folder. Fix: add train/CLASS/ folders, or point --data-dir at a folder of class folders")
+        ignored += [d.name + "/" for d in dirs if d.name.lower() not in SPLIT_NAMES]
+        ignored += [f for f in root_files if is_image_file(f)]  # loose images beside train/ are not read
+        train_classes = _scan_classes(splits["train"], root, ignored)
+        where = "train/"
+    else:
+        _refuse_parent_folder(root, dirs)
+        ignored += [f for f in root_files if is_image_file(f)]
+        train_classes = _scan_classes(root, root, ignored)
+        where = ""
+    class_names = sorted(train_classes)
+    if len(class_names) < 2:
+        raise DataError(f"{root / where} has a single class folder {class_names}; a classifier needs at least two. "
+                        "Fix: add a folder per class")
+    train = _as_list(train_classes, class_names, root / where)
+
+    val = None
+    if "val" in splits:
+        val = _as_list(_scan_classes(splits["val"], root, ignored), class_names, splits["val"])
+    if "test" in splits:
+        test = _as_list(_scan_classes(splits["test"], root, ignored), class_names, splits["test"])
+        info["method"] = "official folders"
+        info["folders"] = sorted(f"{p.name}/" for p in splits.values())
+    else:
+        tr, te = stratified_split(train.labels, test_fraction, seed, f"folder {root}", class_names)
+        train, test = train.subset(tr), train.subset(te)
+        origin = "from train/" if splits else "from the class folders"
+        info.update(method=f"stratified held-out {origin}, seed={seed}", seed=seed, test_fraction=test_fraction)
+        if val is not None:
+            info["folders"] = ["train/", f"{splits['val'].name}/"]
+
+    missing = [c for c, k in zip(class_names, np.bincount(test.labels, minlength=len(class_names))) if k == 0]
+    if missing:
+        info["classes_missing_from_test"] = missing
+        warnings.warn(f"test split of {root} has no images of class(es) {missing}; their accuracy cannot be measured",
+                      stacklevel=3)
+    info["ignored_files"] = ignored
+    info["n_ignored_files"] = len(ignored)
+    if root_files:
+        info["root_files_not_read"] = [f for f in root_files if not is_image_file(f)]  # README, checksums, ...
+    if ignored:
+        shown = ", ".join(ignored[:5]) + (f", ... ({len(ignored) - 5} more)" if len(ignored) > 5 else "")
+        warnings.warn(f"{len(ignored)} file(s)/folder(s) under {root} were not read as images: {shown}. "
+                      f"Only {', '.join(IMAGE_EXTENSIONS)} files inside class folders are used; "
+                      "the full list is in split_info['ignored_files']", stacklevel=3)
+    return finish(DataSplits(
+        name="folder", class_names=class_names, train=train, test=test,
+        train_metadata=[{} for _ in range(len(train))], test_metadata=[{} for _ in range(len(test))],
+        split_info=info, val=val, val_metadata=None if val is None else [{} for _ in range(len(val))],
+    ))
+
+
+def _refuse_parent_folder(root: Path, dirs: list[os.DirEntry]) -> None:
+    """A zip often unpacks to ROOT/chest_xray/train/...: reading that as one class would be silently wrong."""
+    for d in dirs:
+        inner = {e.name.lower() for e in _visible(Path(d.path)) if e.is_dir()}
+        if inner & {"train", "test"}:
+            raise ConfigError("data_dir", f"{root} is a parent folder: the data set is in {d.path} (it holds "
+                              f"{'/, '.join(sorted(inner & {'train', 'test'}))}/)", f"pass --data-dir {d.path}")
