@@ -1,6 +1,7 @@
 """The model card: a run's data, model, privacy guarantee and test results, saved as card.json."""
 from __future__ import annotations
 
+import math
 import platform
 from datetime import datetime, timezone
 from importlib import metadata
@@ -22,6 +23,11 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def _fmt_factor(eps: float) -> str:
+    factor = math.exp(eps)
+    return f"{factor:.3g}" if factor < 1000 else f"{factor:,.0f}"
+
+
 def guarantee_sentence(privacy: dict[str, Any], privacy_unit: str) -> str:
     """One plain sentence on what the numbers promise (or that nothing is promised)."""
     if not privacy.get("private"):
@@ -30,7 +36,7 @@ def guarantee_sentence(privacy: dict[str, Any], privacy_unit: str) -> str:
     return (f"(ε={privacy['epsilon']:.3g}, δ={privacy['delta']:.1g})-differential privacy per {privacy_unit} "
             f"({privacy['accountant'].upper()} accountant, {privacy['steps']} Poisson-sampled steps): whether or not "
             f"any one {privacy_unit.split(' ')[0]} was in the training data changes the probability of any outcome "
-            f"by a factor of at most e^ε ≈ {2.718281828 ** privacy['epsilon']:.3g}, except with probability δ.")
+            f"by a factor of at most e^ε ≈ {_fmt_factor(privacy['epsilon'])}, except with probability δ.")
 
 
 def build_card(*, run_id: str, config: RunConfig, status: str, splits, n_train: int, n_test: int,

@@ -5,7 +5,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -245,9 +244,9 @@ def _cmd_predict(args) -> int:
                 im.load()
                 images.append(im.copy())
         except FileNotFoundError:
-            raise DPCoreError(f"{path}: no such file")
+            raise DPCoreError(f"{path}: no such file") from None
         except (UnidentifiedImageError, OSError) as exc:
-            raise DPCoreError(f"{path}: not a readable image ({exc}); pass PNG or JPEG files")
+            raise DPCoreError(f"{path}: not a readable image ({exc}); pass PNG or JPEG files") from exc
     probs = loaded.predict_proba(images)
     if args.json:
         print(json.dumps([{"image": p, "probabilities": dict(zip(loaded.class_names, map(float, row)))}
@@ -274,7 +273,7 @@ def _cmd_datasets(args) -> int:
     from .data import DATASETS
 
     for name, info in DATASETS.items():
-        print(f"{name:<16} {info}")
+        print(f"{name:<16} {info.description}")
     return 0
 
 

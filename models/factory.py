@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
-import torch
 from torch import nn
 
 from dpcore.errors import ConfigError, WeightsError

@@ -1,4 +1,5 @@
 """Every invalid config value gives one clear error naming the field and the fix."""
+import dataclasses
 import json
 import warnings
 
@@ -64,7 +65,7 @@ def test_batch_larger_than_data_and_delta_above_one_over_n():
 
 def test_config_is_frozen_and_round_trips_json():
     cfg = RunConfig(epsilon=0.5, accountant="pld", epochs=3)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.epsilon = 3  # type: ignore[misc]
     again = RunConfig.from_json(cfg.to_json())
     assert again == cfg

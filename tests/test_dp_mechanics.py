@@ -74,7 +74,7 @@ def test_noise_has_std_sigma_times_C():
     sigma, clip = 1.7, 0.3
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     _, dp_model, dp_opt, _ = privatize(model, opt, data, batch_size=20, noise_multiplier=sigma, clip_norm=clip)
-    x, y = data.tensors[0][:20], data.tensors[1][:20]
+    x = data.tensors[0][:20]
     dp_opt.zero_grad()
     (dp_model(x).sum() * 0.0).backward()  # zero gradient: what reaches the optimizer is the noise alone
     dp_opt.pre_step()
