@@ -1,0 +1,135 @@
+"""A process-wide queue of training jobs run one at a time on a background thread.
+
+The app holds one JobManager (via `st.cache_resource`) so every tab and every rerun sees the same
+jobs; the worker thread never touches any UI, it only feeds each job's thread-safe event log.
+Jobs are created as 'queued' runs in the store at submission, so a queue survives in the Runs table.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .config import RunConfig
+from .events import Event, EventLog
+from .store import RunStore
+
+TrainFn = Callable[..., Any]
+
+
+@dataclass
+class Job:
+    run_id: str
+    config: RunConfig
+    label: str = ""
+    status: str = "queued"  # queued | running | done | failed | cancelled
+    events: EventLog = field(default_factory=EventLog)
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    submitted_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("done", "failed", "cancelled")
+
+    def latest(self, kind: str) -> Event | None:
+        for ev in reversed(self.events.snapshot()):
+            if ev.kind == kind:
+                return ev
+        return None
+
+
+class JobManager:
+    """Submit, queue, run and cancel training jobs; safe to call from any thread."""
+
+    def __init__(self, store: RunStore, train_fn: TrainFn | None = None):
+        if train_fn is None:
+            from .trainer import train as train_fn
+        self.store = store
+        self._train = train_fn
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._queue: deque[Job] = deque()
+        self._jobs: dict[str, Job] = {}
+        self._current: Job | None = None
+        self._worker = threading.Thread(target=self._work, name="dpcore-jobs", daemon=True)
+        self._worker.start()
+
+    # -- commands --------------------------------------------------------------------------
+    def submit(self, config: RunConfig, label: str = "") -> Job:
+        """Queue a run; it is stored at once as 'queued' and starts when the jobs before it end."""
+        run_id = self.store.create_run(config, status="queued")
+        job = Job(run_id=run_id, config=config, label=label)
+        with self._wakeup:
+            self._jobs[run_id] = job
+            self._queue.append(job)
+            self._wakeup.notify()
+        return job
+
+    def cancel(self, run_id: str) -> None:
+        """A queued job is dropped at once; a running one stops at its next step."""
+        with self._lock:
+            job = self._jobs.get(run_id)
+            if job is None or job.finished:
+                return
+            if job in self._queue:
+                self._queue.remove(job)
+                job.status, job.finished_at = "cancelled", time.time()
+                self.store.set_status(run_id, "cancelled", error="cancelled while queued")
+                job.events(Event("cancelled", run_id, message="cancelled while queued"))
+                return
+            job.cancel_event.set()
+
+    # -- views -----------------------------------------------------------------------------
+    def get(self, run_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(run_id)
+
+    def current(self) -> Job | None:
+        with self._lock:
+            return self._current
+
+    def queued(self) -> list[Job]:
+        with self._lock:
+            return list(self._queue)
+
+    def jobs(self) -> list[Job]:
+        """Every job this process has seen, newest first."""
+        with self._lock:
+            return sorted(self._jobs.values(), key=lambda j: j.submitted_at, reverse=True)
+
+    def wait(self, run_id: str, timeout: float | None = None) -> Job:
+        """Block until the job has finished (tests and the CLI use this; the app polls instead)."""
+        deadline = None if timeout is None else time.time() + timeout
+        while True:
+            job = self.get(run_id)
+            if job is None:
+                raise KeyError(run_id)
+            if job.finished:
+                return job
+            if deadline is not None and time.time() > deadline:
+                raise TimeoutError(f"job {run_id} still {job.status} after {timeout} s")
+            time.sleep(0.05)
+
+    # -- the worker ------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._queue:
+                    self._wakeup.wait()
+                job = self._queue.popleft()
+                self._current = job
+                job.status, job.started_at = "running", time.time()
+            try:
+                result = self._train(job.config, self.store, listener=job.events, cancel=job.cancel_event,
+                                     run_id=job.run_id)
+                status, error = result.status, None
+            except Exception as exc:  # the trainer has already stored the failure
+                status, error = "failed", f"{type(exc).__name__}: {exc}"
+            with self._lock:
+                job.status, job.error, job.finished_at = status, error, time.time()
+                self._current = None
