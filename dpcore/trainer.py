@@ -113,6 +113,7 @@ class _Run:
             config, store, run_id, emit, cancel, t0)
         self.step = 0
         self.last_metrics: dict[str, Any] | None = None
+        self.last_probs: np.ndarray | None = None
         self.eval_history: list[dict[str, Any]] = []
 
     # -- setup -----------------------------------------------------------------------------
@@ -149,6 +150,7 @@ class _Run:
         self.normalize = Normalizer.from_config(created.data_config).to(self.device)
         self.train_set = TensorDataset(train_m.images, train_m.labels)
         self.test_x, self.test_y = test_m.images, test_m.labels
+        self.test_kept = test_m.kept  # indices into splits.test (unreadable files may have been skipped)
         self.spe = steps_per_epoch(self.n_train, cfg.batch_size)
         self.total_steps = cfg.epochs * self.spe
         self.eval_steps = _eval_schedule(self.spe, cfg.epochs, cfg.evals_per_epoch)
@@ -279,7 +281,8 @@ class _Run:
             logits = self.model(self.normalize(x))
             losses += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
             probs.append(torch.softmax(logits.float(), dim=1).cpu())
-        metrics = classification_metrics(self.test_y.numpy(), torch.cat(probs).numpy(), self.splits.class_names)
+        self.last_probs = torch.cat(probs).numpy()
+        metrics = classification_metrics(self.test_y.numpy(), self.last_probs, self.splits.class_names)
         metrics["loss"] = losses / max(self.n_test, 1)
         return metrics
 
@@ -292,6 +295,9 @@ class _Run:
         raw_model = self.model._module if cfg.private else self.model
         save_model(raw_model, self.store.run_dir(self.run_id) / "model.safetensors", self.splits.class_names,
                    self.created.data_config, self.run_id)
+        if self.last_probs is not None:  # test-split predictions, for the confusion matrix, ROC and gallery
+            np.savez(self.store.run_dir(self.run_id) / "test_predictions.npz", probs=self.last_probs,
+                     labels=self.test_y.numpy(), test_index=np.asarray(self.test_kept, dtype=np.int64))
         card = build_card(
             run_id=self.run_id, config=cfg, status=status, splits=self.splits, n_train=self.n_train,
             n_test=self.n_test, skipped=self.skipped, created=self.created, trainable=self.trainable,
