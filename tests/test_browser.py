@@ -1,0 +1,105 @@
+"""End to end in a real browser: `streamlit run app.py`, click the Teaching demo preset in headless
+Chromium, watch the live charts grow while the job runs, and wait for the run to finish.
+
+Needs Debian's `chromium` (`.ci/run` installs it). Skipped where it is absent, except in CI.
+"""
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dpcore.store import RunStore
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parents[1]
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--disable-quic", "--no-first-run"]
+
+# Point counts of every plotly chart on the page (plotly keeps its traces on the graph div).
+CHART_POINTS_JS = """() => Array.from(document.querySelectorAll('.js-plotly-plot'))
+    .map(g => Math.max(0, ...(g.data || []).map(t => (t.x || []).length)))"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}: {proc.stdout.read()}")
+        try:
+            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
+                if r.read().strip() == b"ok":
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("streamlit did not become healthy")
+
+
+@pytest.fixture
+def app_server(tmp_path):
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing in CI: .ci/run must apt-get install chromium")
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    runs = tmp_path / "runs"
+    port = _free_port()
+    env = dict(os.environ, DPCORE_RUNS_DIR=str(runs), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port",
+         str(port), "--server.address", "127.0.0.1", "--server.fileWatcherType", "none",
+         "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        yield url, runs
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_teaching_demo_trains_live_in_the_browser(app_server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    url, runs = app_server
+    shots = Path(os.environ.get("DPCORE_SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS + [f"--user-data-dir={tmp_path / 'chrome'}"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        page.goto(url)
+        page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=60_000)
+        page.get_by_role("button", name="Teaching demo").first.click()
+
+        store = RunStore(runs)
+        live_points, finished = 0, False
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            points = page.evaluate(CHART_POINTS_JS)
+            status = [r.status for r in store.list_runs()]
+            if status and status[0] == "running" and points:
+                live_points = max(live_points, max(points))
+            if status and status[0] in ("done", "failed", "cancelled"):
+                finished = status[0] == "done"
+                break
+            page.wait_for_timeout(500)
+        assert finished, f"the demo run did not finish: {[r.status for r in store.list_runs()]}"
+        assert live_points >= 2, "no chart showed two or more points while the run was training"
+        page.wait_for_timeout(2500)  # one more refresh so the page shows the finished state
+        page.screenshot(path=str(shots / "teaching_demo_finished.png"), full_page=True)
+        assert max(page.evaluate(CHART_POINTS_JS) or [0]) >= 2
+        browser.close()
