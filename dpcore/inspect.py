@@ -1,0 +1,190 @@
+"""Read-only views of stored runs for tables, frontiers and the test-image gallery.
+
+The gallery shows test-split images only: a model trained with DP protects its training images,
+and showing those next to its predictions would publish exactly what the guarantee is about.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .data import load_dataset
+from .errors import DPCoreError
+from .store import RunRecord, RunStore
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+
+
+def _spent_epsilon(rec: RunRecord) -> float | None:
+    """ε actually spent, from the stored privacy record (present once a run has ended with a model)."""
+    if not rec.private or not rec.privacy:
+        return None
+    return rec.privacy.get("epsilon")
+
+
+def runs_table(store: RunStore) -> list[dict[str, Any]]:
+    """One row per run, oldest first, with the columns a runs overview shows.
+
+    `epsilon` is the ε actually spent, from the run's privacy record: None for non-private runs and
+    for runs that ended without one (queued, running, failed); a cancelled run shows what it spent.
+    """
+    rows = []
+    for rec in store.list_runs():
+        cfg, m = rec.config, rec.metrics or {}
+        rows.append({
+            "run_id": rec.run_id, "status": rec.status, "dataset": rec.dataset, "backbone": rec.backbone,
+            "pretrained": cfg.pretrained, "scope": cfg.scope, "private": rec.private,
+            "epsilon": _spent_epsilon(rec), "target_epsilon": rec.target_epsilon,
+            "delta": cfg.delta if rec.private else None, "accountant": cfg.accountant if rec.private else None,
+            "test_accuracy": m.get("accuracy"), "test_roc_auc": m.get("roc_auc"),
+            "duration_s": rec.duration, "created": _iso(rec.created_at),
+        })
+    return rows
+
+
+def _label(rec: RunRecord) -> str:
+    cfg = rec.config
+    budget = f"ε={rec.privacy['epsilon']:.3g}" if _spent_epsilon(rec) is not None else "non-private"
+    weights = {"none": "from scratch", "hub": "pretrained"}.get(cfg.pretrained, "weights from file")
+    return f"{budget}, {cfg.epochs} epochs, {cfg.scope}, {weights}"
+
+
+def frontier_points(store: RunStore, dataset: str, backbone: str) -> tuple[list[dict], list[dict]]:
+    """(DP points, non-private points) of the finished runs of one data set + backbone, for frontier_figure."""
+    dp, nonprivate = [], []
+    for rec in store.list_runs():
+        if rec.status != "done" or rec.dataset != dataset or rec.backbone != backbone:
+            continue
+        m = rec.metrics or {}
+        point = {"epsilon": _spent_epsilon(rec), "target_epsilon": rec.target_epsilon,
+                 "accuracy": m.get("accuracy"), "balanced_accuracy": m.get("balanced_accuracy"),
+                 "roc_auc": m.get("roc_auc"), "run_id": rec.run_id, "label": _label(rec)}
+        if rec.private:
+            if point["epsilon"] is None:  # a done private run always records ε; say so rather than hide it
+                raise DPCoreError(f"run {rec.run_id} is private and done but has no spent ε recorded. "
+                                  "Fix: check its card.json; re-run it if the privacy record is missing")
+            dp.append(point)
+        else:
+            nonprivate.append(point)
+    return dp, nonprivate
+
+
+def frontier_groups(store: RunStore) -> list[tuple[str, str]]:
+    """(data set, backbone) pairs with at least one finished run, sorted."""
+    return sorted({(r.dataset, r.backbone) for r in store.list_runs() if r.status == "done"})
+
+
+def ready_runs(store: RunStore) -> list[RunRecord]:
+    """Finished runs whose model file is present (those can predict, explain and show a gallery)."""
+    return [r for r in store.list_runs()
+            if r.status == "done" and (store.run_dir(r.run_id) / "model.safetensors").is_file()]
+
+
+@dataclass
+class TestPredictions:
+    probs: np.ndarray  # (N, classes)
+    labels: np.ndarray  # (N,) true class indices
+    test_index: np.ndarray  # (N,) index of each row in the run's test split
+    class_names: list[str]
+
+    __test__ = False  # not a pytest test class
+
+
+def _class_names(store: RunStore, run_id: str) -> list[str]:
+    try:
+        return list(store.card(run_id)["dataset"]["class_names"])
+    except (DPCoreError, KeyError):
+        from .model_io import read_metadata
+
+        weights = store.run_dir(run_id) / "model.safetensors"
+        if not weights.is_file():
+            raise DPCoreError(f"run {run_id} has neither a model card nor a model file, so its class names are "
+                              "unknown. Fix: pick a finished run") from None
+        return list(read_metadata(weights)["class_names"])
+
+
+def load_test_predictions(store: RunStore, run_id: str) -> TestPredictions:
+    """The stored test-split probabilities of a run (saved at its last evaluation)."""
+    path = store.run_dir(run_id) / "test_predictions.npz"
+    if not path.is_file():
+        status = store.get_run(run_id).status
+        raise DPCoreError(f"run {run_id} has no test_predictions.npz (status: {status}); runs store them when "
+                          "they finish with at least one evaluation. Fix: pick a finished run, or train it again")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            probs, labels, index = npz["probs"], npz["labels"], npz["test_index"]
+    except Exception as e:
+        raise DPCoreError(f"{path} cannot be read ({type(e).__name__}: {e}). Fix: train the run again") from e
+    names = _class_names(store, run_id)
+    if probs.ndim != 2 or probs.shape[1] != len(names) or not len(probs) == len(labels) == len(index):
+        raise DPCoreError(f"{path} is inconsistent: probs {probs.shape}, {len(labels)} labels, {len(index)} "
+                          f"indices, {len(names)} classes. Fix: train the run again")
+    return TestPredictions(probs=probs, labels=labels.astype(np.int64), test_index=index.astype(np.int64),
+                           class_names=names)
+
+
+@dataclass
+class GalleryItem:
+    image: Image.Image
+    true_label: str
+    predicted_label: str
+    confidence: float  # probability of the predicted class
+    correct: bool
+    source: str  # file path or 'array[index]' of the test image
+
+
+def _n_skipped_test(store: RunStore, run_id: str) -> int:
+    try:
+        return len(store.card(run_id)["dataset"]["skipped_unreadable"]["test"])
+    except (DPCoreError, KeyError, TypeError):
+        return 0
+
+
+def test_gallery(store: RunStore, run_id: str, *, misclassified_only: bool = False,
+                 true_class: str | None = None, limit: int = 24) -> list[GalleryItem]:
+    """Test-split images of a run with its stored predictions, in test-split order (never training images)."""
+    preds = load_test_predictions(store, run_id)
+    if true_class is not None and true_class not in preds.class_names:
+        raise DPCoreError(f"{true_class!r} is not a class of run {run_id}. Fix: use one of {preds.class_names}")
+    cfg = store.get_run(run_id).config
+    try:
+        splits = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, test_fraction=cfg.test_fraction,
+                              cache_dir=cfg.cache_dir, medmnist_size=cfg.medmnist_size)
+    except DPCoreError as e:
+        where = f" from {cfg.data_dir}" if cfg.data_dir else ""
+        raise DPCoreError(f"the test images of run {run_id} cannot be shown: data set {cfg.dataset!r} no longer "
+                          f"loads{where} ({e}). Fix: restore the data where the run read them") from e
+    test = splits.test
+    expected = len(preds.test_index) + _n_skipped_test(store, run_id)
+    changed = (splits.class_names != preds.class_names or len(test) != expected
+               or (len(preds.test_index) and int(preds.test_index.max()) >= len(test)))
+    if not changed:
+        changed = not np.array_equal(test.labels[preds.test_index], preds.labels)
+    if changed:
+        raise DPCoreError(f"the data of run {run_id} have changed since it was trained: its test split now has "
+                          f"{len(test)} images and classes {splits.class_names}, the run evaluated {expected} "
+                          f"with classes {preds.class_names} (or the labels differ). The gallery would pair "
+                          "predictions with the wrong images. Fix: restore the original data folder"
+                          + (f" {cfg.data_dir}" if cfg.data_dir else ""))
+    predicted = preds.probs.argmax(axis=1)
+    want = preds.class_names.index(true_class) if true_class is not None else None
+    items: list[GalleryItem] = []
+    for row, i in enumerate(preds.test_index):
+        if len(items) >= limit:
+            break
+        y, p = int(preds.labels[row]), int(predicted[row])
+        if (misclassified_only and y == p) or (want is not None and y != want):
+            continue
+        items.append(GalleryItem(image=test.image(int(i)), true_label=preds.class_names[y],
+                                 predicted_label=preds.class_names[p], confidence=float(preds.probs[row, p]),
+                                 correct=y == p, source=test.source(int(i))))
+    return items
+
+
+test_gallery.__test__ = False  # its name starts with "test": keep pytest from collecting it where imported

@@ -1,0 +1,108 @@
+"""Named, ready-made run configurations, and plain-language checks of what each still needs here.
+
+A preset's config is always built (RunConfig does not check paths), even when its data are not on
+this machine: the app can show it, and `missing_requirements` says what to fetch and where to put it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import DATASETS_NEEDING_DIR, RunConfig
+from .environment import expected_data_root, weights_cached
+
+
+@dataclass(frozen=True)
+class Preset:
+    key: str
+    title: str
+    description: str
+    config: RunConfig
+    requirements: tuple[str, ...]  # what must be on this machine, in plain words (empty: nothing)
+    data_source: str = ""  # where the data come from, for the "put it at …" message
+
+
+def build_presets(data_root: Path | None = None) -> dict[str, Preset]:
+    """The presets, with data folders resolved against `data_root` (default: environment's data root)."""
+    root = expected_data_root(data_root)
+    chest = root / "chest_xray"
+    demo = Preset(
+        key="teaching-demo",
+        title="Teaching demo: handwritten digits at ε = 2",
+        description=("scikit-learn's 8×8 digits with a tiny CNN at 16×16 pixels, (ε=2, δ=1e-5)-DP with the RDP "
+                     "accountant, 15 epochs of Adam (lr 0.01, batch 256). Trains in about 15 s on two CPU cores "
+                     "and reaches about 0.9 test accuracy. Needs nothing beyond the installed packages."),
+        config=RunConfig(dataset="digits", backbone="tiny_cnn", pretrained="none", image_size=16, epsilon=2.0,
+                         delta=1e-5, accountant="rdp", epochs=15, batch_size=256, optimizer="adam", lr=0.01),
+        requirements=(),
+    )
+    seed = Preset(
+        key="seed-pneumonia-beit22k",
+        title="Seed study: paediatric pneumonia X-rays, BEiT-B/16 (ImageNet-22k), ε = 0.5",
+        description=("The original study's setting: full fine-tuning of BEiT-B/16 pretrained on ImageNet-22k on "
+                     "the Kaggle chest X-ray images (5216 training images, official test split) at 224×224, "
+                     "(ε=0.5, δ=1e-5)-DP (δ < 1/5216) with RDP, Adam lr 1e-3, clipping 0.5, batch 256 "
+                     "(physical 32), 5 epochs. Needs a GPU to finish in reasonable time."),
+        config=RunConfig(dataset="folder", data_dir=str(chest), backbone="beit_base_patch16_224.in22k_ft_in22k",
+                         pretrained="hub", scope="full", epsilon=0.5, delta=1e-5, accountant="rdp", image_size=224,
+                         optimizer="adam", lr=1e-3, clip_norm=0.5, batch_size=256, max_physical_batch_size=32,
+                         epochs=5),
+        requirements=(f"the Kaggle “Chest X-Ray Images (Pneumonia)” folder chest_xray/ (train/, test/) at {chest}",
+                      ("BEiT-B/16 ImageNet-22k weights (timm beit_base_patch16_224.in22k_ft_in22k, ~350 MB) in "
+                       "the Hugging Face cache, or internet access to download them once")),
+        data_source="the Kaggle “Chest X-Ray Images (Pneumonia)” data set (Kermany et al.), folder chest_xray/ "
+                    "with train/ and test/",
+    )
+    return {p.key: p for p in (demo, seed)}
+
+
+PRESETS: dict[str, Preset] = build_presets()
+
+_ONLINE_CACHE: dict[str, tuple[float, bool]] = {}
+_ONLINE_TTL_S = 60.0
+
+
+def _hub_online() -> bool:
+    """A quick reachability probe of the Hugging Face Hub, remembered for a minute (the app re-asks often)."""
+    hit = _ONLINE_CACHE.get("hub")
+    if hit and time.monotonic() - hit[0] < _ONLINE_TTL_S:
+        return hit[1]
+    from models.factory import _hub_reachable
+
+    ok = _hub_reachable(timeout=2.0)
+    _ONLINE_CACHE["hub"] = (time.monotonic(), ok)
+    return ok
+
+
+def missing_requirements(preset: Preset, *, online: bool | None = None) -> list[str]:
+    """What this machine lacks to train `preset`, each with how to get it; [] when ready.
+
+    `online`: whether the Hugging Face Hub can be reached; None probes it (≤ 2 s, only when weights
+    are not cached).
+    """
+    cfg = preset.config
+    missing: list[str] = []
+    if cfg.dataset in DATASETS_NEEDING_DIR or cfg.data_dir:
+        where = Path(cfg.data_dir).expanduser() if cfg.data_dir else None
+        if where is None:
+            missing.append(f"data set {cfg.dataset!r} needs a data folder: set data_dir to it")
+        elif not where.exists():
+            what = preset.data_source or f"the {cfg.dataset} data"
+            missing.append(f"data folder {where} does not exist: put {what} there (or set $DPCORE_DATA_DIR "
+                           "to the folder that holds it, or change the run's data_dir)")
+    else:
+        from .environment import dataset_availability
+
+        row = next((r for r in dataset_availability() if r["name"] == cfg.dataset), None)
+        if row is not None and not row["available"]:
+            missing.append(f"data set {cfg.dataset!r}: {row['note']}")
+    if cfg.pretrained == "hub" and not weights_cached(cfg.backbone):
+        if not (_hub_online() if online is None else online):
+            missing.append(f"pretrained weights for {cfg.backbone} are not in the local Hugging Face cache and the "
+                           "Hub cannot be reached: run this preset once on a machine with internet (the weights "
+                           "are then cached in ~/.cache/huggingface), or pass a local .safetensors file of the "
+                           "backbone's weights as pretrained")
+    elif cfg.pretrained not in ("none", "hub") and not Path(cfg.pretrained).expanduser().is_file():
+        missing.append(f"weights file {cfg.pretrained} does not exist: check the path, or use pretrained 'hub'")
+    return missing
