@@ -79,11 +79,16 @@ def test_teaching_demo_trains_live_in_the_browser(app_server, tmp_path):
     shots = Path(os.environ.get("DPCORE_SCREENSHOT_DIR", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS + [f"--user-data-dir={tmp_path / 'chrome'}"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / "chrome-profile"), executable_path=CHROMIUM, args=FLAGS, headless=True,
+            viewport={"width": 1400, "height": 1800})
+        page = browser.new_page()
         page.goto(url)
         page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=60_000)
-        page.get_by_role("button", name="Teaching demo").first.click()
+        # the preset's button (Streamlit tags a keyed widget's container with st-key-<key>)
+        button = page.locator(".st-key-preset-teaching-demo button").or_(
+            page.get_by_role("button", name="Teaching demo"))
+        button.first.click()
 
         store = RunStore(runs)
         live_points, finished = 0, False

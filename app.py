@@ -1,0 +1,18 @@
+"""DP Explorer: the Streamlit app. This file only routes; each page lives in pages/.
+
+Run: DPCORE_RUNS_DIR=runs streamlit run app.py
+"""
+import streamlit as st
+
+st.set_page_config(page_title="DP Explorer", page_icon="🔒", layout="wide")
+
+PAGES = [
+    st.Page("pages/home.py", title="Home", icon="🏠", default=True),
+    st.Page("pages/train.py", title="Train", icon="🏋️"),
+    st.Page("pages/accounting.py", title="Accounting", icon="🧮"),
+    st.Page("pages/runs.py", title="Runs", icon="📋"),
+    st.Page("pages/predictions.py", title="Predictions", icon="🔍"),
+    st.Page("pages/clinician.py", title="Clinician", icon="🩺"),
+]
+
+st.navigation(PAGES).run()

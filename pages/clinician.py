@@ -1,0 +1,98 @@
+"""Clinician: upload images, see class probabilities, a Grad-CAM overlay and the model card. No training data."""
+import threading
+
+import streamlit as st
+
+from dpcore import figures, inspect
+from dpcore.errors import DPCoreError
+from dpcore.predict import load_run
+from dpcore.saliency import saliency
+from dpcore.uploads import MAX_UPLOAD_BYTES, UploadError, decode_upload
+from pages.common import fmt_eps, fmt_pct, runs_dir, store
+
+NOTICE = ("**Research use only — not a medical device; not a clinical diagnosis.** The output must be interpreted "
+          "by a qualified healthcare professional. For research, educational and demonstration purposes only.")
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading the model…")
+def loaded_model(root: str, run_id: str):
+    return load_run(store(), run_id), threading.Lock()  # the lock: Grad-CAM hooks the model while it runs
+
+
+def decode(data: bytes, name: str):
+    """(image, None) for a usable upload, (None, message) for a refused one."""
+    try:
+        return decode_upload(data, name), None
+    except UploadError as exc:
+        return None, str(exc)
+
+
+st.title("🩺 Clinician view")
+st.warning(NOTICE, icon="⚠️")
+ready = {r.run_id: r for r in reversed(inspect.ready_runs(store()))}
+if not ready:
+    st.info("No trained model yet: a model must be trained (Train page) before it can be used here.")
+    st.stop()
+
+
+def describe(run_id: str) -> str:
+    r = ready[run_id]
+    return f"{r.dataset} · {r.backbone} · " + (f"ε={r.target_epsilon:g}" if r.private else "non-private") + f" · {run_id}"
+
+
+run_id = st.selectbox("Model", list(ready), format_func=describe, key="cl_run")
+try:
+    card = store().card(run_id)
+except DPCoreError as exc:
+    st.error(str(exc))
+    st.stop()
+ds, model_info = card.get("dataset", {}), card.get("model", {})
+
+with st.expander("Model card", expanded=True):
+    c1, c2 = st.columns(2)
+    c1.markdown(f"**Trained on:** {ds.get('name')} — {ds.get('n_train', 0):,} training images, "
+                f"evaluated on {ds.get('n_test', 0):,} held-out test images  \n"
+                f"**Classes:** {', '.join(ds.get('class_names', []))}  \n"
+                f"**Backbone:** {model_info.get('backbone')} (weights: {model_info.get('weights') or 'random init'}, "
+                f"fine-tuned: {model_info.get('scope')})  \n"
+                f"**Trained on:** {str(card.get('date', ''))[:10]}")
+    c2.markdown(f"**Test accuracy:** {fmt_pct(card.get('test_accuracy'))}  \n"
+                f"**Test ROC-AUC:** {'—' if card.get('test_roc_auc') is None else format(card['test_roc_auc'], '.3f')}  \n"
+                f"**Privacy:** ε = {fmt_eps(card.get('epsilon'))}, "
+                f"δ = {'—' if card.get('delta') is None else format(card['delta'], '.0e')}"
+                + (f" ({str(card.get('accountant')).upper()})" if card.get("accountant") else ""))
+    st.info(card.get("guarantee", ""))
+    for w in card.get("warnings") or []:
+        st.caption(f"⚠ {w}")
+
+uploads = st.file_uploader("Images (PNG or JPEG)", type=["png", "jpg", "jpeg"], accept_multiple_files=True,
+                           key="cl_upload", max_upload_size=max(1, MAX_UPLOAD_BYTES // (1024 * 1024)),
+                           help="Images are processed in memory and not stored.")
+if uploads:
+    try:
+        loaded, lock = loaded_model(runs_dir(), run_id)
+    except DPCoreError as exc:
+        st.error(f"This model cannot be loaded: {exc}")
+        st.stop()
+    for k, upload in enumerate(uploads):
+        st.divider()
+        image, problem = decode(upload.getvalue(), upload.name)
+        if problem:
+            st.error(problem, icon="🚫")
+            continue
+        probs = loaded.predict_proba([image])[0]
+        top = int(probs.argmax())
+        st.markdown(f"#### {upload.name}: model output **{loaded.class_names[top]}** ({100 * probs[top]:.1f} %)")
+        a, b, c = st.columns([1, 1, 2])
+        a.image(image, caption="Uploaded image", width="stretch")
+        try:
+            with lock:
+                result = saliency(loaded, image, target_class=top)
+            b.image(result.overlay, caption=f"{result.method}: regions that drove '{loaded.class_names[top]}'",
+                    width="stretch")
+        except DPCoreError as exc:
+            b.warning(f"No saliency map: {exc}")
+        c.plotly_chart(figures.probability_bars_figure(dict(zip(loaded.class_names, map(float, probs)))),
+                       key=f"cl-probs-{k}")
+    st.caption("Probabilities from DP-trained models are often over- or under-confident; they are not calibrated "
+               "risks. " + NOTICE)

@@ -1,0 +1,225 @@
+"""View helpers shared by the pages: the run store and job manager, the watched run, formatting.
+
+No training, accounting or data logic lives here: it only reads the engine (dpcore) and draws.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import streamlit as st
+
+from dpcore.config import RunConfig
+from dpcore.errors import ConfigError
+from dpcore.events import Event
+from dpcore.jobs import Job, JobManager
+from dpcore.store import RunNotFound, RunStore
+
+RUNS_ENV = "DPCORE_RUNS_DIR"
+WATCH_KEY = "watched_run"
+ACTIVE = ("queued", "running")
+
+
+# -- the engine objects, one per runs folder and per process ---------------------------------
+def runs_dir() -> str:
+    return str(Path(os.environ.get(RUNS_ENV, "runs")).resolve())
+
+
+@st.cache_resource(show_spinner=False)
+def _store(root: str) -> RunStore:
+    return RunStore(root)
+
+
+@st.cache_resource(show_spinner=False)
+def _manager(root: str) -> JobManager:
+    return JobManager(_store(root))
+
+
+def store() -> RunStore:
+    return _store(runs_dir())
+
+
+def manager() -> JobManager:
+    return _manager(runs_dir())
+
+
+# -- the watched run: session state + URL, so reloads, page switches and other tabs re-attach -----
+def watched_run() -> str | None:
+    run_id = st.query_params.get("run") or st.session_state.get(WATCH_KEY)
+    if not run_id:
+        return None
+    try:
+        store().get_run(run_id)
+    except RunNotFound:
+        return None
+    st.session_state[WATCH_KEY] = run_id
+    if st.query_params.get("run") != run_id:
+        st.query_params["run"] = run_id
+    return run_id
+
+
+def watch(run_id: str | None) -> None:
+    if run_id is None:
+        st.session_state.pop(WATCH_KEY, None)
+        st.query_params.pop("run", None)
+    else:
+        st.session_state[WATCH_KEY] = run_id
+        st.query_params["run"] = run_id
+
+
+@dataclass
+class RunView:
+    run_id: str
+    status: str
+    events: list[Event]
+    config: RunConfig
+    job: Job | None  # the live job when this process runs it; None for runs read from the store
+    error: str | None = None
+
+    def latest(self, kind: str) -> Event | None:
+        return next((ev for ev in reversed(self.events) if ev.kind == kind), None)
+
+
+def run_view(run_id: str) -> RunView:
+    job = manager().get(run_id)
+    if job is not None:
+        return RunView(run_id, job.status, job.events.snapshot(), job.config, job, job.error)
+    record = store().get_run(run_id)
+    return RunView(run_id, record.status, store().events(run_id), record.config, None, record.error)
+
+
+def job_panel(run_id: str) -> None:
+    """Progress, live charts and Cancel for one run; polls once a second while it is queued or running."""
+    if run_view(run_id).status in ACTIVE:
+        _live_panel(run_id)
+    else:
+        _panel_body(run_id)
+
+
+@st.fragment(run_every="1s")
+def _live_panel(run_id: str) -> None:
+    if _panel_body(run_id) not in ACTIVE:
+        st.rerun()  # draw the finished run once more, without the timer
+
+
+def _panel_body(run_id: str) -> str:
+    from dpcore import figures
+
+    view = run_view(run_id)
+    cfg = view.config
+    plan, step = view.latest("plan"), view.latest("step")
+    title = f"{cfg.dataset} / {cfg.backbone} / " + (f"target ε = {cfg.epsilon:g}" if cfg.private else "non-private")
+    st.markdown(f"#### Run `{run_id}` — {title}")
+    badge = {"queued": "🕒 queued", "running": "🏃 running", "done": "✅ done", "failed": "❌ failed",
+             "cancelled": "⏹ cancelled"}.get(view.status, view.status)
+    st.markdown(f"**Status:** {badge}", help="Runs execute one at a time in a background worker.")
+
+    if view.status == "queued" and view.job is not None:
+        st.info("Queued: it starts when the runs before it have finished.")
+    if view.status in ACTIVE and view.job is None:
+        st.caption("This run is not in this app's job queue (started from the command line, or before the app "
+                   "restarted): its progress is read from the run store; a run whose process ended stays "
+                   "'running' there.")
+    if plan is not None:
+        d = plan.data
+        cols = st.columns(5)
+        cols[0].metric("Training images n", f"{d.get('n_train', 0):,}")
+        cols[1].metric("Steps T", f"{d.get('total_steps', 0):,}")
+        cols[2].metric("Noise σ", fmt_num(d.get("noise_multiplier")))
+        cols[3].metric("Sample rate q", fmt_num(d.get("sample_rate"), ".4g"))
+        cols[4].metric("Device", str(d.get("device", "—")))
+    if step is not None and step.total_steps:
+        frac = min(1.0, step.step / step.total_steps)
+        eta = "" if view.status != "running" else f" · about {fmt_duration(step.eta)} left"
+        st.progress(frac, text=f"step {step.step:,} / {step.total_steps:,} · epoch {step.epoch:.2f}{eta}")
+    elif view.status == "running":
+        st.progress(0.0, text="preparing: loading data, building the model, calibrating σ…")
+
+    cancellable = view.status in ACTIVE and view.job is not None
+    if cancellable and st.button("Cancel this run", key=f"cancel-{run_id}", icon="⏹"):
+        manager().cancel(run_id)
+        st.toast("Cancel requested: the run stops at its next step.")
+    if view.status == "done":
+        card = store().card(run_id)
+        st.success(f"Finished: test accuracy {fmt_pct(card.get('test_accuracy'))}, "
+                   f"ROC-AUC {fmt_num(card.get('test_roc_auc'))}, ε spent {fmt_eps(card.get('epsilon'))}.  \n"
+                   f"{card.get('guarantee', '')}")
+    elif view.status == "failed":
+        failed = view.latest("failed")
+        st.error(f"The run failed: {failed.message if failed else view.error}")
+    elif view.status == "cancelled":
+        st.warning("The run was cancelled; the model as it was at that step is saved.")
+
+    if any(ev.kind in ("step", "eval") for ev in view.events):
+        figs = figures.training_figures(view.events, target_epsilon=cfg.epsilon)
+        cols = st.columns(3 if cfg.private else 2)
+        cols[0].plotly_chart(figs["accuracy"], key=f"acc-{run_id}")
+        cols[1].plotly_chart(figs["loss"], key=f"loss-{run_id}")
+        if cfg.private:
+            cols[2].plotly_chart(figs["epsilon"], key=f"eps-{run_id}")
+            st.caption("ε grows with every step: each noisy update reveals a little about the data, and the "
+                       "accountant adds it up. It ends at (or just below) the target ε.")
+    logs = [ev for ev in view.events if ev.kind == "log"]
+    if logs:
+        with st.expander("Log"):
+            st.text("\n".join(ev.message or "" for ev in logs[-30:]))
+    return view.status
+
+
+# -- formatting ---------------------------------------------------------------------------------
+def fmt_eps(eps) -> str:
+    if eps is None:
+        return "∞ (no DP)"
+    if isinstance(eps, float) and math.isinf(eps):
+        return "∞"
+    return f"{eps:.3g}"
+
+
+def fmt_pct(x) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f} %"
+
+
+def fmt_num(x, spec: str = ".3g") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def fmt_duration(seconds) -> str:
+    if seconds is None:
+        return "—"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def fmt_time(ts) -> str:
+    return "—" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
+
+
+def run_label(record) -> str:
+    eps = f"ε={record.target_epsilon:g}" if record.private else "non-private"
+    return f"{record.run_id} · {record.dataset} · {record.backbone} · {eps} · {record.status}"
+
+
+def show_config_error(exc: ConfigError) -> None:
+    st.error(f"**{exc.field}**: {exc.problem}.  \n**Fix:** {exc.fix}")
+
+
+def show_queue() -> None:
+    """The job running now and the jobs waiting behind it (this process's JobManager)."""
+    mgr = manager()
+    current, queued = mgr.current(), mgr.queued()
+    if current is None and not queued:
+        st.caption("No job is running; a launched run starts at once.")
+        return
+    lines = []
+    if current is not None:
+        lines.append(f"▶ running: `{current.run_id}` — {current.label or current.config.dataset + ' / ' + current.config.backbone}")
+    for i, job in enumerate(queued, 1):
+        lines.append(f"{i}. queued: `{job.run_id}` — {job.label or job.config.dataset + ' / ' + job.config.backbone}")
+    st.markdown("  \n".join(lines))

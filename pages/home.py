@@ -1,0 +1,88 @@
+"""Home: what DP-SGD and (ε, δ) mean, this machine's state, one-click presets."""
+import streamlit as st
+
+from dpcore import environment
+from dpcore.presets import build_presets, missing_requirements
+from pages.common import job_panel, manager, show_queue, watch, watched_run
+
+
+@st.cache_data(ttl=60, show_spinner=False)
+def missing(key: str) -> list[str]:
+    """What a preset still needs here (probes the Hub for at most 2 s when weights are not cached)."""
+    return missing_requirements(build_presets()[key])
+
+
+st.title("🔒 DP Explorer")
+st.caption("Differentially private fine-tuning of image classifiers on medical images — see, teach and use "
+           "the privacy–utility trade-off.")
+
+left, right = st.columns([3, 2])
+with left:
+    st.subheader("DP-SGD in five sentences")
+    st.markdown(
+        "1. A model is trained in small random batches, as usual, but each training image's influence on "
+        "every update is measured separately.\n"
+        "2. That influence (the per-example gradient) is **clipped** to a fixed size C, so no single image "
+        "can pull the model far.\n"
+        "3. Gaussian **noise** of scale σ·C is added to the sum of the clipped gradients before each step, "
+        "hiding whether any one image took part.\n"
+        "4. An **accountant** (RDP or PLD) adds up how much each noisy step can leak and reports the total "
+        "as a privacy budget ε at a failure probability δ.\n"
+        "5. More noise or fewer steps means a smaller ε — stronger privacy — and usually a less accurate model: "
+        "that is the trade-off this app lets you explore."
+    )
+    st.subheader("What ε and δ mean for a patient")
+    st.markdown(
+        "Imagine your X-ray is in the training set, or it is not. A model trained with **ε** makes every "
+        "possible outcome at most **e^ε** times more (or less) likely in one world than in the other: at ε = 0.5 "
+        "that factor is about 1.6, at ε = 2 about 7.4, at ε = 8 about 3,000. So a small ε means someone "
+        "inspecting the model can learn almost nothing about whether — or what — your image contributed. "
+        "**δ** is the small probability (e.g. one in 100,000) that this promise fails; it should be far below "
+        "1 / (number of training images). The guarantee is per image: a patient with several images is "
+        "protected less than the number suggests."
+    )
+with right:
+    st.subheader("This machine")
+    machine = environment.describe_machine()
+    device = machine.get("device", "cpu")
+    st.markdown(f"**Compute:** {'GPU — ' + str(machine.get('gpu_name')) if device == 'cuda' else 'CPU only'} "
+                f"({machine.get('cpu_count', '?')} CPU cores)")
+    st.markdown("**Data sets available offline**")
+    st.dataframe([{"data set": d["name"], "available": "✅" if d["available"] else "—",
+                   "where / note": d.get("path") or d.get("note") or ""}
+                  for d in environment.dataset_availability()], hide_index=True)
+    st.markdown("**Pretrained weights cached**")
+    st.dataframe([{"backbone": w["backbone"], "cached": "✅" if w["cached"] else "—"}
+                  for w in environment.cached_weights()], hide_index=True)
+    with st.expander("Library versions"):
+        st.json({k: v for k, v in machine.items() if k not in ("device", "gpu_name", "cpu_count")})
+
+st.subheader("Start here")
+presets = build_presets()
+cols = st.columns(len(presets))
+for col, (key, preset) in zip(cols, presets.items()):
+    with col, st.container(border=True):
+        st.markdown(f"**{preset.title}**")
+        st.markdown(preset.description)
+        needs = missing(key)
+        for item in needs:
+            st.warning(f"Missing: {item}")
+        if st.button("Train this preset", key=f"preset-{key}", disabled=bool(needs), type="primary",
+                     help="Missing requirements listed above" if needs else "Queues the run and opens Train"):
+            job = manager().submit(preset.config, label=preset.title)
+            watch(job.run_id)
+            st.switch_page("pages/train.py", query_params={"run": job.run_id})
+
+run_id = watched_run()
+if run_id:
+    st.subheader("Your current run")
+    job_panel(run_id)
+show_queue()
+
+st.subheader("Pages")
+links = st.columns(5)
+links[0].page_link("pages/train.py", label="Train a model", icon="🏋️")
+links[1].page_link("pages/accounting.py", label="Privacy accounting", icon="🧮")
+links[2].page_link("pages/runs.py", label="Compare runs", icon="📋")
+links[3].page_link("pages/predictions.py", label="Test-set predictions", icon="🔍")
+links[4].page_link("pages/clinician.py", label="Clinician view", icon="🩺")

@@ -1,0 +1,146 @@
+"""Train: configure a run, see its privacy plan before launch, then follow it live."""
+import warnings
+
+import streamlit as st
+
+import models
+from dpcore import accounting, environment, figures
+from dpcore.card import guarantee_sentence
+from dpcore.config import SCOPES, PrivacyWarning, RunConfig
+from dpcore.data import DATASETS, load_dataset
+from dpcore.errors import ConfigError, DPCoreError
+from dpcore.trainer import steps_per_epoch
+from pages.common import job_panel, manager, show_config_error, show_queue, watch, watched_run
+
+EPSILONS = [0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 8.0, 10.0, 15.0, 20.0, 30.0, 50.0]
+DELTAS = [1e-3, 1e-4, 1e-5, 1e-6, 1e-7]
+
+
+@st.cache_data(show_spinner="Reading the data set to count its training images…")
+def train_size(dataset: str, data_dir: str | None, seed: int, test_fraction: float, medmnist_size: int) -> int:
+    return len(load_dataset(dataset, data_dir, seed=seed, test_fraction=test_fraction,
+                            medmnist_size=medmnist_size).train)
+
+
+@st.cache_data(show_spinner="Calibrating the noise σ for this plan…")
+def privacy_plan(eps: float, delta: float, q: float, steps: int, accountant: str) -> dict:
+    return accounting.plan(eps, delta, q, steps, accountant).to_dict()
+
+
+@st.cache_data(show_spinner=False)
+def epsilon_curve(sigma: float, q: float, steps: int, delta: float, accountant: str) -> list:
+    return accounting.epsilon_curve(sigma, q, steps, delta, accountant)
+
+
+# the form's defaults live in session state, so its choices survive a visit to another page
+DEFAULTS = {"tr_seed": 0, "tr_size": 0, "tr_eps": 2.0, "tr_delta": 1e-5, "tr_clip": 1.0, "tr_epochs": 15, "tr_batch": 256,
+                "tr_phys": 128, "tr_lr": 0.01}
+for key in [k for k in st.session_state if str(k).startswith("tr_")]:
+    st.session_state[key] = st.session_state[key]
+for key, value in DEFAULTS.items():
+    st.session_state.setdefault(key, value)
+
+st.title("🏋️ Train")
+run_id = watched_run()
+if run_id:
+    job_panel(run_id)
+    if st.button("Stop watching this run (it keeps running)", key="unwatch"):
+        watch(None)
+        st.rerun()
+with st.expander("Queue", expanded=bool(manager().queued())):
+    show_queue()
+
+st.subheader("New run")
+c1, c2, c3 = st.columns(3)
+with c1:
+    st.markdown("**Data**")
+    dataset = st.selectbox("Data set", list(DATASETS), key="tr_dataset",
+                           help="\n\n".join(f"**{k}**: {v.description}" for k, v in DATASETS.items()))
+    default_dir = next((d.get("path") or "" for d in environment.dataset_availability()
+                        if d["name"] == dataset), "")
+    st.session_state.setdefault(f"tr_dir_{dataset}", default_dir or "")
+    data_dir = st.text_input("Data folder", key=f"tr_dir_{dataset}",
+                             help="Needed for folder and HAM10000; optional for MedMNIST (a local .npz).",
+                             disabled=dataset in ("digits", "cifar10"))
+    seed = st.number_input("Seed", 0, 10_000, key="tr_seed")
+    st.markdown("**Model**")
+    backbone = st.selectbox("Backbone", models.list_models(), key="tr_backbone",
+                            help=models.get_spec(st.session_state.get("tr_backbone", "tiny_cnn")).description)
+    source = st.radio("Pretrained weights", ["none (random init)", "hub (timm)", "local .safetensors"],
+                      key="tr_pre", horizontal=True, disabled=backbone == "tiny_cnn")
+    weights_path = st.text_input("Weights file", key="tr_weights", disabled=not source.startswith("local"))
+    pretrained = {"n": "none", "h": "hub", "l": weights_path}[source[0]]
+    if backbone == "tiny_cnn":
+        pretrained = "none"
+    scope = st.selectbox("Fine-tuning scope", SCOPES, key="tr_scope",
+                         help="full: all weights; head: the classifier only; bias: biases + head")
+    image_size = st.number_input("Image size (0 = backbone default)", 0, 1024, step=8, key="tr_size")
+with c2:
+    st.markdown("**Privacy**")
+    non_private = st.checkbox("Non-private baseline", key="tr_nonpriv",
+                              help="No clipping, no noise, no privacy guarantee: the accuracy ceiling to compare with.")
+    eps = st.select_slider("Privacy budget ε — ← more privacy · · · more accuracy →", EPSILONS,
+                           key="tr_eps", disabled=non_private, format_func=lambda v: f"{v:g}")
+    delta = st.select_slider("δ — probability the guarantee fails", DELTAS, key="tr_delta",
+                             format_func=lambda v: f"{v:.0e}", disabled=non_private)
+    st.caption("Smaller ε (left) = stronger privacy, more noise, usually lower accuracy; larger ε (right) = "
+               "weaker privacy. Keep δ well below 1 / (number of training images).")
+    accountant = st.radio("Accountant", ["rdp", "pld"], key="tr_acc", horizontal=True, disabled=non_private,
+                          help="Both give valid upper bounds; PLD is tighter (smaller σ for the same ε), RDP faster.")
+    clip = st.number_input("Clip norm C", 0.01, 100.0, key="tr_clip")
+with c3:
+    st.markdown("**Optimisation**")
+    epochs = st.number_input("Epochs", 1, 1000, key="tr_epochs")
+    batch = st.number_input("Logical batch size (expected)", 1, 100_000, key="tr_batch")
+    physical = st.number_input("Physical batch size (memory)", 1, 100_000, key="tr_phys")
+    lr = st.number_input("Learning rate", 1e-6, 10.0, format="%.4g", key="tr_lr")
+
+fields = {"dataset": dataset, "data_dir": (data_dir or None) if dataset not in ("digits", "cifar10") else None,
+              "backbone": backbone, "pretrained": pretrained, "scope": scope, "epsilon": None if non_private else float(eps),
+              "delta": float(delta), "accountant": accountant, "epochs": int(epochs), "batch_size": int(batch),
+              "max_physical_batch_size": int(physical), "lr": float(lr), "clip_norm": float(clip),
+              "image_size": int(image_size) or None, "seed": int(seed)}
+config = n_train = None
+try:
+    config = RunConfig(**fields)
+    config.check_paths()
+    n_train = train_size(config.dataset, config.data_dir, config.seed, config.test_fraction, config.medmnist_size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PrivacyWarning)
+        config.check_against_data(n_train)
+    for w in caught:
+        st.warning(str(w.message))
+except ConfigError as exc:
+    show_config_error(exc)
+    config = None
+except DPCoreError as exc:
+    st.error(f"The data set cannot be read: {exc}")
+    config = None
+
+if config is not None:
+    st.subheader("The plan")
+    spe = steps_per_epoch(n_train, config.batch_size)
+    total = config.epochs * spe
+    q = 1.0 / spe
+    cols = st.columns(5)
+    cols[0].metric("Training images n", f"{n_train:,}")
+    cols[1].metric("Steps T", f"{total:,}", help=f"{config.epochs} epochs × {spe} steps per epoch")
+    cols[2].metric("Sample rate q", f"{q:.4g}", help="Each image joins each step independently with probability q")
+    if config.private:
+        plan = privacy_plan(config.epsilon, config.delta, q, total, config.accountant)
+        cols[3].metric("Noise σ", f"{plan['noise_multiplier']:.4g}", help="calibrated by dpcore.accounting")
+        cols[4].metric("Planned ε", f"{plan['epsilon']:.4g}", help=f"δ = {config.delta:.0e}, {config.accountant.upper()}")
+        curve = epsilon_curve(plan["noise_multiplier"], q, total, config.delta, config.accountant)
+        st.plotly_chart(figures.epsilon_curve_figure({config.accountant.upper(): curve}, target=config.epsilon,
+                                                     title="ε spent vs training step (planned)"), key="plan-curve")
+        st.caption(guarantee_sentence({"private": True, "epsilon": plan["epsilon"], "delta": config.delta,
+                                       "accountant": config.accountant, "steps": total}, "image"))
+    else:
+        cols[3].metric("Noise σ", "0")
+        cols[4].metric("ε", "∞")
+        st.caption("A non-private run promises nothing about privacy; it is the accuracy ceiling to compare with.")
+    if st.button("Launch", type="primary", key="launch"):
+        job = manager().submit(config, label=f"{dataset} / {backbone} / "
+                               + (f"ε={config.epsilon:g}" if config.private else "non-private"))
+        watch(job.run_id)
+        st.rerun()

@@ -1,0 +1,192 @@
+"""The Streamlit app, driven headless by AppTest: every page renders, training runs in the background
+and reaches the page, accounting numbers are dpcore.accounting's, uploads are checked."""
+from __future__ import annotations
+
+import io
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import streamlit as st
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from dpcore import accounting
+from dpcore.config import RunConfig
+from dpcore.store import RunStore
+from dpcore.trainer import train
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+TIMEOUT = 60
+PAGES = ["pages/home.py", "pages/train.py", "pages/accounting.py", "pages/runs.py", "pages/predictions.py",
+         "pages/clinician.py"]
+TINY = {"dataset": "digits", "backbone": "tiny_cnn", "image_size": 16, "epochs": 1, "batch_size": 64,
+            "max_physical_batch_size": 64, "epsilon": 2.0, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, str]:
+    """A runs folder holding one finished DP run on digits (about 5 s on a CPU)."""
+    root = tmp_path_factory.mktemp("runs_finished")
+    result = train(RunConfig(**TINY), RunStore(root))
+    assert result.status == "done"
+    return root, result.run_id
+
+
+@pytest.fixture(autouse=True)
+def fresh_caches():
+    st.cache_resource.clear()  # each test gets the JobManager and RunStore of its own runs folder
+    st.cache_data.clear()
+    yield
+    st.cache_resource.clear()
+
+
+def open_page(page: str, runs: Path, monkeypatch) -> AppTest:
+    monkeypatch.setenv("DPCORE_RUNS_DIR", str(runs))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.run()
+    if page != "pages/home.py":
+        at.switch_page(page)
+        at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def texts(at: AppTest) -> str:
+    parts = [el.value for kind in ("markdown", "caption", "info", "success", "warning", "error", "title")
+             for el in getattr(at, kind)]
+    return "\n".join(str(p) for p in parts)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_on_an_empty_runs_folder(page, tmp_path, monkeypatch):
+    at = open_page(page, tmp_path / "runs", monkeypatch)
+    if page == "pages/clinician.py":
+        assert "not a medical device" in texts(at)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_with_a_finished_run(page, finished, monkeypatch):
+    root, run_id = finished
+    at = open_page(page, root, monkeypatch)
+    if page in ("pages/predictions.py", "pages/clinician.py"):
+        assert at.selectbox[0].value == run_id
+
+
+def test_home_shows_presets_and_machine(tmp_path, monkeypatch):
+    at = open_page("pages/home.py", tmp_path, monkeypatch)
+    keys = {b.key for b in at.button}
+    assert {"preset-teaching-demo", "preset-seed-pneumonia-beit22k"} <= keys
+    assert at.button(key="preset-teaching-demo").disabled is False
+
+
+def test_train_page_launches_a_job_and_follows_it(tmp_path, monkeypatch):
+    at = open_page("pages/train.py", tmp_path, monkeypatch)
+    at.number_input(key="tr_size").set_value(16)
+    at.number_input(key="tr_epochs").set_value(1)
+    at.number_input(key="tr_batch").set_value(64)
+    at.number_input(key="tr_phys").set_value(64)
+    at.run()
+    assert not at.exception and not at.error
+    at.button(key="launch").click().run()
+    assert not at.exception
+    run_id = at.query_params["run"][0] if isinstance(at.query_params["run"], list) else at.query_params["run"]
+    seen_progress = False
+    deadline = time.time() + 90
+    while time.time() < deadline:  # run_every never fires in AppTest: each run() is one tick
+        time.sleep(0.5)
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        seen_progress |= "step" in " ".join(str(p.proto) for p in at.get("progress"))
+        if any("Finished" in s.value for s in at.success):
+            break
+    else:
+        pytest.fail("the launched run never showed as finished on the Train page:\n" + texts(at))
+    assert run_id in texts(at)
+    assert RunStore(tmp_path).get_run(run_id).status == "done"
+    assert seen_progress or RunStore(tmp_path).events(run_id, "step")
+
+
+def test_accounting_numbers_come_from_dpcore_accounting(tmp_path, monkeypatch):
+    at = open_page("pages/accounting.py", tmp_path, monkeypatch)
+    at.number_input(key="ac_n").set_value(3000)
+    at.number_input(key="ac_batch").set_value(150)
+    at.number_input(key="ac_epochs").set_value(5)
+    at.number_input(key="ac_eps").set_value(1.5)
+    at.run()
+    assert not at.exception
+    q, steps = 1 / 20, 100
+    shown = {m.label: m.value for m in at.metric}
+    for acc in ("rdp", "pld"):
+        sigma = accounting.calibrate_noise(1.5, 1e-5, q, steps, acc)
+        assert shown[f"σ for ε = 1.5 ({acc.upper()})"] == f"{sigma:.4f}"
+    at.radio(key="ac_mode").set_value("noise σ (find ε)").run()
+    at.number_input(key="ac_sigma").set_value(1.2).run()
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["ε after 100 steps (RDP)"] == f"{accounting.epsilon(1.2, q, steps, 1e-5, 'rdp'):.4f}"
+    assert shown["ε after 100 steps (PLD)"] == f"{accounting.epsilon(1.2, q, steps, 1e-5, 'pld'):.4f}"
+
+
+def _png(size=(20, 20)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (120, 60, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_clinician_rejects_a_non_image_and_reads_a_real_one(finished, monkeypatch):
+    root, _ = finished
+    at = open_page("pages/clinician.py", root, monkeypatch)
+    at.file_uploader(key="cl_upload").set_value([("notes.png", b"this is not an image at all", "image/png"),
+                                                 ("scan.png", _png(), "image/png")])
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    errors = " ".join(e.value for e in at.error)
+    assert "notes.png" in errors and "not a readable image" in errors
+    assert any("scan.png: model output" in m.value for m in at.markdown)
+    assert "not a medical device" in texts(at)
+
+
+def test_runs_page_deletes_only_after_confirmation(finished, tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    shutil.copytree(finished[0], root)
+    run_id = finished[1]
+    at = open_page("pages/runs.py", root, monkeypatch)
+    at.button(key="rn_del_btn").click().run()
+    assert RunStore(root).list_runs(), "deleted without confirmation"
+    at.button(key="rn_yes").click().run()
+    assert not at.exception
+    assert [r.run_id for r in RunStore(root).list_runs()] == []
+    assert not (root / run_id).exists()
+
+
+def test_preset_opens_train_queues_a_second_run_and_cancels(tmp_path, monkeypatch):
+    at = open_page("pages/home.py", tmp_path, monkeypatch)
+    at.button(key="preset-teaching-demo").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("Train" in t.value for t in at.title), "the preset did not switch to the Train page"
+    first = at.query_params["run"]
+    first = first[0] if isinstance(first, list) else first
+    assert first in texts(at)
+    for key, value in [("tr_size", 16), ("tr_epochs", 1), ("tr_batch", 64), ("tr_phys", 64)]:
+        at.number_input(key=key).set_value(value)
+    at.run()
+    at.button(key="launch").click().run()  # a second launch while the first runs: it is queued
+    assert not at.exception
+    second = at.query_params["run"]
+    second = second[0] if isinstance(second, list) else second
+    assert second != first
+    assert f"queued: `{second}`" in texts(at)
+    at.button(key=f"cancel-{second}").click().run()  # a queued run is dropped at once
+    assert RunStore(tmp_path).get_run(second).status == "cancelled"
+    at.session_state["watched_run"] = first
+    at.query_params["run"] = first
+    at.run()
+    at.button(key=f"cancel-{first}").click().run()
+    deadline = time.time() + 30
+    while time.time() < deadline and RunStore(tmp_path).get_run(first).status != "cancelled":
+        time.sleep(0.3)
+        at.run()
+    assert RunStore(tmp_path).get_run(first).status == "cancelled"
+    at.run()
+    assert any("cancelled" in w.value for w in at.warning)
