@@ -34,6 +34,11 @@ from .preprocess import Normalizer, make_to_uint8
 from .store import RunStore
 
 
+# Opacus' hooks on the first layer fire once per step with this torch warning (the input images need
+# no gradient); it is expected and says nothing about the run, so it is not shown to users.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+
+
 class Cancelled(Exception):
     """Raised inside the loop when a cancel request is seen; the run is stored as cancelled."""
 

@@ -3,7 +3,7 @@ import threading
 
 import streamlit as st
 
-from dpcore import figures, inspect
+from dpcore import figures, run_review
 from dpcore.errors import DPCoreError
 from dpcore.predict import load_run
 from dpcore.saliency import saliency
@@ -29,7 +29,7 @@ def decode(data: bytes, name: str):
 
 st.title("🩺 Clinician view")
 st.warning(NOTICE, icon="⚠️")
-ready = {r.run_id: r for r in reversed(inspect.ready_runs(store()))}
+ready = {r.run_id: r for r in reversed(run_review.ready_runs(store()))}
 if not ready:
     st.info("No trained model yet: a model must be trained (Train page) before it can be used here.")
     st.stop()

@@ -1,19 +1,19 @@
 """Predictions: a finished run on its TEST split — gallery, confusion matrix, ROC, per-class metrics."""
 import streamlit as st
 
-from dpcore import figures, inspect
+from dpcore import figures, run_review
 from dpcore.errors import DPCoreError
 from pages.common import fmt_eps, fmt_pct, run_label, runs_dir, store
 
 
 @st.cache_data(max_entries=16, show_spinner="Loading test images…")
 def gallery(root: str, run_id: str, wrong_only: bool, true_class: str | None, limit: int) -> list:
-    return inspect.test_gallery(store(), run_id, misclassified_only=wrong_only, true_class=true_class, limit=limit)
+    return run_review.test_gallery(store(), run_id, misclassified_only=wrong_only, true_class=true_class, limit=limit)
 
 
 st.title("🔍 Test-set predictions")
 st.caption("Only held-out test images are shown here, never training images.")
-ready = {r.run_id: r for r in reversed(inspect.ready_runs(store()))}
+ready = {r.run_id: r for r in reversed(run_review.ready_runs(store()))}
 if not ready:
     st.info("No finished run yet: train one first.")
     st.page_link("pages/train.py", label="Go to Train", icon="🏋️")
@@ -22,7 +22,7 @@ if not ready:
 run_id = st.selectbox("Run", list(ready), format_func=lambda i: run_label(ready[i]), key="pr_run")
 try:
     card = store().card(run_id)
-    preds = inspect.load_test_predictions(store(), run_id)
+    preds = run_review.load_test_predictions(store(), run_id)
 except DPCoreError as exc:
     st.error(str(exc))
     st.stop()

@@ -2,11 +2,11 @@
 import pandas as pd
 import streamlit as st
 
-from dpcore import figures, inspect
+from dpcore import figures, run_review
 from pages.common import ACTIVE, fmt_duration, fmt_time, manager, run_label, store
 
 st.title("📋 Runs")
-table = inspect.runs_table(store())
+table = run_review.runs_table(store())
 if not table:
     st.info("No runs yet: launch one on the Train page, or a preset on Home.")
     st.page_link("pages/train.py", label="Go to Train", icon="🏋️")
@@ -36,13 +36,13 @@ if chosen:
     st.plotly_chart(figures.compare_runs_figure(runs, metric=metric), key="rn-compare-chart")
 
 st.subheader("Privacy–utility frontier")
-groups = inspect.frontier_groups(store())
+groups = run_review.frontier_groups(store())
 if not groups:
     st.caption("The frontier needs finished runs of one data set and backbone.")
 else:
     group = st.selectbox("Data set / backbone", groups, format_func=lambda g: f"{g[0]} / {g[1]}", key="rn_group")
     fmetric = st.radio("Utility", ["accuracy", "roc_auc"], horizontal=True, key="rn_fmetric")
-    dp_points, plain_points = inspect.frontier_points(store(), *group)
+    dp_points, plain_points = run_review.frontier_points(store(), *group)
     st.plotly_chart(figures.frontier_figure(dp_points, plain_points, metric=fmetric), key="rn-frontier")
     st.caption("Each dot is a DP run (test metric against the ε it spent); the dashed line is the non-private run "
                "with the same data and backbone — the price of privacy is the gap.")

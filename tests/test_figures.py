@@ -132,5 +132,5 @@ def test_figures_never_import_streamlit():
     import subprocess
     import sys
     code = ("import sys, dpcore.figures, dpcore.uploads, dpcore.saliency, dpcore.environment, dpcore.presets, "
-            "dpcore.inspect; assert 'streamlit' not in sys.modules")
+            "dpcore.run_review; assert 'streamlit' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

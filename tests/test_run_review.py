@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import dpcore.inspect as insp
+import dpcore.run_review as insp
 from dpcore.config import RunConfig
 from dpcore.data import load_dataset
 from dpcore.errors import DPCoreError
