@@ -120,6 +120,34 @@ def calibrate_noise(
 
 
 @dataclass(frozen=True)
+class SamplingPlan:
+    """How a run samples: Opacus' Poisson loader uses q = 1/steps_per_epoch; T = epochs · steps_per_epoch."""
+
+    steps_per_epoch: int
+    sample_rate: float
+    steps: int
+
+
+def sampling_plan(n_train: int, batch_size: int, epochs: int) -> SamplingPlan:
+    """The (q, T) a run of this size trains with: the trainer, the CLI and the app all use this."""
+    spe = math.ceil(n_train / batch_size)
+    return SamplingPlan(spe, 1.0 / spe, epochs * spe)
+
+
+def epsilon_grid(n_train: int, noise_multiplier: float, delta: float, batch_sizes, epochs_list,
+                 accountant: str = "rdp") -> list[list[float]]:
+    """ε for each (epochs, batch size) pair at fixed σ: rows follow epochs_list, columns batch_sizes."""
+    rows = []
+    for epochs in epochs_list:
+        row = []
+        for b in batch_sizes:
+            sp = sampling_plan(n_train, b, epochs)
+            row.append(EpsilonTracker(noise_multiplier, sp.sample_rate, delta, accountant)(sp.steps))
+        rows.append(row)
+    return rows
+
+
+@dataclass(frozen=True)
 class PrivacyPlan:
     """Everything needed to state a run's guarantee: the accountant inputs and the ε they give."""
 

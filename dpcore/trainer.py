@@ -6,7 +6,6 @@ failed, cancelled) in the run store before returning or re-raising.
 """
 from __future__ import annotations
 
-import math
 import threading
 import time
 import traceback
@@ -63,7 +62,7 @@ def resolve_device(requested: str) -> torch.device:
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
     """Logical steps per epoch; Opacus' Poisson loader then samples at rate q = 1/steps_per_epoch."""
-    return math.ceil(n_train / batch_size)
+    return accounting.sampling_plan(n_train, batch_size, 1).steps_per_epoch
 
 
 def privatize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_set, *, batch_size: int,
@@ -156,8 +155,8 @@ class _Run:
         self.train_set = TensorDataset(train_m.images, train_m.labels)
         self.test_x, self.test_y = test_m.images, test_m.labels
         self.test_kept = test_m.kept  # indices into splits.test (unreadable files may have been skipped)
-        self.spe = steps_per_epoch(self.n_train, cfg.batch_size)
-        self.total_steps = cfg.epochs * self.spe
+        sampling = accounting.sampling_plan(self.n_train, cfg.batch_size, cfg.epochs)
+        self.spe, self.total_steps = sampling.steps_per_epoch, sampling.steps
         self.eval_steps = _eval_schedule(self.spe, cfg.epochs, cfg.evals_per_epoch)
         self.optimizer = _make_optimizer(cfg, [p for p in self.model.parameters() if p.requires_grad])
         self.criterion = torch.nn.CrossEntropyLoss()
@@ -175,7 +174,7 @@ class _Run:
 
     def _setup_private(self) -> None:
         cfg = self.config
-        self.sample_rate = 1.0 / self.spe
+        self.sample_rate = accounting.sampling_plan(self.n_train, cfg.batch_size, cfg.epochs).sample_rate
         self.log(f"calibrating σ for ε={cfg.epsilon:g}, δ={cfg.delta:g}, q={self.sample_rate:.5f}, "
                  f"T={self.total_steps} ({cfg.accountant.upper()})")
         self.privacy_plan = accounting.plan(cfg.epsilon, cfg.delta, self.sample_rate, self.total_steps,

@@ -2,7 +2,6 @@
 import streamlit as st
 
 from dpcore import accounting, figures
-from dpcore.trainer import steps_per_epoch
 
 BATCHES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
 EPOCHS = [1, 2, 3, 5, 10, 20, 30, 50, 100]
@@ -26,14 +25,7 @@ def curve(sigma: float, q: float, steps: int, delta: float, accountant: str) -> 
 
 @st.cache_data(show_spinner="Filling the ε map…")
 def epsilon_grid(n: int, sigma: float, delta: float, batches: tuple, epochs: tuple) -> list[list[float]]:
-    rows = []
-    for epoch_count in epochs:
-        row = []
-        for b in batches:
-            spe = steps_per_epoch(n, b)
-            row.append(accounting.EpsilonTracker(sigma, 1.0 / spe, delta, "rdp")(epoch_count * spe))
-        rows.append(row)
-    return rows
+    return accounting.epsilon_grid(n, sigma, delta, batches, epochs, "rdp")
 
 
 st.title("🧮 Privacy accounting")
@@ -55,8 +47,8 @@ else:
 if batch > n:
     st.error(f"**batch**: B = {batch} is larger than n = {n}.  \n**Fix:** choose B ≤ n.")
     st.stop()
-spe = steps_per_epoch(int(n), int(batch))
-q, total = 1.0 / spe, int(epochs) * spe
+sampling = accounting.sampling_plan(int(n), int(batch), int(epochs))
+spe, q, total = sampling.steps_per_epoch, sampling.sample_rate, sampling.steps
 st.markdown(f"q = 1/{spe} = **{q:.4g}**, T = {int(epochs)} × {spe} = **{total:,}** steps.")
 
 curves, rows = {}, []

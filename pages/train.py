@@ -9,7 +9,6 @@ from dpcore.card import guarantee_sentence
 from dpcore.config import SCOPES, PrivacyWarning, RunConfig
 from dpcore.data import DATASETS, load_dataset
 from dpcore.errors import ConfigError, DPCoreError
-from dpcore.trainer import steps_per_epoch
 from pages.common import job_panel, manager, show_config_error, show_queue, watch, watched_run
 
 EPSILONS = [0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 8.0, 10.0, 15.0, 20.0, 30.0, 50.0]
@@ -119,9 +118,8 @@ except DPCoreError as exc:
 
 if config is not None:
     st.subheader("The plan")
-    spe = steps_per_epoch(n_train, config.batch_size)
-    total = config.epochs * spe
-    q = 1.0 / spe
+    sampling = accounting.sampling_plan(n_train, config.batch_size, config.epochs)
+    spe, total, q = sampling.steps_per_epoch, sampling.steps, sampling.sample_rate
     cols = st.columns(5)
     cols[0].metric("Training images n", f"{n_train:,}")
     cols[1].metric("Steps T", f"{total:,}", help=f"{config.epochs} epochs × {spe} steps per epoch")

@@ -92,3 +92,16 @@ def test_bad_inputs_name_the_field(kwargs, field):
     with pytest.raises(ConfigError) as err:
         accounting.epsilon(**kwargs)
     assert err.value.field == field
+
+
+def test_sampling_plan_matches_opacus_poisson_rate():
+    sp = accounting.sampling_plan(1437, 256, 15)
+    assert sp.steps_per_epoch == 6 and sp.sample_rate == 1 / 6 and sp.steps == 90
+
+
+def test_epsilon_grid_cells_equal_the_accountant():
+    grid = accounting.epsilon_grid(5000, 1.2, 1e-5, [100, 500], [1, 3])
+    for row, epochs in zip(grid, [1, 3]):
+        for value, b in zip(row, [100, 500]):
+            sp = accounting.sampling_plan(5000, b, epochs)
+            assert value == pytest.approx(_direct("rdp", 1.2, sp.sample_rate, sp.steps, 1e-5), rel=1e-12)
