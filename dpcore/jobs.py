@@ -50,6 +50,7 @@ class JobManager:
         if train_fn is None:
             from .trainer import train as train_fn
         self.store = store
+        store.reap_orphans()  # runs left queued/running by a process that has since died
         self._train = train_fn
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)

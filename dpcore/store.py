@@ -6,6 +6,7 @@ thread and from UI threads at once (SQLite serialises writers; WAL lets readers 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import sqlite3
@@ -37,7 +38,8 @@ CREATE TABLE IF NOT EXISTS runs (
     finished_at REAL,
     metrics TEXT,
     privacy TEXT,
-    error TEXT
+    error TEXT,
+    pid INTEGER
 );
 CREATE TABLE IF NOT EXISTS events (
     run_id TEXT NOT NULL,
@@ -48,6 +50,20 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (run_id, seq)
 );
 """
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
 
 
 class RunNotFound(DPCoreError):
@@ -86,6 +102,8 @@ class RunStore:
         self.db_path = self.root / "index.sqlite"
         with self._connect() as db:
             db.executescript(_SCHEMA)
+            if "pid" not in {row[1] for row in db.execute("PRAGMA table_info(runs)")}:
+                db.execute("ALTER TABLE runs ADD COLUMN pid INTEGER")  # stores made before pids were kept
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -107,10 +125,10 @@ class RunStore:
         with self._connect() as db:
             seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM runs").fetchone()[0]
             db.execute(
-                "INSERT INTO runs (run_id, seq, status, dataset, backbone, private, target_epsilon, config, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO runs (run_id, seq, status, dataset, backbone, private, target_epsilon, config, created_at,"
+                " pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run_id, seq, status, config.dataset, config.backbone, int(config.private), config.epsilon,
-                 config.to_json(), time.time()),
+                 config.to_json(), time.time(), os.getpid()),
             )
         return run_id
 
@@ -120,7 +138,8 @@ class RunStore:
         now = time.time()
         with self._connect() as db:
             if status == "running":
-                cur = db.execute("UPDATE runs SET status=?, started_at=? WHERE run_id=?", (status, now, run_id))
+                cur = db.execute("UPDATE runs SET status=?, started_at=?, pid=? WHERE run_id=?",
+                                 (status, now, os.getpid(), run_id))
             elif status in ("done", "failed", "cancelled"):
                 cur = db.execute("UPDATE runs SET status=?, finished_at=?, error=? WHERE run_id=?",
                                  (status, now, error, run_id))
@@ -147,6 +166,20 @@ class RunStore:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
         tmp.replace(path)
         return path
+
+    def reap_orphans(self) -> list[str]:
+        """Mark queued/running runs whose process has died as failed, so they don't look alive forever.
+
+        A run belongs to the process that queued or trains it (its pid is recorded); if that process is
+        gone, nothing will ever finish the run. Returns the run ids it marked.
+        """
+        with self._connect() as db:
+            rows = db.execute("SELECT run_id, pid FROM runs WHERE status IN ('queued', 'running')").fetchall()
+        dead = [r["run_id"] for r in rows if not _alive(r["pid"])]
+        for run_id in dead:
+            self.set_status(run_id, "failed", error="interrupted: the process that queued or trained this run "
+                                                    "stopped before it finished")
+        return dead
 
     def delete_run(self, run_id: str) -> None:
         self.get_run(run_id)

@@ -63,3 +63,20 @@ def test_bad_run_ids_are_rejected(tmp_path):
     for bad in ["../etc", "", ".hidden"]:
         with pytest.raises(RunNotFound):
             store.run_dir(bad)
+
+
+def test_orphaned_runs_of_dead_processes_are_marked_failed(tmp_path):
+    import sqlite3
+    import subprocess
+    import sys
+
+    store = RunStore(tmp_path)
+    mine = store.create_run(RunConfig())
+    store.set_status(mine, "running")
+    orphan = store.create_run(RunConfig())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with sqlite3.connect(store.db_path) as db:  # as if a now-dead process had started it
+        db.execute("UPDATE runs SET status='running', pid=? WHERE run_id=?", (int(dead.stdout), orphan))
+    assert store.reap_orphans() == [orphan]
+    assert store.get_run(orphan).status == "failed" and "interrupted" in store.get_run(orphan).error
+    assert store.get_run(mine).status == "running"  # this process is alive
