@@ -48,9 +48,13 @@ def manager() -> JobManager:
 
 # -- the watched run: session state + URL, so reloads, page switches and other tabs re-attach -----
 def watched_run() -> str | None:
+    """The run this tab follows: its own choice, else the job training now (so a new tab sees it too)."""
     run_id = st.query_params.get("run") or st.session_state.get(WATCH_KEY)
     if not run_id:
-        return None
+        current = manager().current()
+        if current is None:
+            return None
+        run_id = current.run_id
     try:
         store().get_run(run_id)
     except RunNotFound:

@@ -190,3 +190,23 @@ def test_preset_opens_train_queues_a_second_run_and_cancels(tmp_path, monkeypatc
     assert RunStore(tmp_path).get_run(first).status == "cancelled"
     at.run()
     assert any("cancelled" in w.value for w in at.warning)
+
+
+def test_a_second_tab_shows_the_live_job(tmp_path, monkeypatch):
+    first = open_page("pages/train.py", tmp_path, monkeypatch)
+    first.number_input(key="tr_size").set_value(16)
+    first.number_input(key="tr_epochs").set_value(30)
+    first.run()
+    first.button(key="launch").click().run()
+    run_id = first.query_params["run"]
+    run_id = run_id[0] if isinstance(run_id, list) else run_id
+    from pages.common import manager
+
+    deadline = time.time() + 60
+    while manager().current() is None and time.time() < deadline:
+        time.sleep(0.2)
+    second = open_page("pages/train.py", tmp_path, monkeypatch)  # a new session: no ?run=, no state
+    assert second.get("progress"), "the new tab shows no live progress panel"
+    assert run_id in texts(second) + str(second.query_params)
+    manager().cancel(run_id)
+    manager().wait(run_id, 60)
