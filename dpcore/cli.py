@@ -14,6 +14,7 @@ from . import accounting
 from .config import DEVICES, OPTIMIZERS, SCOPES, RunConfig
 from .errors import DPCoreError
 from .events import Event
+from .sweep import DEFAULT_EPSILONS, parse_epsilons
 
 _DEFAULTS = RunConfig()
 
@@ -22,22 +23,23 @@ def _add_runs_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs-dir", default="runs", help="folder of stored runs (default: runs/)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dpcore", description=(
-        "DP-SGD fine-tuning of image classifiers with exact privacy accounting."))
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="train one run (DP-SGD, or --non-private) and store it")
-    _add_runs_dir(t)
+def _add_train_flags(t: argparse.ArgumentParser, sweep: bool) -> None:
+    """The run flags `train` and `sweep` share (a sweep takes --epsilons instead of --epsilon)."""
     d = _DEFAULTS
     t.add_argument("--dataset", default=d.dataset, help="digits | folder | ham10000 | pneumoniamnist | dermamnist | cifar10")
     t.add_argument("--data-dir", default=None, help="data folder (folder, ham10000) or npz file (MedMNIST)")
     t.add_argument("--backbone", default=d.backbone, help="see `python -m dpcore backbones`")
     t.add_argument("--pretrained", default=d.pretrained, help="none | hub | PATH.safetensors")
-    t.add_argument("--scope", default=d.scope, choices=SCOPES, help="which parameters are fine-tuned")
-    priv = t.add_mutually_exclusive_group()
-    priv.add_argument("--epsilon", type=float, default=d.epsilon, help=f"target ε (default {d.epsilon})")
-    priv.add_argument("--non-private", action="store_true", help="no clipping, no noise, no guarantee (baseline)")
+    t.add_argument("--scope", default="head" if sweep else d.scope, choices=SCOPES,
+                   help="which parameters are fine-tuned (head: frozen backbone, cached features)")
+    if sweep:
+        t.add_argument("--epsilons", default=",".join(f"{e:g}" for e in DEFAULT_EPSILONS),
+                       help="comma-separated target ε values, one run each (default %(default)s)")
+        t.add_argument("--non-private", action="store_true", help="also train the non-private baseline")
+    else:
+        priv = t.add_mutually_exclusive_group()
+        priv.add_argument("--epsilon", type=float, default=d.epsilon, help=f"target ε (default {d.epsilon})")
+        priv.add_argument("--non-private", action="store_true", help="no clipping, no noise, no guarantee (baseline)")
     t.add_argument("--delta", type=float, default=d.delta)
     t.add_argument("--accountant", default=d.accountant, choices=accounting.ACCOUNTANTS)
     t.add_argument("--epochs", type=int, default=d.epochs)
@@ -58,8 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--skip-unreadable", action="store_true", help="leave out unreadable images (recorded)")
     t.add_argument("--evals-per-epoch", type=int, default=d.evals_per_epoch)
     t.add_argument("--cache-dir", default=None, help="download cache (MedMNIST, CIFAR-10)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dpcore", description=(
+        "DP-SGD fine-tuning of image classifiers with exact privacy accounting."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one run (DP-SGD, or --non-private) and store it")
+    _add_runs_dir(t)
+    _add_train_flags(t, sweep=False)
     t.add_argument("--config", default=None, help="JSON run config; explicit flags are ignored when given")
     t.add_argument("--quiet", action="store_true", help="print only the model card")
+
+    sw = sub.add_parser("sweep", help="one stored run per target ε (head-only on cached features by default)")
+    _add_runs_dir(sw)
+    _add_train_flags(sw, sweep=True)
+    sw.add_argument("--quiet", action="store_true", help="print only the frontier table")
 
     r = sub.add_parser("runs", help="table of stored runs")
     _add_runs_dir(r)
@@ -99,11 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    if args.config:
+    if getattr(args, "config", None):
         return RunConfig.from_json(Path(args.config).read_text())
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
-    values["epsilon"] = None if args.non_private else args.epsilon
+    if hasattr(args, "epsilons"):  # a sweep: the base config; each point sets its own ε
+        values["epsilon"] = parse_epsilons(args.epsilons)[0]
+    else:
+        values["epsilon"] = None if args.non_private else args.epsilon
     return RunConfig(**values)
 
 
@@ -187,6 +207,30 @@ def _cmd_train(args) -> int:
     print(format_card(result.card))
     print(f"card: {store.run_dir(result.run_id) / 'card.json'}")
     return 0
+
+
+def _cmd_sweep(args) -> int:
+    from .store import RunStore
+    from .sweep import format_header, format_point, run_sweep, sweep_configs
+
+    base = config_from_args(args)
+    configs = sweep_configs(base, parse_epsilons(args.epsilons), non_private=args.non_private)
+    store = RunStore(args.runs_dir)
+    print(f"sweep: {len(configs)} runs of {base.dataset} / {base.backbone}, scope {base.scope}", flush=True)
+    printer = None if args.quiet else _LogPrinter()
+    print(format_header(), flush=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        points = run_sweep(configs, store, listener=printer, on_point=lambda p: print(format_point(p), flush=True))
+    return 0 if all(p.status == "done" for p in points) else 1
+
+
+class _LogPrinter:
+    """During a sweep only the log lines (features cache, σ calibration) are printed; points come as rows."""
+
+    def __call__(self, ev: Event) -> None:
+        if ev.kind in ("log", "failed"):
+            print(f"  [{ev.run_id}] {ev.message}", file=sys.stderr, flush=True)
 
 
 def _cmd_runs(args) -> int:
@@ -285,7 +329,7 @@ def _cmd_card(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "runs": _cmd_runs, "epsilon": _cmd_epsilon, "calibrate": _cmd_calibrate,
+COMMANDS = {"train": _cmd_train, "sweep": _cmd_sweep, "runs": _cmd_runs, "epsilon": _cmd_epsilon, "calibrate": _cmd_calibrate,
             "predict": _cmd_predict, "backbones": _cmd_backbones, "datasets": _cmd_datasets, "card": _cmd_card}
 
 

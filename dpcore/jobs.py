@@ -43,6 +43,23 @@ class Job:
         return None
 
 
+@dataclass
+class SweepJob(Job):
+    """An ε sweep run as ONE job: its points are ordinary runs (stored 'queued' at submission) trained in turn.
+
+    `run_id` is the sweep's own id (not a stored run); `run_ids` are the points', `points` fill in as
+    each finishes, so a page can show progress while the frontier chart reads the stored runs.
+    """
+
+    configs: list = field(default_factory=list)
+    run_ids: list = field(default_factory=list)
+    points: list = field(default_factory=list)
+
+    @property
+    def progress(self) -> float:
+        return len(self.points) / max(len(self.run_ids), 1)
+
+
 class JobManager:
     """Submit, queue, run and cancel training jobs; safe to call from any thread."""
 
@@ -71,6 +88,21 @@ class JobManager:
             self._wakeup.notify()
         return job
 
+    def submit_sweep(self, base: RunConfig, epsilons, non_private: bool = False, label: str = "") -> SweepJob:
+        """Queue an ε sweep (one run per ε, plus the baseline when asked) as a single background job."""
+        from .sweep import sweep_configs
+
+        configs = sweep_configs(base, epsilons, non_private)
+        run_ids = [self.store.create_run(c, status="queued") for c in configs]
+        sweep_id = "sweep-" + run_ids[0]
+        job = SweepJob(run_id=sweep_id, config=base, label=label or f"ε sweep ({len(configs)} runs)",
+                       configs=configs, run_ids=run_ids)
+        with self._wakeup:
+            self._jobs[sweep_id] = job
+            self._queue.append(job)
+            self._wakeup.notify()
+        return job
+
     def cancel(self, run_id: str) -> None:
         """A queued job is dropped at once; a running one stops at its next step."""
         with self._lock:
@@ -80,7 +112,8 @@ class JobManager:
             if job in self._queue:
                 self._queue.remove(job)
                 job.status, job.finished_at = "cancelled", time.time()
-                self.store.set_status(run_id, "cancelled", error="cancelled while queued")
+                for rid in getattr(job, "run_ids", None) or [run_id]:
+                    self.store.set_status(rid, "cancelled", error="cancelled while queued")
                 job.events(Event("cancelled", run_id, message="cancelled while queued"))
                 return
             job.cancel_event.set()
@@ -126,11 +159,23 @@ class JobManager:
                 self._current = job
                 job.status, job.started_at = "running", time.time()
             try:
-                result = self._train(job.config, self.store, listener=job.events, cancel=job.cancel_event,
-                                     run_id=job.run_id)
-                status, error = result.status, None
+                if isinstance(job, SweepJob):
+                    status, error = self._run_sweep(job), None
+                else:
+                    result = self._train(job.config, self.store, listener=job.events, cancel=job.cancel_event,
+                                         run_id=job.run_id)
+                    status, error = result.status, None
             except Exception as exc:  # the trainer has already stored the failure
                 status, error = "failed", f"{type(exc).__name__}: {exc}"
             with self._lock:
                 job.status, job.error, job.finished_at = status, error, time.time()
                 self._current = None
+
+    def _run_sweep(self, job: SweepJob) -> str:
+        from .sweep import run_sweep
+
+        points = run_sweep(job.configs, self.store, run_ids=job.run_ids, listener=job.events,
+                           cancel=job.cancel_event, on_point=job.points.append, train_fn=self._train)
+        if job.cancel_event.is_set():
+            return "cancelled"
+        return "done" if all(p.status == "done" for p in points) else "failed"

@@ -93,6 +93,31 @@ class RunRecord:
         return (self.finished_at or time.time()) - self.started_at
 
 
+class BufferedEventWriter:
+    """Listener that writes a run's events to the store in batches.
+
+    Step events are held for at most `max_delay` seconds (or `max_events`); any other event (eval,
+    log, finished, failed, ...) flushes at once, so nothing is lost when a run ends or crashes.
+    Live views read the job's in-memory event log, so the delay only affects other processes.
+    """
+
+    def __init__(self, store: "RunStore", max_events: int = 100, max_delay: float = 1.0):
+        self.store, self.max_events, self.max_delay = store, max_events, max_delay
+        self._pending: list[Event] = []
+        self._last_flush = time.time()
+
+    def __call__(self, event: Event) -> None:
+        self._pending.append(event)
+        if (event.kind != "step" or len(self._pending) >= self.max_events
+                or time.time() - self._last_flush >= self.max_delay):
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        self.store.add_events(pending)
+        self._last_flush = time.time()
+
+
 class RunStore:
     """`runs/` (or any folder): `index.sqlite` + `RUN_ID/{config.json, model.safetensors, card.json}`."""
 
@@ -154,11 +179,18 @@ class RunStore:
                        (json.dumps(metrics), json.dumps(privacy), run_id))
 
     def add_event(self, event: Event) -> None:
+        self.add_events([event])
+
+    def add_events(self, events: list[Event]) -> None:
+        """Append events in one transaction (one commit per step costs ~10 ms; a batch costs the same)."""
+        if not events:
+            return
         with self._connect() as db:
-            seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE run_id=?",
-                             (event.run_id,)).fetchone()[0]
-            db.execute("INSERT INTO events (run_id, seq, kind, step, body) VALUES (?, ?, ?, ?, ?)",
-                       (event.run_id, seq, event.kind, event.step, json.dumps(event.to_dict())))
+            for event in events:
+                seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE run_id=?",
+                                 (event.run_id,)).fetchone()[0]
+                db.execute("INSERT INTO events (run_id, seq, kind, step, body) VALUES (?, ?, ?, ?, ?)",
+                           (event.run_id, seq, event.kind, event.step, json.dumps(event.to_dict())))
 
     def write_json(self, run_id: str, name: str, payload: dict[str, Any]) -> Path:
         path = self.run_dir(run_id) / name

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import models
 
-from . import accounting
+from . import accounting, features, grad_modes
 from .card import build_card
 from .config import RunConfig
 from .data import load_dataset, materialize
@@ -30,12 +30,35 @@ from .events import Event, Listener, fan_out
 from .metrics import classification_metrics
 from .model_io import save_model
 from .preprocess import Normalizer, make_to_uint8
-from .store import RunStore
+from .store import BufferedEventWriter, RunStore
 
 
 # Opacus' hooks on the first layer fire once per step with this torch warning (the input images need
 # no gradient); it is expected and says nothing about the run, so it is not shown to users.
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+
+
+class _Rows:
+    """A batch gathered with one index per tensor; its len (rows) is what Opacus checks for empty batches."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...]):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return int(self.tensors[0].shape[0])
+
+
+class BatchedTensorDataset(TensorDataset):
+    """A TensorDataset that the DataLoader fetches a whole batch at a time (`__getitems__`), instead of
+    indexing and re-stacking one row at a time: on small cached inputs that per-row work dominated."""
+
+    def __getitems__(self, indices) -> _Rows:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return _Rows(tuple(t[index] for t in self.tensors))
+
+
+def collate_rows(batch):
+    return list(batch.tensors) if isinstance(batch, _Rows) else torch.utils.data.default_collate(batch)
 
 
 class Cancelled(Exception):
@@ -73,7 +96,8 @@ def privatize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_se
     accountant is given. The engine is kept for its record of (σ, q, steps) actually taken.
     """
     engine = PrivacyEngine(accountant="rdp")
-    loader = DataLoader(train_set, batch_size=batch_size, shuffle=False)
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=False,
+                        collate_fn=collate_rows if isinstance(train_set, BatchedTensorDataset) else None)
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
         max_grad_norm=clip_norm, poisson_sampling=True, grad_sample_mode=grad_sample_mode)
@@ -90,7 +114,7 @@ def train(
     """Train one run end to end and store it. Re-raises the error of a failed run after recording it."""
     run_id = run_id or store.create_run(config)
     cancel = cancel or threading.Event()
-    emit = fan_out(store.add_event, listener)
+    emit = fan_out(BufferedEventWriter(store), listener)
     t0 = time.time()
     store.set_status(run_id, "running")
     emit(Event("started", run_id, message=f"{config.dataset} / {config.backbone} / "
@@ -136,25 +160,12 @@ class _Run:
                                       image_size=cfg.image_size)
         self.created = created
         self.trainable = models.set_trainable(created.model, cfg.scope)
-        to_uint8 = make_to_uint8(created.data_config)
-        self.log(f"decoding and resizing {len(splits.train)} train + {len(splits.test)} test images "
-                 f"to {tuple(created.data_config['input_size'][1:])}")
-        train_m = materialize(splits.train, to_uint8, skip_unreadable=cfg.skip_unreadable)
-        test_m = materialize(splits.test, to_uint8, skip_unreadable=cfg.skip_unreadable)
-        self.skipped = {"train": train_m.skipped, "test": test_m.skipped}
-        self.n_train, self.n_test = len(train_m.labels), len(test_m.labels)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            cfg.check_against_data(self.n_train)
-        self.warnings = [str(w.message) for w in caught]
-        for w in self.warnings:
-            self.log("warning: " + w)
-
-        self.model = created.model.to(self.device)
-        self.normalize = Normalizer.from_config(created.data_config).to(self.device)
-        self.train_set = TensorDataset(train_m.images, train_m.labels)
-        self.test_x, self.test_y = test_m.images, test_m.labels
-        self.test_kept = test_m.kept  # indices into splits.test (unreadable files may have been skipped)
+        self.physical_batch = cfg.max_physical_batch_size
+        self.features = None
+        if cfg.scope == "head":
+            self._prepare_features()
+        else:
+            self._prepare_images()
         sampling = accounting.sampling_plan(self.n_train, cfg.batch_size, cfg.epochs)
         self.spe, self.total_steps = sampling.steps_per_epoch, sampling.steps
         self.eval_steps = _eval_schedule(self.spe, cfg.epochs, cfg.evals_per_epoch)
@@ -172,8 +183,70 @@ class _Run:
             status = "cancelled"
         return self._finish(status)
 
+    def _prepare_images(self) -> None:
+        """Full / bias scope: decode every image once to uint8; the whole model runs in each step."""
+        cfg, created, splits = self.config, self.created, self.splits
+        to_uint8 = make_to_uint8(created.data_config)
+        self.log(f"decoding and resizing {len(splits.train)} train + {len(splits.test)} test images "
+                 f"to {tuple(created.data_config['input_size'][1:])}")
+        train_m = materialize(splits.train, to_uint8, skip_unreadable=cfg.skip_unreadable)
+        test_m = materialize(splits.test, to_uint8, skip_unreadable=cfg.skip_unreadable)
+        self.skipped = {"train": train_m.skipped, "test": test_m.skipped}
+        self.n_train, self.n_test = len(train_m.labels), len(test_m.labels)
+        self._check_data()
+        self.model = created.model.to(self.device)
+        self.normalize = Normalizer.from_config(created.data_config).to(self.device)
+        self.train_set = BatchedTensorDataset(train_m.images, train_m.labels)
+        self.test_x, self.test_y = test_m.images, test_m.labels
+        self.test_kept = test_m.kept  # indices into splits.test (unreadable files may have been skipped)
+
+    def _prepare_features(self) -> None:
+        """Head scope: the frozen backbone's features, computed once and cached; DP-SGD trains the head alone.
+
+        The backbone is a fixed public function of each image, so each private example enters training
+        only through the head's per-example gradient: the same DP-SGD, on far cheaper steps.
+        """
+        cfg, created, splits = self.config, self.created, self.splits
+        key = features.feature_key(
+            dataset=cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed, test_fraction=cfg.test_fraction,
+            medmnist_size=cfg.medmnist_size, skip_unreadable=cfg.skip_unreadable, splits=splits,
+            backbone=cfg.backbone, weights=created.weights, backbone_hash=features.backbone_digest(created.model),
+            data_config=created.data_config)
+        feats = features.load_or_extract(
+            key=key, cache_dir=features.default_cache_dir(self.store.root), splits=splits, model=created.model,
+            data_config=created.data_config, device=self.device, skip_unreadable=cfg.skip_unreadable,
+            batch_size=max(cfg.max_physical_batch_size, 64), log=self.log)
+        self.features = feats
+        self.skipped = feats.skipped
+        self.n_train, self.n_test = len(feats.train_y), len(feats.test_y)
+        self._check_data()
+        created.model.to(self.device)
+        self.model = created.model.get_classifier()  # the head is a sub-module: training it trains the model
+        self.normalize = torch.nn.Identity()
+        self.train_set = BatchedTensorDataset(feats.train_x, feats.train_y)
+        self.test_x, self.test_y = feats.test_x, feats.test_y
+        self.test_kept = feats.test_kept
+        # Per-example gradients of a linear head are small, so bigger physical batches are safe and faster.
+        n_out = sum(p.numel() for p in self.model.parameters())
+        self.physical_batch = max(cfg.max_physical_batch_size, min(8192, int(32e6 // max(n_out, 1))))
+        self.log(f"features: {self.n_train} train + {self.n_test} test × {feats.dim} "
+                 f"({'cache hit' if feats.hit else 'extracted'}: {feats.path}); training the head only")
+
+    def _check_data(self) -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.config.check_against_data(self.n_train)
+        self.warnings = [str(w.message) for w in caught]
+        for w in self.warnings:
+            self.log("warning: " + w)
+
     def _setup_private(self) -> None:
         cfg = self.config
+        # The fastest per-example gradient mode measured correct for this backbone and device
+        # (bench/grad_modes.json). Not allowed yet: "ew" (torch's ExpandedWeights refuses the gradient
+        # accumulation of virtual steps) and "ghost" (needs the wrapped loss; untested with virtual steps).
+        self.grad_sample_mode = "hooks" if self.features is not None else grad_modes.choose_grad_sample_mode(
+            cfg.backbone, self.device, allowed=("hooks", "functorch"))
         self.sample_rate = accounting.sampling_plan(self.n_train, cfg.batch_size, cfg.epochs).sample_rate
         self.log(f"calibrating σ for ε={cfg.epsilon:g}, δ={cfg.delta:g}, q={self.sample_rate:.5f}, "
                  f"T={self.total_steps} ({cfg.accountant.upper()})")
@@ -182,7 +255,7 @@ class _Run:
         self.engine, self.model, self.optimizer, self.loader = privatize(
             self.model, self.optimizer, self.train_set, batch_size=cfg.batch_size,
             noise_multiplier=self.privacy_plan.noise_multiplier, clip_norm=cfg.clip_norm,
-            grad_sample_mode=getattr(self.created, "grad_sample_mode", "hooks"))
+            grad_sample_mode=self.grad_sample_mode)
         if abs(self.loader.sample_rate - self.sample_rate) > 1e-12:
             raise RuntimeError(f"Opacus samples at q={self.loader.sample_rate}, the plan assumed {self.sample_rate}")
         self.eps_tracker = accounting.EpsilonTracker(self.privacy_plan.noise_multiplier, self.sample_rate,
@@ -194,18 +267,31 @@ class _Run:
         out = {"n_train": self.n_train, "n_test": self.n_test, "steps_per_epoch": self.spe,
                "total_steps": self.total_steps, "class_names": self.splits.class_names,
                "device": str(self.device), "trainable_params": self.trainable}
+        if self.features is not None:
+            out["features"] = self.features_info()
         if cfg.private:
             out.update(self.privacy_plan.to_dict(), target_epsilon=cfg.epsilon, clip_norm=cfg.clip_norm,
+                       grad_sample_mode=self.grad_sample_mode,
                        expected_batch_size=self.n_train * self.sample_rate)
         return out
 
     # -- the loop --------------------------------------------------------------------------
     def _loop(self) -> None:
-        for epoch in range(self.config.epochs):
-            if self.config.private:
-                self._private_epoch(epoch)
-            else:
-                self._nonprivate_epoch(epoch)
+        # A linear head on cached features is far too small to split across threads: on 2 cores its
+        # ops run ~100x slower with torch's default thread pool than with one thread (measured).
+        small = getattr(self, "features", None) is not None and self.device.type == "cpu"
+        threads = torch.get_num_threads()
+        if small:
+            torch.set_num_threads(1)
+        try:
+            for epoch in range(self.config.epochs):
+                if self.config.private:
+                    self._private_epoch(epoch)
+                else:
+                    self._nonprivate_epoch(epoch)
+        finally:
+            if small:
+                torch.set_num_threads(threads)
 
     def _private_epoch(self, epoch: int) -> None:
         losses: list[tuple[float, int]] = []
@@ -218,7 +304,7 @@ class _Run:
             stepped.append(True)
 
         self.optimizer.attach_step_hook(on_real_step)
-        with BatchMemoryManager(data_loader=self.loader, max_physical_batch_size=self.config.max_physical_batch_size,
+        with BatchMemoryManager(data_loader=self.loader, max_physical_batch_size=self.physical_batch,
                                 optimizer=self.optimizer) as physical_loader:
             for x, y in physical_loader:
                 self._check_cancel()
@@ -243,7 +329,7 @@ class _Run:
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
             losses = []
-            for chunk in idx.split(cfg.max_physical_batch_size):
+            for chunk in idx.split(self.physical_batch):
                 self._check_cancel()
                 x, y = self.train_set[chunk]
                 out = self.model(self.normalize(x.to(self.device)))
@@ -279,9 +365,9 @@ class _Run:
     def evaluate(self) -> dict[str, Any]:
         self.model.eval()
         probs, losses = [], 0.0
-        for start in range(0, self.n_test, self.config.max_physical_batch_size):
-            x = self.test_x[start:start + self.config.max_physical_batch_size].to(self.device)
-            y = self.test_y[start:start + self.config.max_physical_batch_size].to(self.device)
+        for start in range(0, self.n_test, self.physical_batch):
+            x = self.test_x[start:start + self.physical_batch].to(self.device)
+            y = self.test_y[start:start + self.physical_batch].to(self.device)
             logits = self.model(self.normalize(x))
             losses += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
             probs.append(torch.softmax(logits.float(), dim=1).cpu())
@@ -296,7 +382,10 @@ class _Run:
         privacy = self._privacy_spent()
         if status == "done" and (self.last_metrics is None or self.eval_history[-1]["step"] != self.step):
             self.last_metrics = self.evaluate()
-        raw_model = self.model._module if cfg.private else self.model
+        # The head path trains a sub-module of created.model in place: the full model (frozen backbone +
+        # trained head) is saved, so reloading and predicting work exactly as for any other run.
+        raw_model = self.created.model if self.features is not None else (
+            self.model._module if cfg.private else self.model)
         save_model(raw_model, self.store.run_dir(self.run_id) / "model.safetensors", self.splits.class_names,
                    self.created.data_config, self.run_id)
         if self.last_probs is not None:  # test-split predictions, for the confusion matrix, ROC and gallery
@@ -308,6 +397,8 @@ class _Run:
             privacy=privacy, metrics=self.last_metrics, eval_history=self.eval_history,
             device=str(self.device), duration=self.elapsed(), warnings=self.warnings,
         )
+        if self.features is not None:
+            card["model"]["features"] = self.features_info()
         self.store.write_json(self.run_id, "card.json", card)
         self.store.record_results(self.run_id, self.last_metrics, privacy)
         self.store.set_status(self.run_id, status)
@@ -335,7 +426,15 @@ class _Run:
                 "noise_multiplier": sigma, "sample_rate": self.sample_rate, "steps": steps,
                 "planned_steps": self.total_steps, "planned_epsilon": self.privacy_plan.epsilon,
                 "target_epsilon": cfg.epsilon, "clip_norm": cfg.clip_norm,
-                "expected_batch_size": self.n_train * self.sample_rate, "poisson_sampling": True}
+                "expected_batch_size": self.n_train * self.sample_rate, "poisson_sampling": True,
+                "grad_sample_mode": self.grad_sample_mode}
+
+    def features_info(self) -> dict[str, Any]:
+        """What the card says about the cached-features path: that it was used, and where the cache is."""
+        f = self.features
+        return {"used": True, "key": f.key, "cache_file": str(f.path), "cache_hit": f.hit, "dim": f.dim,
+                "extractor": "forward_head(forward_features(x), pre_logits=True), eval mode, no grad",
+                "physical_batch_size": self.physical_batch}
 
     def log(self, message: str) -> None:
         self.emit(Event("log", self.run_id, step=self.step, elapsed=self.elapsed(), message=message))

@@ -6,6 +6,56 @@ from dpcore import figures, run_review
 from pages.common import ACTIVE, fmt_duration, fmt_time, manager, run_label, store
 
 st.title("📋 Runs")
+
+
+def sweep_section() -> None:
+    """Launch an ε sweep (one stored run per ε, head-only on cached features) as one background job."""
+    from dpcore.config import RunConfig
+    from dpcore.data import list_datasets
+    from dpcore.errors import DPCoreError
+    from dpcore.jobs import SweepJob
+    from dpcore.sweep import parse_epsilons
+    from models import list_models
+
+    with st.expander("Sweep ε — one run per privacy budget, frozen backbone + DP head", expanded=False):
+        with st.form("rn_sweep_form"):
+            c1, c2 = st.columns(2)
+            dataset = c1.selectbox("Data set", list_datasets(), key="rn_sw_dataset")
+            backbone = c2.selectbox("Backbone", list_models(), key="rn_sw_backbone")
+            data_dir = st.text_input("Data folder (folder, ham10000, MedMNIST npz)", key="rn_sw_dir")
+            eps_text = st.text_input("Target ε values", "0.25,0.5,1,2,4,8", key="rn_sw_eps")
+            c3, c4 = st.columns(2)
+            epochs = c3.number_input("Epochs", 1, 200, 15, key="rn_sw_epochs")
+            non_private = c4.checkbox("Also a non-private baseline", True, key="rn_sw_np")
+            go = st.form_submit_button("Sweep ε", type="primary")
+        if go:
+            try:
+                eps = parse_epsilons(eps_text)
+                base = RunConfig(dataset=dataset, backbone=backbone, data_dir=data_dir.strip() or None,
+                                 scope="head", epochs=int(epochs), epsilon=eps[0])
+                base.check_paths()
+                job = manager().submit_sweep(base, eps, non_private=non_private)
+                st.session_state["rn_sweep"] = job.run_id
+                st.toast(f"Sweep queued: {len(job.run_ids)} runs")
+            except DPCoreError as exc:
+                st.error(str(exc))
+        sweep_id = st.session_state.get("rn_sweep")
+        job = manager().get(sweep_id) if sweep_id else None
+        if isinstance(job, SweepJob):
+            st.progress(job.progress, text=f"Sweep {job.status}: {len(job.points)} of {len(job.run_ids)} runs "
+                                           "finished (points appear in the frontier below as they arrive)")
+            if job.points:
+                st.dataframe(pd.DataFrame([p.to_dict() for p in job.points]), hide_index=True)
+            if not job.finished:
+                c5, c6 = st.columns(2)
+                if c5.button("Refresh", key="rn_sw_refresh"):
+                    st.rerun()
+                if c6.button("Cancel sweep", key="rn_sw_cancel"):
+                    manager().cancel(job.run_id)
+                    st.rerun()
+
+
+sweep_section()
 table = run_review.runs_table(store())
 if not table:
     st.info("No runs yet: launch one on the Train page, or a preset on Home.")

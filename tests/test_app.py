@@ -210,3 +210,27 @@ def test_a_second_tab_shows_the_live_job(tmp_path, monkeypatch):
     assert run_id in texts(second) + str(second.query_params)
     manager().cancel(run_id)
     manager().wait(run_id, 60)
+
+
+def test_runs_page_sweep_button_launches_one_background_sweep(tmp_path, monkeypatch):
+    at = open_page("pages/runs.py", tmp_path, monkeypatch)
+    at.selectbox(key="rn_sw_dataset").set_value("digits")
+    at.selectbox(key="rn_sw_backbone").set_value("tiny_cnn")
+    at.text_input(key="rn_sw_eps").set_value("1,4")
+    at.number_input(key="rn_sw_epochs").set_value(1)
+    at.checkbox(key="rn_sw_np").set_value(True)
+    at.button[[b.label for b in at.button].index("Sweep ε")].click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    from dpcore.jobs import SweepJob
+    from pages.common import manager
+
+    job = manager().get(at.session_state["rn_sweep"])
+    assert isinstance(job, SweepJob) and len(job.run_ids) == 3
+    manager().wait(job.run_id, 120)
+    assert job.status == "done" and len(job.points) == 3
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "3 of 3 runs" in str([p.proto.text for p in at.get("progress")])
+    runs = {r.run_id: r for r in RunStore(tmp_path).list_runs()}
+    assert {runs[i].status for i in job.run_ids} == {"done"}
+    assert sorted(r.target_epsilon or 0 for r in runs.values()) == [0, 1.0, 4.0]

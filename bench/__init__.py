@@ -1,0 +1,1 @@
+"""Benchmarks: plain `python -m bench.X` modules, not run in CI."""

@@ -1,0 +1,385 @@
+"""DP-SGD step time vs non-private step time, per Opacus grad_sample_mode.
+
+    python -m bench.step_ratio                 # full run (CPU: ~10 min on 2 cores)
+    python -m bench.step_ratio --quick         # a fast smoke run
+    python -m bench.step_ratio --device cuda
+    python -m bench.step_ratio --write-table   # also (re)write bench/grad_modes.json for this device
+
+One *step* = forward + backward + optimizer step on a fixed batch (random images, 10 classes, SGD);
+for DP that includes per-example gradients (or norms), clipping, one Gaussian noise draw per
+parameter (sigma = 1) and the scaling. Models come from ``models.create_model`` (random init: the
+step time does not depend on the weights), i.e. already Opacus-compatible (GroupNorm, ...).
+Every (model, batch, mode) configuration is warmed up with one step, then the configurations are
+timed *interleaved* (round-robin, one step each per round) so that machine noise hits them alike;
+the table shows medians. A mode is *eligible* only if its clipped, summed gradient (noise 0) equals
+the hooks mode's on the same batch (relative L2 error < 1e-4 on CPU, 5e-3 on CUDA where cuDNN/cuBLAS
+use TF32 by default). A mode whose warm-up step is > 3x the hooks one is timed once only.
+
+The last line printed is the headline ``step_ratio X.XX``: DP / non-private step time on the default
+path = resnet18 at 64 px, batch 64, full fine-tuning, with the mode ``dpcore.grad_modes`` picks
+for it on this device (the table's fastest eligible mode, ``hooks`` without a table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+import models
+from dpcore import grad_modes as gm
+
+DEFAULT_PATH = {"model": "resnet18", "size": 64, "batch": 64}
+
+FULL_PLAN = [  # (model, image size, batch sizes)
+    ("tiny_cnn", 32, [64, 256]),
+    ("resnet18", 64, [32, 64]),
+    ("vit_tiny_patch16_224", 32, [32, 64]),
+]
+QUICK_PLAN = [
+    ("tiny_cnn", 32, [64]),
+    ("resnet18", 64, [64]),
+    ("vit_tiny_patch16_224", 32, [32]),
+]
+CUDA_PLAN = [
+    ("tiny_cnn", 32, [64, 256]),
+    ("resnet18", 64, [64, 256]),
+    ("vit_tiny_patch16_224", 32, [64, 256]),
+    ("vit_tiny_patch16_224", 224, [64]),
+]
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    env = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+           "cpu": cpu_model(), "python": platform.python_version()}
+    try:
+        import opacus
+        import timm
+
+        env["opacus"], env["timm"] = opacus.__version__, timm.__version__
+    except Exception:  # pragma: no cover
+        pass
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Config:
+    """One timed configuration: a model copy, its optimizer and a fixed batch."""
+
+    def __init__(self, base: nn.Module, x, y, mode: Optional[str], device, scope: str, autocast: bool):
+        self.mode = mode  # None = non-private
+        self.device = device
+        self.autocast = autocast
+        m = copy.deepcopy(base).to(device)
+        models.set_trainable(m, scope)
+        m.train()
+        self.x, self.y = x.to(device), y.to(device)
+        if mode is None:
+            self.module = m
+            self.optimizer = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.01)
+            self.criterion = nn.CrossEntropyLoss()
+        else:
+            self.module, self.optimizer, self.criterion = gm.make_private(
+                m, self.x, self.y, mode, noise_multiplier=1.0, clip_norm=1.0)
+        self.times: list[float] = []
+
+    def step(self) -> float:
+        sync(self.device)
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.module(self.x)
+        loss = self.criterion(out.float(), self.y)
+        loss.backward()
+        self.optimizer.step()
+        sync(self.device)
+        return time.perf_counter() - t0
+
+
+def breakdown(name: str, size: int, batch: int, mode: str, device, scope: str, repeats: int) -> dict:
+    """Median seconds of the phases of one DP step: forward, backward (incl. per-sample grad hooks),
+    clip_and_accumulate (per-sample norms + clipped sum), add_noise, scale_grad + SGD update;
+    plus the non-private forward/backward/step for comparison, and which parameters got
+    per-sample gradients (frozen ones must not)."""
+    torch.manual_seed(0)
+    base = models.create_model(name, 10, pretrained="none", image_size=size).model
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 3, size, size, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    res = {k: [] for k in ("np_forward", "np_backward", "np_step", "forward", "backward", "clip_and_accumulate",
+                           "add_noise", "scale_and_update")}
+    npc = Config(base, x, y, None, device, scope, False)
+    dpc = Config(base, x, y, mode, device, scope, False)
+    opt = dpc.optimizer
+
+    def timed(f):
+        sync(device)
+        t = time.perf_counter()
+        out = f()
+        sync(device)
+        return out, time.perf_counter() - t
+
+    sampled = []
+    for i in range(repeats + 1):
+        npc.optimizer.zero_grad(set_to_none=True)
+        out, t1 = timed(lambda: npc.module(npc.x))
+        _, t2 = timed(lambda: npc.criterion(out, npc.y).backward())
+        _, t3 = timed(npc.optimizer.step)
+        opt.zero_grad(set_to_none=True)
+        out, t4 = timed(lambda: dpc.module(dpc.x))
+        _, t5 = timed(lambda: dpc.criterion(out, dpc.y).backward())
+        names = {id(p): n for n, p in dpc.module.named_parameters()}
+        sampled = [names[id(p)] for p in dpc.module.parameters() if getattr(p, "grad_sample", None) is not None
+                   or getattr(p, "_norm_sample", None) is not None]
+        _, t6 = timed(opt.accumulate if gm.uses_wrapped_criterion(mode) else opt.clip_and_accumulate)
+        _, t7 = timed(opt.add_noise)
+
+        def rest():
+            opt.scale_grad()
+            opt.original_optimizer.step()
+        _, t8 = timed(rest)
+        if i:  # first round = warm-up
+            for k, t in zip(res, (t1, t2, t3, t4, t5, t6, t7, t8)):
+                res[k].append(t)
+    out = {k: statistics.median(v) for k, v in res.items()}
+    trainable = [n for n, p in dpc.module.named_parameters() if p.requires_grad]
+    out["params_with_per_sample_grad"] = len(sampled)
+    out["trainable_params"] = len(trainable)
+    out["frozen_with_per_sample_grad"] = sorted(set(sampled) - set(trainable))
+    return out
+
+
+def check_modes(base: nn.Module, size: int, modes, device) -> dict:
+    """{mode: relative error vs hooks (float) or the error message (str)} on an 8-image batch."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, size, size, generator=g).to(device)
+    y = torch.randint(0, 10, (8,), generator=g).to(device)
+    m = copy.deepcopy(base).to(device)
+    ref = gm.clipped_summed_grad(m, x, y, "hooks")
+    out = {}
+    for mode in modes:
+        try:
+            out[mode] = 0.0 if mode == "hooks" else gm.grad_rel_error(gm.clipped_summed_grad(m, x, y, mode), ref)
+        except Exception as e:  # a mode that cannot handle the model
+            out[mode] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+    return out
+
+
+def run_model(name: str, size: int, batches, modes, device, repeats: int, scope: str,
+              autocast: bool, log) -> list[dict]:
+    torch.manual_seed(0)
+    base = models.create_model(name, 10, pretrained="none", image_size=size).model
+    checks = check_modes(base, size, modes, device)
+    tol = gm.rel_tol(device)
+    ok = [m for m in modes if isinstance(checks[m], float) and checks[m] < tol]
+    for m in modes:
+        log(f"  {name}@{size}: {m}: " + (f"rel.err {checks[m]:.1e}" if isinstance(checks[m], float) else checks[m]))
+    rows = []
+    for b in batches:
+        g = torch.Generator().manual_seed(b)
+        x = torch.randn(b, 3, size, size, generator=g)
+        y = torch.randint(0, 10, (b,), generator=g)
+        configs = {"non-private": Config(base, x, y, None, device, scope, autocast)}
+        for m in ok:
+            try:
+                configs[m] = Config(base, x, y, m, device, scope, autocast)
+                configs[m].step()  # warm-up (and: does it run at this batch size?)
+            except Exception as e:
+                log(f"  {name}@{size} b{b} {m}: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+                configs.pop(m, None)
+        warm = {"non-private": configs["non-private"].step()}
+        for k, c in configs.items():
+            if k != "non-private":
+                warm[k] = c.step()  # 2nd warm-up: a timing of its own
+        slow = {k for k in configs if k not in ("non-private", "hooks") and "hooks" in warm
+                and warm[k] > 3 * warm["hooks"]}
+        for k in slow:  # far slower than hooks: one timed step is enough to rank it
+            configs[k].times.append(warm[k])
+        for _ in range(repeats):  # interleaved
+            for k, c in configs.items():
+                if k not in slow:
+                    c.times.append(c.step())
+        base_t = statistics.median(configs["non-private"].times)
+        row = {"model": name, "size": size, "batch": b, "scope": scope,
+               "nonprivate_s": base_t, "nonprivate_ips": b / base_t, "modes": {}}
+        for m in modes:
+            if m in configs:
+                t = statistics.median(configs[m].times)
+                spread = (max(configs[m].times) - min(configs[m].times)) / t
+                row["modes"][m] = {"s": t, "ips": b / t, "ratio": t / base_t, "spread": spread, "eligible": True}
+            else:
+                row["modes"][m] = {"eligible": False, "why": checks[m] if not isinstance(checks[m], float)
+                                   else ("wrong gradient" if checks[m] >= tol else "failed at this batch")}
+        row["nonprivate_spread"] = (max(configs["non-private"].times) - min(configs["non-private"].times)) / base_t
+        rows.append(row)
+        log(format_row(row, modes))
+        del configs
+    return rows
+
+
+def format_header(modes) -> str:
+    return (f"{'model':<22}{'px':>4}{'batch':>6}{'non-priv img/s':>16}  "
+            + "".join(f"{m + ' img/s (x)':>22}" for m in modes))
+
+
+def format_row(row: dict, modes) -> str:
+    cells = []
+    for m in modes:
+        r = row["modes"][m]
+        cells.append(f"{r['ips']:9.1f} ({r['ratio']:4.2f}x)" if r.get("eligible") else "n/a")
+    return (f"{row['model']:<22}{row['size']:>4}{row['batch']:>6}{row['nonprivate_ips']:>16.1f}  "
+            + "".join(f"{c:>22}" for c in cells))
+
+
+def best_modes(rows, modes) -> dict:
+    """Per model: eligible modes ranked by the summed DP step time over its batch sizes."""
+    out = {}
+    for name in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == name]
+        tot = {}
+        for m in modes:
+            if all(r["modes"][m].get("eligible") for r in mine):
+                tot[m] = sum(r["modes"][m]["ratio"] for r in mine) / len(mine)
+        ranked = sorted(tot, key=tot.get)
+        out[name] = {"mode": ranked[0] if ranked else gm.DEFAULT_MODE, "ranked": ranked,
+                     "mean_ratio": {m: round(tot[m], 3) for m in ranked},
+                     "measured_at": sorted({(r["size"], r["batch"]) for r in mine})}
+    return out
+
+
+def write_table(rows, modes, env, argv) -> None:
+    table = gm.load_table()
+    table.setdefault("devices", {})
+    kind = gm.device_kind(env["device"])
+    per_model = best_modes(rows, modes)
+    families = {}
+    for name, entry in per_model.items():
+        fam = models.get_spec(name).family
+        families.setdefault(fam, entry)  # the first measured model of a family stands for it
+    table["devices"][kind] = {"models": per_model, "families": families,
+                              "environment": env, "date": datetime.date.today().isoformat(),
+                              "command": "python -m bench.step_ratio " + " ".join(argv)}
+    table["about"] = ("fastest grad_sample_mode whose clipped summed gradient equals hooks' (noise 0); "
+                      "written by python -m bench.step_ratio --write-table, read by dpcore.grad_modes")
+    path = gm.table_path()
+    path.write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {path}")
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m bench.step_ratio", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one batch size per model, 3 repeats")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--repeats", type=int, default=None, help="timed steps per configuration (default 5, quick 3)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--scope", default="full", choices=models.SCOPES, help="what is trained (frozen rest)")
+    ap.add_argument("--modes", default=",".join(gm.MODES), help="comma-separated grad_sample_modes")
+    ap.add_argument("--models", default=None, help="comma-separated subset of the plan's models")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward (CUDA only)")
+    ap.add_argument("--write-table", action="store_true", help="write bench/grad_modes.json for this device")
+    ap.add_argument("--breakdown", default=None, metavar="MODEL@SIZE@BATCH@MODE",
+                    help="time the phases of one DP step instead, e.g. resnet18@64@64@hooks")
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available", file=sys.stderr)
+        return 2
+    if args.bf16 and device.type != "cuda":
+        print("--bf16 is for CUDA only", file=sys.stderr)
+        return 2
+    modes = [m for m in args.modes.split(",") if m]
+    if "hooks" not in modes:
+        modes.insert(0, "hooks")  # the correctness reference
+    repeats = args.repeats or (3 if args.quick else 5)
+    plan = QUICK_PLAN if args.quick else (CUDA_PLAN if device.type == "cuda" else FULL_PLAN)
+    if args.models:
+        keep = args.models.split(",")
+        plan = [p for p in plan if p[0] in keep]
+    env = environment(device)
+    if args.breakdown:
+        name, size, batch, mode = args.breakdown.split("@")
+        b = breakdown(name, int(size), int(batch), mode, device, args.scope, repeats)
+        print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+        print(f"breakdown {args.breakdown} scope={args.scope} (median of {repeats}):")
+        for k, v in b.items():
+            print(f"  {k:<28} {v*1000:9.1f} ms" if isinstance(v, float) else f"  {k:<28} {v}")
+        return 0
+    print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    print(f"command: python -m bench.step_ratio {' '.join(argv)}   (repeats={repeats}, scope={args.scope}, "
+          f"random 10-class data, SGD, sigma=1, C=1)")
+
+    def log(s):
+        print(s, flush=True)
+
+    t_start = time.time()
+    rows = []
+    log(format_header(modes))
+    for name, size, batches in plan:
+        rows += run_model(name, size, batches, modes, device, repeats, args.scope, args.bf16, log)
+    print()
+    print("DP / non-private step-time ratio (median of %d interleaved steps; n/a = mode not eligible):" % repeats)
+    print(format_header(modes))
+    for r in rows:
+        print(format_row(r, modes))
+    spreads = [r["nonprivate_spread"] for r in rows] + [v["spread"] for r in rows for v in r["modes"].values()
+                                                        if v.get("eligible")]
+    print(f"noise: median (max-min)/median of a configuration's step times = {statistics.median(spreads):.0%}, "
+          f"worst {max(spreads):.0%}; run took {time.time() - t_start:.0f} s")
+    ranked = best_modes(rows, modes)
+    for name, e in ranked.items():
+        print(f"fastest eligible mode for {name}: {e['mode']}  (mean DP/non-private ratio {e['mean_ratio']})")
+    if args.write_table:
+        write_table(rows, modes, env, argv)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "rows": rows, "argv": argv}, f, indent=1)
+
+    # headline: the default path with the mode dpcore would pick now
+    d = DEFAULT_PATH
+    chosen = gm.choose_grad_sample_mode(d["model"], device.type)
+    row = next((r for r in rows if r["model"] == d["model"] and r["size"] == d["size"]
+                and r["batch"] == d["batch"] and r["scope"] == "full"), None)
+    if row is None or not row["modes"].get(chosen, {}).get("eligible"):
+        print(f"default path ({d['model']} {d['size']} px, batch {d['batch']}, full, mode {chosen}) not measured")
+        print("step_ratio nan")
+        return 0
+    print(f"default path: {d['model']} at {d['size']} px, batch {d['batch']}, full fine-tuning, "
+          f"grad_sample_mode={chosen} (dpcore.grad_modes.choose_grad_sample_mode), {device.type}")
+    print(f"step_ratio {row['modes'][chosen]['ratio']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
