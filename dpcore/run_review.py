@@ -55,11 +55,16 @@ def _label(rec: RunRecord) -> str:
     return f"{budget}, {cfg.epochs} epochs, {cfg.scope}, {weights}"
 
 
-def frontier_points(store: RunStore, dataset: str, backbone: str) -> tuple[list[dict], list[dict]]:
-    """(DP points, non-private points) of the finished runs of one data set + backbone, for frontier_figure."""
+def frontier_points(store: RunStore, dataset: str, backbone: str, scope: str | None = None,
+                    pretrained: str | None = None) -> tuple[list[dict], list[dict]]:
+    """(DP points, non-private points) of the finished runs of one data set + backbone (and, when given,
+    fine-tuning scope and weight source: a head-only probe and full fine-tuning are different curves)."""
     dp, nonprivate = [], []
     for rec in store.list_runs():
         if rec.status != "done" or rec.dataset != dataset or rec.backbone != backbone:
+            continue
+        if (scope is not None and rec.config.scope != scope) or (
+                pretrained is not None and rec.config.pretrained != pretrained):
             continue
         m = rec.metrics or {}
         point = {"epsilon": _spent_epsilon(rec), "target_epsilon": rec.target_epsilon,
@@ -75,9 +80,10 @@ def frontier_points(store: RunStore, dataset: str, backbone: str) -> tuple[list[
     return dp, nonprivate
 
 
-def frontier_groups(store: RunStore) -> list[tuple[str, str]]:
-    """(data set, backbone) pairs with at least one finished run, sorted."""
-    return sorted({(r.dataset, r.backbone) for r in store.list_runs() if r.status == "done"})
+def frontier_groups(store: RunStore) -> list[tuple[str, str, str, str]]:
+    """(data set, backbone, scope, weight source) of the finished runs, sorted: one frontier each."""
+    return sorted({(r.dataset, r.backbone, r.config.scope, r.config.pretrained)
+                   for r in store.list_runs() if r.status == "done"})
 
 
 def ready_runs(store: RunStore) -> list[RunRecord]:

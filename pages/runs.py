@@ -90,12 +90,13 @@ groups = run_review.frontier_groups(store())
 if not groups:
     st.caption("The frontier needs finished runs of one data set and backbone.")
 else:
-    group = st.selectbox("Data set / backbone", groups, format_func=lambda g: f"{g[0]} / {g[1]}", key="rn_group")
+    group = st.selectbox("Data set / backbone / scope / weights", groups,
+                         format_func=lambda g: f"{g[0]} / {g[1]} / {g[2]} / {g[3]}", key="rn_group")
     fmetric = st.radio("Utility", ["accuracy", "roc_auc"], horizontal=True, key="rn_fmetric")
     dp_points, plain_points = run_review.frontier_points(store(), *group)
     st.plotly_chart(figures.frontier_figure(dp_points, plain_points, metric=fmetric), key="rn-frontier")
     st.caption("Each dot is a DP run (test metric against the ε it spent); the dashed line is the non-private run "
-               "with the same data and backbone — the price of privacy is the gap.")
+               "with the same data, backbone, scope and weights — the price of privacy is the gap.")
 
 st.subheader("Delete a run")
 victim = st.selectbox("Run to delete", list(records)[::-1], format_func=lambda i: run_label(records[i]), key="rn_del")

@@ -50,13 +50,15 @@ def test_runs_table(store):
 
 def test_frontier(store):
     st, ids = store
-    assert insp.frontier_groups(st) == [("digits", "tiny_cnn")]
+    assert insp.frontier_groups(st) == [("digits", "tiny_cnn", "full", "none")]
     dp, npv = insp.frontier_points(st, "digits", "tiny_cnn")
     assert [p["run_id"] for p in dp] == [ids["dp"]] and [p["run_id"] for p in npv] == [ids["npv"]]
     assert dp[0]["epsilon"] == pytest.approx(st.card(ids["dp"])["epsilon"]) and dp[0]["label"].startswith("ε=")
     assert npv[0]["accuracy"] == 0.95 and npv[0]["epsilon"] is None and "non-private" in npv[0]["label"]
     assert all({"epsilon", "accuracy", "roc_auc", "run_id", "label"} <= set(p) for p in dp + npv)
     assert insp.frontier_points(st, "digits", "resnet18") == ([], [])
+    assert insp.frontier_points(st, "digits", "tiny_cnn", "head", "none") == ([], [])  # full-scope runs only
+    assert insp.frontier_points(st, "digits", "tiny_cnn", "full", "none") == (dp, npv)
 
 
 def test_ready_runs(store):
