@@ -28,6 +28,18 @@ def _fmt_factor(eps: float) -> str:
     return f"{factor:.3g}" if factor < 1000 else f"{factor:,.0f}"
 
 
+def describe_weights(weights: dict[str, Any] | None) -> str:
+    """Where a model's starting weights came from, in plain words."""
+    weights = weights or {}
+    source, name = weights.get("source"), weights.get("name")
+    if source == "hub":
+        return f"pretrained on public data ({name}, from the timm hub)"
+    if source == "file":
+        digest = (weights.get("sha256") or "")[:12]
+        return f"pretrained weights from the file {name}" + (f" (sha256 {digest}…)" if digest else "")
+    return "random initialisation (no pretraining)"
+
+
 def guarantee_sentence(privacy: dict[str, Any], privacy_unit: str) -> str:
     """One plain sentence on what the numbers promise (or that nothing is promised)."""
     if not privacy.get("private"):

@@ -168,6 +168,8 @@ def probability_bars_figure(probs: dict[str, float]) -> go.Figure:
                            text=[f"{v:.1%}" for _, v in items], textposition="auto"))
     fig.update_layout(title="Predicted probabilities", xaxis_title="probability", xaxis_range=[0, 1],
                       template="plotly_white", height=max(200, 40 * len(items) + 100))
+    labels = [k for k, _ in items]
+    fig.update_yaxes(tickmode="array", tickvals=labels, ticktext=labels, automargin=True)  # never skip a class
     return fig
 
 

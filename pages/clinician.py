@@ -4,6 +4,7 @@ import threading
 import streamlit as st
 
 from dpcore import figures, run_review
+from dpcore.card import describe_weights
 from dpcore.errors import DPCoreError
 from dpcore.predict import load_run
 from dpcore.saliency import saliency
@@ -53,9 +54,9 @@ with st.expander("Model card", expanded=True):
     c1.markdown(f"**Trained on:** {ds.get('name')} — {ds.get('n_train', 0):,} training images, "
                 f"evaluated on {ds.get('n_test', 0):,} held-out test images  \n"
                 f"**Classes:** {', '.join(ds.get('class_names', []))}  \n"
-                f"**Backbone:** {model_info.get('backbone')} (weights: {model_info.get('weights') or 'random init'}, "
+                f"**Backbone:** {model_info.get('backbone')} (weights: {describe_weights(model_info.get('weights'))}, "
                 f"fine-tuned: {model_info.get('scope')})  \n"
-                f"**Trained on:** {str(card.get('date', ''))[:10]}")
+                f"**Date trained:** {str(card.get('date', ''))[:10]}")
     c2.markdown(f"**Test accuracy:** {fmt_pct(card.get('test_accuracy'))}  \n"
                 f"**Test ROC-AUC:** {'—' if card.get('test_roc_auc') is None else format(card['test_roc_auc'], '.3f')}  \n"
                 f"**Privacy:** ε = {fmt_eps(card.get('epsilon'))}, "

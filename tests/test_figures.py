@@ -134,3 +134,18 @@ def test_figures_never_import_streamlit():
     code = ("import sys, dpcore.figures, dpcore.uploads, dpcore.saliency, dpcore.environment, dpcore.presets, "
             "dpcore.run_review; assert 'streamlit' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_probability_bars_label_every_class():
+    from dpcore.figures import probability_bars_figure
+
+    fig = probability_bars_figure({"NORMAL": 0.72, "PNEUMONIA": 0.28})
+    assert list(fig.layout.yaxis.tickvals) == ["PNEUMONIA", "NORMAL"]
+
+
+def test_weights_are_described_in_plain_words():
+    from dpcore.card import describe_weights
+
+    assert describe_weights({"source": "none"}) == "random initialisation (no pretraining)"
+    assert "timm hub" in describe_weights({"source": "hub", "name": "resnet18.a1_in1k"})
+    assert "sha256 abcdef012345" in describe_weights({"source": "file", "name": "w.safetensors", "sha256": "abcdef0123456789"})
