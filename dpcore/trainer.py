@@ -167,7 +167,7 @@ class _Run:
         else:
             self._prepare_images()
         sampling = accounting.sampling_plan(self.n_train, cfg.batch_size, cfg.epochs)
-        self.spe, self.total_steps = sampling.steps_per_epoch, sampling.steps
+        self.spe, self.total_steps, self.sample_rate = sampling.steps_per_epoch, sampling.steps, sampling.sample_rate
         self.eval_steps = _eval_schedule(self.spe, cfg.epochs, cfg.evals_per_epoch)
         self.optimizer = _make_optimizer(cfg, [p for p in self.model.parameters() if p.requires_grad])
         self.criterion = torch.nn.CrossEntropyLoss()
@@ -247,7 +247,6 @@ class _Run:
         # accumulation of virtual steps) and "ghost" (needs the wrapped loss; untested with virtual steps).
         self.grad_sample_mode = "hooks" if self.features is not None else grad_modes.choose_grad_sample_mode(
             cfg.backbone, self.device, allowed=("hooks", "functorch"))
-        self.sample_rate = accounting.sampling_plan(self.n_train, cfg.batch_size, cfg.epochs).sample_rate
         self.log(f"calibrating σ for ε={cfg.epsilon:g}, δ={cfg.delta:g}, q={self.sample_rate:.5f}, "
                  f"T={self.total_steps} ({cfg.accountant.upper()})")
         self.privacy_plan = accounting.plan(cfg.epsilon, cfg.delta, self.sample_rate, self.total_steps,
@@ -279,7 +278,7 @@ class _Run:
     def _loop(self) -> None:
         # A linear head on cached features is far too small to split across threads: on 2 cores its
         # ops run ~100x slower with torch's default thread pool than with one thread (measured).
-        small = getattr(self, "features", None) is not None and self.device.type == "cpu"
+        small = self.features is not None and self.device.type == "cpu"
         threads = torch.get_num_threads()
         if small:
             torch.set_num_threads(1)
