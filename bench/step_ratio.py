@@ -43,7 +43,7 @@ DEFAULT_PATH = {"model": "resnet18", "size": 64, "batch": 64}
 
 FULL_PLAN = [  # (model, image size, batch sizes)
     ("tiny_cnn", 32, [64, 256]),
-    ("resnet18", 64, [32, 64]),
+    ("resnet18", 64, [64, 128]),
     ("vit_tiny_patch16_224", 32, [32, 64]),
 ]
 QUICK_PLAN = [

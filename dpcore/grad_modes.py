@@ -11,6 +11,9 @@ Opacus 1.6 offers several ways to get the per-example gradient (norms) DP-SGD cl
 * ``"ghost"``      fast gradient / ghost clipping: per-example *norms* only, then a second backward
                    pass with the loss re-weighted by the clipping coefficients. It needs the wrapped
                    criterion ``make_private`` returns (see ``uses_wrapped_criterion``).
+* ``"bk"``         book-keeping (``dpcore.bookkeeping``): norms from each layer's activations and
+                   output gradients, the clipped sum in one weight-gradient op, no second backward;
+                   Opacus' optimizer adds the noise. Also a wrapped criterion.
 
 ``python -m bench.step_ratio --write-table`` times all of them (DP step vs non-private step) and
 writes ``bench/grad_modes.json``: per device (``"cpu"``/``"cuda"``) and per backbone name (and per
@@ -30,7 +33,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-MODES = ("hooks", "functorch", "ew", "ghost")
+MODES = ("hooks", "functorch", "ew", "ghost", "bk")
 DEFAULT_MODE = "hooks"
 TABLE_PATH = Path(__file__).resolve().parent.parent / "bench" / "grad_modes.json"
 TABLE_ENV = "DP_GRAD_MODES_TABLE"  # override the table's path (tests, other machines)
@@ -51,7 +54,7 @@ def device_kind(device) -> str:
 def uses_wrapped_criterion(mode: str) -> bool:
     """Ghost modes return ``(module, optimizer, criterion, loader)`` from ``make_private``; the
     training loop must compute the loss with that criterion (its ``.backward()`` runs both passes)."""
-    return "ghost" in mode
+    return "ghost" in mode or mode == "bk"
 
 
 def table_path() -> Path:
@@ -121,6 +124,9 @@ def make_private(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, 
     criterion = criterion or nn.CrossEntropyLoss()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr)
+    if mode == "bk":
+        return make_bookkeeping(model, optimizer, criterion, noise_multiplier=noise_multiplier,
+                                clip_norm=clip_norm, expected_batch_size=len(x))
     loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
     engine = PrivacyEngine(accountant="rdp")
     out = engine.make_private(module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
@@ -131,6 +137,22 @@ def make_private(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, 
     else:
         module, optimizer, _ = out
     return module, optimizer, criterion
+
+
+def make_bookkeeping(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, *,
+                     noise_multiplier: float, clip_norm: float, expected_batch_size: int):
+    """``(module, optimizer, criterion)`` for book-keeping: our clipping, Opacus' noise and scaling.
+
+    Opacus' ``DPOptimizerFastGradientClipping`` expects ``p.grad`` to hold the clipped sum already
+    (as after ghost clipping's second pass); book-keeping puts it there in one pass.
+    """
+    from .bookkeeping import BookKeepingLoss, BookKeepingModule, BookKeepingOptimizer
+
+    module = BookKeepingModule(model, clip_norm)
+    dp_optimizer = BookKeepingOptimizer(
+        optimizer, noise_multiplier=noise_multiplier, max_grad_norm=clip_norm,
+        expected_batch_size=expected_batch_size, loss_reduction="mean")
+    return module, dp_optimizer, BookKeepingLoss(module, criterion)
 
 
 def clipped_summed_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, *,

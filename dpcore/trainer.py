@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -61,6 +62,9 @@ def collate_rows(batch):
     return list(batch.tensors) if isinstance(batch, _Rows) else torch.utils.data.default_collate(batch)
 
 
+TRAINER_MODES = ("hooks", "functorch", "bk")  # per-example clipping modes the loop supports
+
+
 class Cancelled(Exception):
     """Raised inside the loop when a cancel request is seen; the run is stored as cancelled."""
 
@@ -98,10 +102,28 @@ def privatize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_se
     engine = PrivacyEngine(accountant="rdp")
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=False,
                         collate_fn=collate_rows if isinstance(train_set, BatchedTensorDataset) else None)
+    if grad_sample_mode == "bk":
+        return (engine, *_privatize_bookkeeping(engine, model, optimizer, loader, noise_multiplier, clip_norm))
+    if grad_modes.uses_wrapped_criterion(grad_sample_mode):
+        raise ConfigError("grad_sample_mode", f"{grad_sample_mode!r} is not wired into the trainer",
+                          "use hooks, functorch or bk")
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
         max_grad_norm=clip_norm, poisson_sampling=True, grad_sample_mode=grad_sample_mode)
-    return engine, model, optimizer, loader
+    return engine, model, optimizer, loader, torch.nn.CrossEntropyLoss()
+
+
+def _privatize_bookkeeping(engine: PrivacyEngine, model, optimizer, loader, noise_multiplier: float,
+                           clip_norm: float):
+    """The same pieces as ``make_private`` (Poisson loader, q = 1/len(loader), expected batch n·q,
+    accountant hook on every real step), with book-keeping clipping in place of Opacus' hooks."""
+    dp_loader = DPDataLoader.from_data_loader(loader, distributed=False)
+    sample_rate = 1 / len(dp_loader)
+    module, dp_optimizer, criterion = grad_modes.make_bookkeeping(
+        model, optimizer, torch.nn.CrossEntropyLoss(), noise_multiplier=noise_multiplier, clip_norm=clip_norm,
+        expected_batch_size=int(len(dp_loader.dataset) * sample_rate))
+    dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+    return module, dp_optimizer, dp_loader, criterion
 
 
 def train(
@@ -242,16 +264,23 @@ class _Run:
 
     def _setup_private(self) -> None:
         cfg = self.config
-        # The fastest per-example gradient mode measured correct for this backbone and device
-        # (bench/grad_modes.json). Not allowed yet: "ew" (torch's ExpandedWeights refuses the gradient
-        # accumulation of virtual steps) and "ghost" (needs the wrapped loss; untested with virtual steps).
+        # The fastest per-example clipping mode measured correct for this backbone and device
+        # (bench/grad_modes.json). Not allowed: "ew" (torch's ExpandedWeights refuses the gradient
+        # accumulation of virtual steps) and "ghost" (a second backward pass; bk does the same in one).
         self.grad_sample_mode = "hooks" if self.features is not None else grad_modes.choose_grad_sample_mode(
-            cfg.backbone, self.device, allowed=("hooks", "functorch"))
+            cfg.backbone, self.device, allowed=TRAINER_MODES)
+        if self.grad_sample_mode == "bk":
+            from .bookkeeping import UnsupportedModel, check_supported
+            try:
+                check_supported(self.model)
+            except UnsupportedModel as exc:  # e.g. a layer type without a rule: Opacus' hooks handle it
+                self.log(f"book-keeping cannot clip this model ({exc.problem}); using hooks")
+                self.grad_sample_mode = "hooks"
         self.log(f"calibrating σ for ε={cfg.epsilon:g}, δ={cfg.delta:g}, q={self.sample_rate:.5f}, "
                  f"T={self.total_steps} ({cfg.accountant.upper()})")
         self.privacy_plan = accounting.plan(cfg.epsilon, cfg.delta, self.sample_rate, self.total_steps,
                                             cfg.accountant)
-        self.engine, self.model, self.optimizer, self.loader = privatize(
+        self.engine, self.model, self.optimizer, self.loader, self.criterion = privatize(
             self.model, self.optimizer, self.train_set, batch_size=cfg.batch_size,
             noise_multiplier=self.privacy_plan.noise_multiplier, clip_norm=cfg.clip_norm,
             grad_sample_mode=self.grad_sample_mode)

@@ -1,4 +1,5 @@
-"""DP-SGD as the trainer sets it up: clipping bound, noise scale, Poisson sampling."""
+"""DP-SGD as the trainer sets it up: clipping bound, noise scale, Poisson sampling, for each
+per-example clipping mode the trainer can pick (Opacus hooks, book-keeping)."""
 import math
 
 import numpy as np
@@ -29,21 +30,27 @@ def _per_example_grads(model, x, y):
     return torch.stack(out)
 
 
-def test_every_per_example_gradient_is_clipped_to_C():
+MODES = ["hooks", "bk"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_per_example_gradient_is_clipped_to_C(mode):
     data, model = _toy()
     clip = 0.1
     reference = _per_example_grads(model, *data.tensors)  # before wrapping; same weights
     norms = reference.norm(dim=1)
     assert (norms > clip).sum() > 10, "test needs gradients above C"
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    engine, dp_model, dp_opt, loader = privatize(model, opt, data, batch_size=16, noise_multiplier=0.0,
-                                                 clip_norm=clip)
+    engine, dp_model, dp_opt, loader, criterion = privatize(model, opt, data, batch_size=16, noise_multiplier=0.0,
+                                                            clip_norm=clip, grad_sample_mode=mode)
     x, y = data.tensors  # one batch holding every example, so each one's contribution is checked
     dp_opt.zero_grad()
-    torch.nn.functional.cross_entropy(dp_model(x), y).backward()
-    # What Opacus holds per example, before clipping, equals the autograd per-example gradient.
-    grad_sample = torch.cat([p.grad_sample.flatten(1) for p in dp_model.parameters()], dim=1)
-    torch.testing.assert_close(grad_sample, reference, rtol=1e-4, atol=1e-6)
+    criterion(dp_model(x), y).backward()
+    if mode == "hooks":  # what Opacus holds per example, before clipping, is the autograd gradient
+        grad_sample = torch.cat([p.grad_sample.flatten(1) for p in dp_model.parameters()], dim=1)
+        torch.testing.assert_close(grad_sample, reference, rtol=1e-4, atol=1e-6)
+    else:  # book-keeping never forms them; its per-example norms must be theirs
+        torch.testing.assert_close(dp_model.last_norms, norms, rtol=1e-4, atol=1e-6)
     assert dp_opt.pre_step()
     summed = torch.cat([p.grad.flatten() for p in dp_model.parameters()]) * dp_opt.expected_batch_size
     factors = (clip / (norms + 1e-6)).clamp(max=1.0)
@@ -52,41 +59,52 @@ def test_every_per_example_gradient_is_clipped_to_C():
     torch.testing.assert_close(summed, clipped.sum(0), rtol=1e-4, atol=1e-6)
 
 
-def test_single_example_update_has_norm_at_most_C():
+@pytest.mark.parametrize("mode", MODES)
+def test_single_example_update_has_norm_at_most_C(mode):
     data, model = _toy(n=32)
     clip = 0.05
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    _, dp_model, dp_opt, _ = privatize(model, opt, data, batch_size=8, noise_multiplier=0.0, clip_norm=clip)
+    _, dp_model, dp_opt, _, criterion = privatize(model, opt, data, batch_size=8, noise_multiplier=0.0,
+                                                  clip_norm=clip, grad_sample_mode=mode)
     x, y = data.tensors
     for i in range(len(x)):
         dp_opt.zero_grad()
-        (torch.nn.functional.cross_entropy(dp_model(x[i:i + 1]), y[i:i + 1]) * 1000).backward()
+        loss = torch.nn.functional.cross_entropy(dp_model(x[i:i + 1]), y[i:i + 1]) * 1000
+        if mode == "hooks":
+            loss.backward()
+        else:  # the scaled loss directly (the criterion wrapper computes the plain one)
+            dp_model.backward_and_clip(loss)
         dp_opt.pre_step()
         g = torch.cat([p.grad.flatten() for p in dp_model.parameters()]) * dp_opt.expected_batch_size
         assert g.norm() <= clip * (1 + 1e-5)
         assert g.norm() >= clip * (1 - 1e-3)  # the scaled loss makes every gradient exceed C
 
 
-def test_noise_has_std_sigma_times_C():
+@pytest.mark.parametrize("mode", MODES)
+def test_noise_has_std_sigma_times_C(mode):
     torch.manual_seed(0)
     data = TensorDataset(torch.zeros(100, 200), torch.zeros(100, dtype=torch.long))
     model = torch.nn.Linear(200, 50)  # 10,050 parameters: a tight estimate of the std
     sigma, clip = 1.7, 0.3
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    _, dp_model, dp_opt, _ = privatize(model, opt, data, batch_size=20, noise_multiplier=sigma, clip_norm=clip)
-    x = data.tensors[0][:20]
+    _, dp_model, dp_opt, _, criterion = privatize(model, opt, data, batch_size=20, noise_multiplier=sigma,
+                                                  clip_norm=clip, grad_sample_mode=mode)
+    x, y = data.tensors[0][:20], data.tensors[1][:20]
     dp_opt.zero_grad()
-    (dp_model(x).sum() * 0.0).backward()  # zero gradient: what reaches the optimizer is the noise alone
+    criterion(dp_model(x) * 0.0, y).backward()  # zero gradient: what reaches the optimizer is the noise alone
     dp_opt.pre_step()
     noise = torch.cat([p.grad.flatten() for p in dp_model.parameters()]) * dp_opt.expected_batch_size
     assert abs(noise.mean().item()) < 4 * sigma * clip / math.sqrt(noise.numel())
     assert noise.std().item() == pytest.approx(sigma * clip, rel=0.03)
 
 
-def test_poisson_sampling_is_in_use():
+@pytest.mark.parametrize("mode", MODES)
+def test_poisson_sampling_is_in_use(mode):
     data, model = _toy(n=200)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    _, _, _, loader = privatize(model, opt, data, batch_size=20, noise_multiplier=1.0, clip_norm=1.0)
+    engine, _, dp_opt, loader, _ = privatize(model, opt, data, batch_size=20, noise_multiplier=1.0, clip_norm=1.0,
+                                             grad_sample_mode=mode)
+    assert dp_opt.expected_batch_size == 20
     assert isinstance(loader, DPDataLoader)
     assert isinstance(loader.batch_sampler, UniformWithReplacementSampler)
     assert loader.sample_rate == pytest.approx(1 / steps_per_epoch(200, 20))

@@ -23,7 +23,7 @@ def _batch(size, n=4, seed=0):
 
 
 @pytest.mark.parametrize("backbone,supported", [
-    ("tiny_cnn", ("functorch", "ew", "ghost")),
+    ("tiny_cnn", ("functorch", "ew", "ghost", "bk")),
     ("vit_tiny_patch16_224", ("functorch", "ghost")),  # ew cannot handle DPTokenPosEmbed's expand
 ])
 def test_modes_clip_the_same_gradient_as_hooks(backbone, supported):
@@ -47,7 +47,7 @@ def test_frozen_parameters_get_no_per_sample_gradients():
     models.set_trainable(model, "head")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     x, y = _batch(32)
-    for mode in ("hooks", "ghost"):
+    for mode in ("hooks", "ghost", "bk"):
         g = gm.clipped_summed_grad(model, x, y, mode)
         assert set(g["__grad_sample__"]) <= trainable, mode
         assert set(k for k in g if not k.startswith("__")) == trainable
@@ -100,6 +100,6 @@ def test_committed_table_only_names_known_modes():
 
 
 def test_uses_wrapped_criterion():
-    assert gm.uses_wrapped_criterion("ghost")
+    assert gm.uses_wrapped_criterion("ghost") and gm.uses_wrapped_criterion("bk")
     assert not gm.uses_wrapped_criterion("hooks")
     assert gm.device_kind("cuda:1") == "cuda" and gm.device_kind("cpu") == "cpu"

@@ -149,3 +149,24 @@ def test_cli_accounting_commands(capsys):
     assert 0.99 * 0.5 <= accounting.epsilon(sigma, 0.2, 100, 1e-5) <= 0.5
     assert cli(["epsilon", "--noise", "1", "--sample-rate", "2", "--steps", "10"]) == 2
     assert "sample_rate" in capsys.readouterr().err
+
+
+def test_bookkeeping_run_with_virtual_steps(tmp_path, monkeypatch):
+    """The trainer's book-keeping path: Poisson batches split into physical batches (virtual steps,
+    empty batches possible), Opacus' noise and accountant; the card's ε is the accountant's."""
+    import json
+
+    from dpcore import grad_modes as gm
+
+    table = tmp_path / "modes.json"
+    table.write_text(json.dumps({"devices": {"cpu": {"models": {"tiny_cnn": {"mode": "bk", "ranked": ["bk"]}}}}}))
+    monkeypatch.setenv(gm.TABLE_ENV, str(table))
+    store = RunStore(tmp_path / "runs")
+    cfg = RunConfig(epsilon=4.0, device="cpu", **{**FAST, "max_physical_batch_size": 24})
+    result = train(cfg, store)
+    p = result.card["privacy"]
+    assert p["grad_sample_mode"] == "bk"
+    assert p["epsilon"] == pytest.approx(accounting.epsilon(p["noise_multiplier"], p["sample_rate"], p["steps"],
+                                                            cfg.delta, cfg.accountant))
+    assert p["epsilon"] <= 4.0
+    assert result.card["test_accuracy"] > 0.5  # 10 classes: chance is 0.1

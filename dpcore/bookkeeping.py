@@ -1,0 +1,382 @@
+"""Book-keeping DP-SGD: per-example clipping without per-example gradients.
+
+Why: Opacus' ``hooks`` mode materialises every example's gradient (batch × parameters; ~3 GB for
+resnet18 at batch 64) and still lets autograd compute the ordinary weight gradients it then throws
+away; ``ghost`` avoids the per-example tensors for Linear layers only and pays a second backward
+pass. Profiling (bench/RESULTS.md) put 75% of the DP step there.
+
+Book-keeping (Bu et al. 2023, "Differentially private optimization on large model at small cost")
+keeps what one backward pass computes anyway, each layer's input ``a`` and output gradient ``g``:
+
+* each example's gradient norm comes from (a, g) per layer: the "ghost norm" from Gram matrices
+  (cost T²·(D+p) for T positions) where that is cheaper than the example's gradient (T·D·p), the
+  gradient itself where not ("mixed ghost clipping", Bu et al. 2022);
+* the clipped sum Σᵢ cᵢ·∇ᵢ, cᵢ = min(1, C/‖∇ᵢ‖), is then ONE ordinary weight-gradient op with the
+  output gradients scaled per example by cᵢ: no second backward pass;
+* the parameters do not require grad during the forward, so autograd computes input gradients
+  only and never the (discarded) unclipped weight gradients.
+
+Exactly Opacus' clipping (flat, ``C / (‖∇ᵢ‖ + 1e-6)`` capped at 1) and Opacus' optimizer adds the
+noise, so the DP guarantee and the accounting are unchanged; ``tests/test_bookkeeping.py`` checks
+the clipped sums against Opacus' hooks mode. Supported layers: Linear, Conv2d (any groups, zero
+padding), GroupNorm, LayerNorm; a model with trainable parameters elsewhere is refused.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from opacus.optimizers import DPOptimizerFastGradientClipping
+from torch import nn
+
+from .errors import ConfigError
+
+CLIP_EPS = 1e-6  # Opacus' flat clipping: C / (norm + 1e-6)
+
+
+def _timm_types(*names: str) -> tuple[type, ...]:
+    try:
+        from timm.layers import norm
+    except Exception:  # pragma: no cover - timm is a requirement, but keep this module importable
+        return ()
+    return tuple(getattr(norm, n) for n in names if hasattr(norm, n))
+
+
+# Exact types only: a subclass may change the maths (timm's LayerNorm2d normalises over channels of
+# an NCHW tensor, StdConv2d standardises its weight), and a wrong per-example norm breaks the guarantee.
+LINEAR = (nn.Linear,)
+CONV = (nn.Conv2d,)
+GROUPNORM = (nn.GroupNorm,) + _timm_types("GroupNorm")
+LAYERNORM = (nn.LayerNorm,) + _timm_types("LayerNorm")
+SUPPORTED = LINEAR + CONV + GROUPNORM + LAYERNORM
+
+
+class UnsupportedModel(ConfigError):
+    def __init__(self, problem: str):
+        super().__init__("grad_sample_mode", problem,
+                         "use grad_sample_mode hooks (Opacus per-example gradients) for this backbone")
+
+
+def check_supported(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers book-keeping handles; raises UnsupportedModel for any other with trainable parameters."""
+    layers = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise UnsupportedModel(f"{name} is a BatchNorm layer: it mixes examples, so DP-SGD cannot clip "
+                                   "one example's influence")
+        own = [p for p in m.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        if type(m) not in SUPPORTED:
+            raise UnsupportedModel(f"{name or 'the model'} ({type(m).__name__}) has trainable parameters and "
+                                   "book-keeping has no rule for it")
+        if type(m) in CONV and (m.padding_mode != "zeros" or isinstance(m.padding, str) and m.padding != "valid"):
+            raise UnsupportedModel(f"{name}: padding {m.padding!r} / mode {m.padding_mode!r} is not supported")
+        layers.append((name, m))
+    return layers
+
+
+class BookKeepingModule(nn.Module):
+    """Wraps a model; after ``backward_and_clip(loss)`` every trainable ``p.grad`` is Σᵢ cᵢ·∇ᵢ.
+
+    ``_module`` is the wrapped model (as in Opacus' GradSampleModule), so saving code is shared.
+    """
+
+    def __init__(self, module: nn.Module, max_grad_norm: float):
+        super().__init__()
+        self._module = module
+        self.max_grad_norm = float(max_grad_norm)
+        self._layers = check_supported(module)
+        if not self._layers:
+            raise UnsupportedModel("the model has no trainable parameters")
+        self._params = [p for _, m in self._layers for p in m.parameters(recurse=False) if p.requires_grad]
+        self._records: dict[nn.Module, list] = {}
+        self._handles = [m.register_forward_hook(self._capture) for _, m in self._layers]
+        self.last_norms: torch.Tensor | None = None  # per-example gradient norms of the last batch
+
+    # -- forward: record each layer's input, and its output gradient during backward -------------
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self._module(*args, **kwargs)
+        self._records = {}
+        for p in self._params:
+            p.requires_grad_(False)  # autograd then builds no weight-gradient work at all
+        try:
+            return self._module(*args, **kwargs)
+        finally:
+            for p in self._params:
+                p.requires_grad_(True)
+
+    def _capture(self, module: nn.Module, inputs, output):
+        if not torch.is_grad_enabled():
+            return None
+        if module in self._records:
+            raise RuntimeError(f"{type(module).__name__} ran twice in one forward pass; book-keeping needs "
+                               "each layer once per step (use grad_sample_mode hooks)")
+        entry = [inputs[0].detach(), None]
+        self._records[module] = entry
+        out = output if output.requires_grad else output.detach().requires_grad_()
+
+        def keep(grad):
+            entry[1] = grad
+        out.register_hook(keep)
+        return out if out is not output else None
+
+    # -- after backward: per-example norms, then the clipped sums -------------------------------
+    def backward_and_clip(self, loss: torch.Tensor, *, per_example_scale: float = 1.0) -> torch.Tensor:
+        """``loss.backward()``, then set ``p.grad`` to the clipped sum over the batch.
+
+        ``per_example_scale`` turns the captured output gradients into per-example loss gradients
+        (the batch size when ``loss`` is a mean over the batch, 1 for a sum). Returns the norms.
+        """
+        loss.backward()
+        return self.clip_into_grads(per_example_scale)
+
+    @torch.no_grad()
+    def clip_into_grads(self, per_example_scale: float = 1.0) -> torch.Tensor:
+        records = self._records
+        self._records = {}
+        n = next((e[0].shape[0] for e in records.values()), 0)
+        parts = []  # (module, a, g) with g scaled to per-example loss gradients
+        for _, m in self._layers:
+            entry = records.get(m)
+            if entry is None or entry[1] is None or n == 0:
+                continue
+            parts.append((m, entry[0], entry[1] * per_example_scale))
+        sq = torch.zeros(n, dtype=parts[0][1].dtype if parts else torch.float32,
+                         device=parts[0][1].device if parts else "cpu")
+        cache = {}
+        for m, a, g in parts:
+            sq += _sq_norms(m, a, g, cache)
+        norms = sq.sqrt()
+        coef = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
+        done = set()
+        for m, a, g in parts:
+            for p, grad in _clipped_sums(m, a, g, coef, cache.get(m)).items():
+                p.grad = grad.to(p.dtype)
+                done.add(p)
+        for p in self._params:  # layers that saw no example (empty Poisson batch) get a zero sum
+            if p not in done:
+                p.grad = torch.zeros_like(p)
+        self.last_norms = norms
+        return norms
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+# -- per layer type ---------------------------------------------------------------------------------
+
+def _trainable(p) -> bool:
+    return p is not None and p.requires_grad
+
+
+def _ghost_is_cheaper(T: int, D: int, p: int) -> bool:
+    """Ghost norm costs T²·(D+p) per example, the per-example gradient T·D·p (Bu et al. 2022)."""
+    return T * (D + p) < D * p
+
+
+def _linear_sq_norms(a: torch.Tensor, g: torch.Tensor):
+    """‖Σ_t g_t a_tᵀ‖² per example for a (n, T, D), g (n, T, p); also the per-example gradients
+    (n, p, D) when computing them was the cheaper way (they are reused for the clipped sum)."""
+    n, T, D = a.shape
+    p = g.shape[-1]
+    if T == 1:
+        return a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2)), None
+    if _ghost_is_cheaper(T, D, p):  # <Σ g a, Σ g a> = Σ_{t,t'} (a_t·a_t')(g_t·g_t')
+        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2)), None
+    per_example = torch.bmm(g.transpose(1, 2), a)  # (n, p, D)
+    return per_example.pow(2).sum((1, 2)), per_example
+
+
+def _conv_padding(m: nn.Conv2d):
+    return 0 if m.padding == "valid" else m.padding
+
+
+def _conv_sq_norms(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor):
+    """Per-example ‖∇W‖² of a conv layer, and the per-example gradients if they were computed.
+
+    Ghost norm over unfolded patches where cheaper (deep layers: few positions, many channels);
+    otherwise the per-example gradients themselves, in one grouped weight-gradient op over the
+    whole batch (groups = batch × groups), which is ~3x faster here than unfold + bmm.
+    """
+    n, c_in, h, w = a.shape
+    G = m.groups
+    kh, kw = m.kernel_size
+    T = g.shape[2] * g.shape[3]
+    Dg, pg = c_in // G * kh * kw, m.out_channels // G
+    if _ghost_is_cheaper(T, Dg, pg):
+        gg = g.reshape(n * G, pg, T)
+        return (_patch_gram(m, a) * torch.bmm(gg.transpose(1, 2), gg)).sum((1, 2)).reshape(n, G).sum(1), None
+    per_example = torch.nn.grad.conv2d_weight(
+        a.reshape(1, n * c_in, h, w), (n * m.out_channels, c_in // G, kh, kw),
+        g.reshape(1, n * m.out_channels, *g.shape[2:]), stride=m.stride, padding=_conv_padding(m),
+        dilation=m.dilation, groups=n * G).reshape(n, *m.weight.shape)
+    return per_example.pow(2).sum((1, 2, 3, 4)), per_example
+
+
+def _patch_gram(m: nn.Conv2d, a: torch.Tensor, method: str = "auto") -> torch.Tensor:
+    """(n·G, T, T) inner products between the input patches of every pair of output positions.
+
+    Either from the unfolded patches (cost T²·D), or, when cheaper, from the Gram matrix of the
+    padded input's pixels (cost P²·C_in, P padded positions) summed over the k² kernel offsets:
+    a patch pair's product is the sum, over offsets δ, of the products of the pixels at t+δ, t'+δ.
+    """
+    n, c_in, h, w = a.shape
+    G = m.groups
+    kh, kw = m.kernel_size
+    (sh, sw), (dh, dw) = m.stride, m.dilation
+    ph, pw = (0, 0) if m.padding == "valid" else m.padding
+    hp, wp = h + 2 * ph, w + 2 * pw
+    oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    T, P, cg = oh * ow, hp * wp, c_in // G
+    if method == "unfold" or method == "auto" and P * P >= T * T * kh * kw:
+        cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=(ph, pw), stride=m.stride)
+        cols = cols.reshape(n * G, cg * kh * kw, T)
+        return torch.bmm(cols.transpose(1, 2), cols)
+    x = F.pad(a, (pw, pw, ph, ph)).reshape(n * G, cg, P)
+    pix = torch.bmm(x.transpose(1, 2), x)  # (n·G, P, P)
+    pix = pix.reshape(n * G, hp, wp, hp, wp)
+    out = None
+    for u in range(kh):  # offset δ = (u, v): the pixels at (i·s + u·d, j·s + v·d) for every (i, j)
+        for v in range(kw):
+            rs = slice(u * dh, u * dh + (oh - 1) * sh + 1, sh)
+            cs = slice(v * dw, v * dw + (ow - 1) * sw + 1, sw)
+            block = pix[:, rs, cs, rs, cs]
+            out = block.clone() if out is None else out.add_(block)
+    return out.reshape(n * G, T, T)
+
+
+def _sq_norms(m: nn.Module, a: torch.Tensor, g: torch.Tensor, cache: dict) -> torch.Tensor:
+    n = a.shape[0]
+    out = torch.zeros(n, dtype=a.dtype, device=a.device)
+    w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+    if type(m) in LINEAR:
+        if _trainable(w):
+            sq, per_example = _linear_sq_norms(a.reshape(n, -1, a.shape[-1]), g.reshape(n, -1, g.shape[-1]))
+            out += sq
+            cache[m] = per_example
+        if _trainable(b):
+            out += g.reshape(n, -1, g.shape[-1]).sum(1).pow(2).sum(1)
+    elif type(m) in CONV:
+        if _trainable(w):
+            sq, per_example = _conv_sq_norms(m, a, g)
+            out += sq
+            cache[m] = per_example
+        if _trainable(b):
+            out += g.sum((2, 3)).pow(2).sum(1)
+    else:  # GroupNorm / LayerNorm: the per-example gradients are small, so they are computed
+        gw, gb = _norm_layer_grads(m, a, g)
+        cache[m] = (gw, gb)
+        for t in (gw, gb):
+            if t is not None:
+                out += t.reshape(n, -1).pow(2).sum(1)
+    return out
+
+
+def _norm_layer_grads(m: nn.Module, a: torch.Tensor, g: torch.Tensor):
+    w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+    if type(m) in GROUPNORM:
+        # Σ_hw x̂·g = (Σ_hw a·g − μ·Σ_hw g)/σ per channel: no normalised copy of the activation.
+        n, c = a.shape[:2]
+        G = m.num_groups
+        flat_a, flat_g = a.reshape(n, c, -1), g.reshape(n, c, -1)
+        count = flat_a.shape[-1] * (c // G)
+        mean = flat_a.sum(-1).reshape(n, G, -1).sum(-1) / count  # per (example, group); sums are
+        var = ((flat_a * flat_a).sum(-1).reshape(n, G, -1).sum(-1) / count - mean * mean).clamp_min(0)  # ~4x
+        rstd = (var + m.eps).rsqrt().repeat_interleave(c // G, dim=1)  # faster than var_mean here
+        mean = mean.repeat_interleave(c // G, dim=1)
+        sum_g = flat_g.sum(-1)
+        gw = ((flat_a * flat_g).sum(-1) - mean * sum_g) * rstd if _trainable(w) else None
+        return gw, (sum_g if _trainable(b) else None)
+    else:
+        xhat = F.layer_norm(a, m.normalized_shape, eps=m.eps)
+        dims = tuple(range(1, a.dim() - len(m.normalized_shape)))
+    gw = (xhat * g).sum(dims) if _trainable(w) else None
+    gb = g.sum(dims) if _trainable(b) else None
+    return gw, gb
+
+
+def _clipped_sums(m: nn.Module, a: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, cached):
+    """{parameter: Σᵢ cᵢ ∇ᵢ} for one layer."""
+    n = a.shape[0]
+    w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+    out = {}
+    shape = (n,) + (1,) * (g.dim() - 1)
+    if type(m) in LINEAR:
+        gc = g * coef.reshape(shape)
+        if _trainable(w):
+            if cached is not None:
+                out[w] = torch.einsum("n,npd->pd", coef, cached)
+            else:
+                out[w] = gc.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+        if _trainable(b):
+            out[b] = gc.reshape(-1, g.shape[-1]).sum(0)
+    elif type(m) in CONV:
+        gc = g * coef.reshape(shape)
+        if _trainable(w):
+            if cached is not None:
+                out[w] = torch.einsum("n,n...->...", coef, cached)
+            else:
+                out[w] = torch.nn.grad.conv2d_weight(a, w.shape, gc, stride=m.stride, padding=_conv_padding(m),
+                                                     dilation=m.dilation, groups=m.groups)
+        if _trainable(b):
+            out[b] = gc.sum((0, 2, 3))
+    else:
+        gw, gb = cached
+        if gw is not None:
+            out[w] = torch.einsum("n,n...->...", coef, gw)
+        if gb is not None:
+            out[b] = torch.einsum("n,n...->...", coef, gb)
+    return out
+
+
+class BookKeepingOptimizer(DPOptimizerFastGradientClipping):
+    """Opacus' optimizer for already-clipped sums (noise σ·C, scaling, step hooks, virtual steps).
+
+    The one change: the first physical batch's ``p.grad`` becomes the running sum without a copy;
+    book-keeping assigns a fresh tensor to ``p.grad`` every batch, so nothing else holds it.
+    """
+
+    def accumulate(self):
+        for p in self.params:
+            if p.summed_grad is not None:
+                p.summed_grad.add_(p.grad)
+            else:
+                p.summed_grad = p.grad.detach()
+
+
+class BookKeepingLoss:
+    """A criterion whose result's ``.backward()`` also clips (like Opacus' ghost-clipping criterion),
+    so one training loop serves every mode: ``criterion(model(x), y).backward()``."""
+
+    def __init__(self, module: BookKeepingModule, criterion: nn.Module):
+        self.module, self.criterion = module, criterion
+        if getattr(criterion, "reduction", "mean") not in ("mean", "sum"):
+            raise ValueError("book-keeping needs a criterion with reduction 'mean' or 'sum'")
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> "BookKeepingLossValue":
+        loss = self.criterion(output, target)
+        n = output.shape[0]
+        scale = float(n) if getattr(self.criterion, "reduction", "mean") == "mean" else 1.0
+        return BookKeepingLossValue(loss, lambda: self.module.backward_and_clip(loss, per_example_scale=scale))
+
+
+class BookKeepingLossValue:
+    def __init__(self, loss: torch.Tensor, backward: Callable[[], torch.Tensor]):
+        self.loss, self._backward = loss, backward
+
+    def backward(self) -> torch.Tensor:
+        return self._backward()
+
+    def detach(self) -> torch.Tensor:
+        return self.loss.detach()
+
+    def item(self) -> float:
+        return self.loss.item()
+
+    def __float__(self) -> float:
+        return float(self.loss)
