@@ -112,7 +112,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runs_dir(card)
     card.add_argument("run_id")
     card.add_argument("--json", action="store_true")
+    for module in _command_modules():  # commands that live in their own modules (experiments, privacy audit)
+        COMMANDS.update(module.add_commands(sub, _add_runs_dir))
     return parser
+
+
+COMMAND_MODULES = ("dpcore.cli_experiments", "dpcore.cli_privacy")
+
+
+def _command_modules():
+    """Each module has ``add_commands(subparsers, add_runs_dir) -> {name: handler(args) -> int}``."""
+    import importlib
+
+    out = []
+    for name in COMMAND_MODULES:
+        try:
+            out.append(importlib.import_module(name))
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+    return out
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
