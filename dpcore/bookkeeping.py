@@ -94,6 +94,10 @@ class BookKeepingModule(nn.Module):
         self._records: dict[nn.Module, list] = {}
         self._handles = [m.register_forward_hook(self._capture) for _, m in self._layers]
         self.last_norms: torch.Tensor | None = None  # per-example gradient norms of the last batch
+        # Augmentation multiplicity: the batch holds K views of each example, example-major (row
+        # i·K + k is view k of example i). Their gradients are averaged before clipping, so each
+        # example still contributes one clipped gradient (De et al. 2022).
+        self.views_per_example = 1
 
     # -- forward: record each layer's input, and its output gradient during backward -------------
     def forward(self, *args, **kwargs):
@@ -137,23 +141,27 @@ class BookKeepingModule(nn.Module):
     def clip_into_grads(self, per_example_scale: float = 1.0) -> torch.Tensor:
         records = self._records
         self._records = {}
-        n = next((e[0].shape[0] for e in records.values()), 0)
-        parts = []  # (module, a, g) with g scaled to per-example loss gradients
+        K = int(self.views_per_example)
+        rows = next((e[0].shape[0] for e in records.values()), 0)
+        if rows % K:
+            raise RuntimeError(f"{rows} rows are not whole groups of {K} views per example")
+        n = rows // K
+        parts = []  # (module, a, g) with g scaled to per-example loss gradients (mean over views)
         for _, m in self._layers:
             entry = records.get(m)
             if entry is None or entry[1] is None or n == 0:
                 continue
-            parts.append((m, entry[0], entry[1] * per_example_scale))
+            parts.append((m, entry[0], entry[1] * (per_example_scale / K)))
         sq = torch.zeros(n, dtype=parts[0][1].dtype if parts else torch.float32,
                          device=parts[0][1].device if parts else "cpu")
         cache = {}
         for m, a, g in parts:
-            sq += _sq_norms(m, a, g, cache)
+            sq += _sq_norms(m, a, g, cache, K)
         norms = sq.sqrt()
         coef = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
         done = set()
         for m, a, g in parts:
-            for p, grad in _clipped_sums(m, a, g, coef, cache.get(m)).items():
+            for p, grad in _clipped_sums(m, a, g, coef, cache.get(m), K).items():
                 p.grad = grad.to(p.dtype)
                 done.add(p)
         for p in self._params:  # layers that saw no example (empty Poisson batch) get a zero sum
@@ -196,25 +204,33 @@ def _conv_padding(m: nn.Conv2d):
     return 0 if m.padding == "valid" else m.padding
 
 
-def _conv_sq_norms(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor):
+def _conv_sq_norms(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, K: int = 1):
     """Per-example ‖∇W‖² of a conv layer, and the per-example gradients if they were computed.
 
     Ghost norm over unfolded patches where cheaper (deep layers: few positions, many channels);
     otherwise the per-example gradients themselves, in one grouped weight-gradient op over the
     whole batch (groups = batch × groups), which is ~3x faster here than unfold + bmm.
     """
-    n, c_in, h, w = a.shape
+    rows, c_in, h, w = a.shape
+    n = rows // K
     G = m.groups
     kh, kw = m.kernel_size
     T = g.shape[2] * g.shape[3]
     Dg, pg = c_in // G * kh * kw, m.out_channels // G
-    if _ghost_is_cheaper(T, Dg, pg):
-        gg = g.reshape(n * G, pg, T)
-        return (_patch_gram(m, a) * torch.bmm(gg.transpose(1, 2), gg)).sum((1, 2)).reshape(n, G).sum(1), None
+    if _ghost_is_cheaper(K * T, Dg, pg):
+        if K == 1:
+            gram_a = _patch_gram(m, a)
+            gg = g.reshape(n * G, pg, T)
+        else:  # the K views' positions together: an example's gradient sums over all of them
+            cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=_conv_padding(m), stride=m.stride)
+            cols = cols.reshape(n, K, G, Dg, T).permute(0, 2, 3, 1, 4).reshape(n * G, Dg, K * T)
+            gram_a = torch.bmm(cols.transpose(1, 2), cols)
+            gg = g.reshape(n, K, G, pg, T).permute(0, 2, 3, 1, 4).reshape(n * G, pg, K * T)
+        return (gram_a * torch.bmm(gg.transpose(1, 2), gg)).sum((1, 2)).reshape(n, G).sum(1), None
     per_example = torch.nn.grad.conv2d_weight(
-        a.reshape(1, n * c_in, h, w), (n * m.out_channels, c_in // G, kh, kw),
-        g.reshape(1, n * m.out_channels, *g.shape[2:]), stride=m.stride, padding=_conv_padding(m),
-        dilation=m.dilation, groups=n * G).reshape(n, *m.weight.shape)
+        a.reshape(1, rows * c_in, h, w), (rows * m.out_channels, c_in // G, kh, kw),
+        g.reshape(1, rows * m.out_channels, *g.shape[2:]), stride=m.stride, padding=_conv_padding(m),
+        dilation=m.dilation, groups=rows * G).reshape(n, K, *m.weight.shape).sum(1)
     return per_example.pow(2).sum((1, 2, 3, 4)), per_example
 
 
@@ -250,8 +266,8 @@ def _patch_gram(m: nn.Conv2d, a: torch.Tensor, method: str = "auto") -> torch.Te
     return out.reshape(n * G, T, T)
 
 
-def _sq_norms(m: nn.Module, a: torch.Tensor, g: torch.Tensor, cache: dict) -> torch.Tensor:
-    n = a.shape[0]
+def _sq_norms(m: nn.Module, a: torch.Tensor, g: torch.Tensor, cache: dict, K: int = 1) -> torch.Tensor:
+    n = a.shape[0] // K  # rows are example-major: reshaping (n·K, ...) to (n, K·...) groups the views
     out = torch.zeros(n, dtype=a.dtype, device=a.device)
     w, b = getattr(m, "weight", None), getattr(m, "bias", None)
     if type(m) in LINEAR:
@@ -263,13 +279,13 @@ def _sq_norms(m: nn.Module, a: torch.Tensor, g: torch.Tensor, cache: dict) -> to
             out += g.reshape(n, -1, g.shape[-1]).sum(1).pow(2).sum(1)
     elif type(m) in CONV:
         if _trainable(w):
-            sq, per_example = _conv_sq_norms(m, a, g)
+            sq, per_example = _conv_sq_norms(m, a, g, K)
             out += sq
             cache[m] = per_example
         if _trainable(b):
-            out += g.sum((2, 3)).pow(2).sum(1)
+            out += g.sum((2, 3)).reshape(n, K, -1).sum(1).pow(2).sum(1)
     else:  # GroupNorm / LayerNorm: the per-example gradients are small, so they are computed
-        gw, gb = _norm_layer_grads(m, a, g)
+        gw, gb = (None if t is None else t.reshape(n, K, *t.shape[1:]).sum(1) for t in _norm_layer_grads(m, a, g))
         cache[m] = (gw, gb)
         for t in (gw, gb):
             if t is not None:
@@ -300,14 +316,15 @@ def _norm_layer_grads(m: nn.Module, a: torch.Tensor, g: torch.Tensor):
     return gw, gb
 
 
-def _clipped_sums(m: nn.Module, a: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, cached):
-    """{parameter: Σᵢ cᵢ ∇ᵢ} for one layer."""
-    n = a.shape[0]
+def _clipped_sums(m: nn.Module, a: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, cached, K: int = 1):
+    """{parameter: Σᵢ cᵢ ∇ᵢ} for one layer (rows: K views per example, example-major)."""
+    rows = a.shape[0]
     w, b = getattr(m, "weight", None), getattr(m, "bias", None)
     out = {}
-    shape = (n,) + (1,) * (g.dim() - 1)
+    shape = (rows,) + (1,) * (g.dim() - 1)
+    row_coef = coef.repeat_interleave(K) if K > 1 else coef
     if type(m) in LINEAR:
-        gc = g * coef.reshape(shape)
+        gc = g * row_coef.reshape(shape)
         if _trainable(w):
             if cached is not None:
                 out[w] = torch.einsum("n,npd->pd", coef, cached)
@@ -316,7 +333,7 @@ def _clipped_sums(m: nn.Module, a: torch.Tensor, g: torch.Tensor, coef: torch.Te
         if _trainable(b):
             out[b] = gc.reshape(-1, g.shape[-1]).sum(0)
     elif type(m) in CONV:
-        gc = g * coef.reshape(shape)
+        gc = g * row_coef.reshape(shape)
         if _trainable(w):
             if cached is not None:
                 out[w] = torch.einsum("n,n...->...", coef, cached)

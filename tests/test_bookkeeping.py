@@ -193,3 +193,30 @@ def test_eval_forward_records_nothing_and_keeps_parameters_trainable():
     assert module._records == {}
     module(_data()[0].float())
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("path", ["auto", "ghost", "direct"])
+def test_augmentation_multiplicity_averages_views_before_clipping(monkeypatch, path):
+    """K views of an example (rows i·K + k) give ONE clipped gradient: that of the mean view loss."""
+    if path != "auto":
+        monkeypatch.setattr(bk, "_ghost_is_cheaper", lambda T, D, p: path == "ghost")
+    torch.manual_seed(4)
+    model = Zoo().double()
+    n, K = 4, 3
+    x, y = _data(n=n * K)
+    y = y[:n].repeat_interleave(K)  # every view keeps its example's label
+    params = list(model.parameters())
+    ref = []
+    for i in range(n):
+        rows = slice(i * K, (i + 1) * K)
+        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x[rows]), y[rows]), params)
+        ref.append(torch.cat([g.flatten() for g in grads]))
+    ref = torch.stack(ref)
+    clip = 1.05 * float(ref.norm(dim=1).median())
+    module = BookKeepingModule(model, clip)
+    module.views_per_example = K
+    norms = module.backward_and_clip(nn.functional.cross_entropy(module(x), y), per_example_scale=n * K)
+    torch.testing.assert_close(norms, ref.norm(dim=1), rtol=1e-10, atol=1e-12)
+    coef = (clip / (ref.norm(dim=1) + 1e-6)).clamp(max=1)
+    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in params]), (ref * coef[:, None]).sum(0),
+                               rtol=1e-10, atol=1e-12)
