@@ -383,11 +383,12 @@ def _pretrain_available() -> bool:
 
 
 def check_needs(exp: Experiment, data_root: str | Path | None = None, runs_dir: str | Path | None = None,
-                *, online: bool | None = None, arms: Sequence[Arm] | None = None) -> list[str]:
+                *, online: bool | None = None, arms: Sequence[Arm] | None = None,
+                engine: bool | None = None) -> list[str]:
     """What this machine lacks to run `exp` (or just `arms`), in plain words with the fix; [] when ready.
 
     `online`: whether the Hugging Face Hub can be reached (None: probe it, ≤ 2 s, only when some hub
-    weights are not cached).
+    weights are not cached). `engine`: whether a pretraining engine is at hand (None: dpcore.pretrain).
     """
     from .environment import _hub_cached
 
@@ -421,7 +422,7 @@ def check_needs(exp: Experiment, data_root: str | Path | None = None, runs_dir: 
                 missing.append(f"weights file {where} does not exist: put the .safetensors file there")
     if exp.pretrain is not None and exp.uses_pretrain(arms):
         cached = runs_dir is not None and exp.weights_path(runs_dir).is_file()
-        if not cached and not _pretrain_available():
+        if not cached and not (_pretrain_available() if engine is None else engine):
             missing.append("the pretrain step needs the pretraining engine (dpcore/pretrain.py, `python -m dpcore "
                            "pretrain`), which this checkout does not have yet: update DP Explorer")
     return missing
@@ -504,9 +505,9 @@ class Comparison:
                                                           "roc_auc", "duration_s", "run_id")} for r in self.rows}}
 
 
-def _row(arm: Arm, rec) -> dict[str, Any]:
-    row = {"arm": arm.label, "group": arm.group, "private": arm.private,
-           "target_epsilon": arm.overrides.get("epsilon") if "epsilon" in arm.overrides else None,
+def _row(exp: Experiment, arm: Arm, rec) -> dict[str, Any]:
+    target = {"epsilon": RunConfig().epsilon, **exp.base, **arm.overrides}["epsilon"]
+    row = {"arm": arm.label, "group": arm.group, "private": arm.private, "target_epsilon": target,
            "status": "not run", "run_id": None, "epsilon": None, "accuracy": None, "balanced_accuracy": None,
            "roc_auc": None, "duration_s": None,
            "reference_accuracy": arm.reference.get("accuracy"), "reference_roc_auc": arm.reference.get("roc_auc"),
@@ -530,7 +531,7 @@ def comparison(name_or_exp: str | Experiment, store, *, version: int | None = No
     for arm in exp.arms:
         recs = runs.get(arm.label, [])
         done = [r for r in recs if r.status == "done"]
-        rows.append(_row(arm, (done or recs or [None])[-1]))
+        rows.append(_row(exp, arm, (done or recs or [None])[-1]))
     return Comparison(exp, rows)
 
 
@@ -555,7 +556,7 @@ def format_table(comp: Comparison) -> str:
     width = max([len("arm")] + [len(r["arm"]) for r in comp.rows])
     head = f"{'arm':<{width}}  {'status':<9} " + " ".join(f"{METRICS[c]:>{max(9, len(METRICS[c]))}}" for c in cols)
     if has_ref:
-        head += f" {'reported':>15}"
+        head += f" {'reported':>20}"
     lines = [head + "  run id"]
     for r in comp.rows:
         vals = []
@@ -571,7 +572,7 @@ def format_table(comp: Comparison) -> str:
                 ref.append(f"acc {r['reference_accuracy']:.3f}")
             if r["reference_roc_auc"] is not None:
                 ref.append(f"AUC {r['reference_roc_auc']:.3f}")
-            line += f" {', '.join(ref) or '-':>15}"
+            line += f" {', '.join(ref) or '-':>20}"
         lines.append(line + f"  {r['run_id'] or '-'}")
     return "\n".join(lines)
 
@@ -623,13 +624,13 @@ def ensure_pretrained(exp: Experiment, runs_dir: str | Path, data_root: str | Pa
 
 
 # -- running ---------------------------------------------------------------------------------------
-def _prepare(exp: Experiment, store, data_root, only, rerun: bool, online: bool | None):
+def _prepare(exp: Experiment, store, data_root, only, rerun: bool, online: bool | None, engine: bool | None = None):
     """The arms to train (done ones skipped unless rerun) and their configs; raises when something is missing."""
     arms = exp.select(only)
     if not rerun:
         have = experiment_runs(store, exp)
         arms = [a for a in arms if not any(r.status == "done" for r in have.get(a.label, []))]
-    missing = check_needs(exp, data_root, store.root, online=online, arms=arms) if arms else []
+    missing = check_needs(exp, data_root, store.root, online=online, arms=arms, engine=engine) if arms else []
     if missing:
         raise ExperimentError(exp.name, "needs", "this machine lacks:\n  - " + "\n  - ".join(missing),
                               "see each item; `python -m dpcore experiment --list` re-checks")
@@ -650,7 +651,7 @@ def run_experiment(name_or_exp: str | Experiment, store, *, data_root: str | Pat
     from .sweep import run_sweep
 
     exp = name_or_exp if isinstance(name_or_exp, Experiment) else load_experiment(name_or_exp, directory)
-    arms = _prepare(exp, store, data_root, only, rerun, online)
+    arms = _prepare(exp, store, data_root, only, rerun, online, engine=True if pretrain_fn else None)
     if arms and exp.uses_pretrain(arms):
         ensure_pretrained(exp, store.root, data_root, listener, pretrain_fn)
     configs = [exp.config(a, data_root, store.root) for a in arms]
