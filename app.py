@@ -11,6 +11,7 @@ PAGES = [
     st.Page("pages/train.py", title="Train", icon="🏋️"),
     st.Page("pages/accounting.py", title="Accounting", icon="🧮"),
     st.Page("pages/runs.py", title="Runs", icon="📋"),
+    st.Page("pages/experiments.py", title="Experiments", icon="🧪"),
     st.Page("pages/predictions.py", title="Predictions", icon="🔍"),
     st.Page("pages/clinician.py", title="Clinician", icon="🩺"),
 ]

@@ -1,0 +1,132 @@
+"""The Experiments page, driven headless by AppTest: renders with no runs, shows a finished experiment's table
+and chart from the stored runs, launches an experiment as background jobs and follows it, reports bad files."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from dpcore import experiments as ex
+from dpcore.store import RunStore
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+PAGE = "pages/experiments.py"
+TIMEOUT = 60
+TINY = """
+name = "tiny"
+version = 1
+title = "Tiny digits experiment"
+description = "digits, tiny CNN at 16 px, one epoch: one ε and the non-private baseline"
+
+[base]
+dataset = "digits"
+backbone = "tiny_cnn"
+image_size = 16
+epochs = 1
+batch_size = 64
+max_physical_batch_size = 64
+device = "cpu"
+epsilon = 2
+
+[[arms]]
+label = "DP ε=2"
+
+[[arms]]
+label = "non-private"
+non_private = true
+"""
+
+
+@pytest.fixture(autouse=True)
+def fresh_caches():
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    yield
+    st.cache_resource.clear()
+
+
+@pytest.fixture
+def tiny_dir(tmp_path) -> Path:
+    d = tmp_path / "experiments"
+    d.mkdir()
+    (d / "tiny.toml").write_text(TINY)
+    return d
+
+
+def open_page(runs: Path, monkeypatch, experiments: Path | None = None) -> AppTest:
+    monkeypatch.setenv("DPCORE_RUNS_DIR", str(runs))
+    if experiments is not None:
+        monkeypatch.setenv(ex.EXPERIMENTS_ENV, str(experiments))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.run()
+    at.switch_page(PAGE)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def texts(at: AppTest) -> str:
+    parts = [el.value for kind in ("markdown", "caption", "info", "success", "warning", "error", "title", "subheader")
+             for el in getattr(at, kind)]
+    return "\n".join(str(p) for p in parts)
+
+
+def table(at: AppTest):
+    return next(df.value for df in at.dataframe if "arm" in df.value.columns and "status" in df.value.columns)
+
+
+def test_page_renders_with_an_empty_runs_folder_and_the_shipped_experiments(tmp_path, monkeypatch):
+    monkeypatch.delenv(ex.EXPERIMENTS_ENV, raising=False)
+    at = open_page(tmp_path / "runs", monkeypatch)
+    names = at.selectbox(key="ex_name").options
+    assert any("dp-vs-nonprivate" in n for n in names) and any("seed-pneumonia-beit22k-eps0.5" in n for n in names)
+    shown = texts(at)
+    assert "No stored runs of this experiment version yet" in shown
+    assert "Everything the chosen arms need" in shown or "This machine lacks" in shown
+
+
+def test_page_shows_a_finished_experiment_from_the_stored_runs(tmp_path, tiny_dir, monkeypatch):
+    runs = tmp_path / "runs"
+    comp = ex.run_experiment("tiny", RunStore(runs), directory=tiny_dir)
+    assert comp.done == 2
+    at = open_page(runs, monkeypatch, tiny_dir)
+    assert "Tiny digits experiment" in texts(at)
+    df = table(at)
+    assert list(df["arm"]) == ["DP ε=2", "non-private"]
+    assert list(df["status"]) == ["done", "done"]
+    assert df["epsilon"][0] == pytest.approx(comp.rows[0]["epsilon"]) and df["epsilon"][0] <= 2.0001
+    assert df["accuracy"][1] == pytest.approx(comp.rows[1]["accuracy"])
+    assert len(at.get("plotly_chart")) == 1
+    assert "2 of 2 arms finished" in texts(at)
+
+
+def test_page_launches_an_experiment_and_follows_it(tmp_path, tiny_dir, monkeypatch):
+    at = open_page(tmp_path / "runs", monkeypatch, tiny_dir)
+    assert "Everything the chosen arms need is on this machine" in texts(at)
+    at.button(key="ex_launch_btn").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    deadline = time.time() + 120
+    while time.time() < deadline:  # run_every never fires in AppTest: each run() is one tick
+        time.sleep(0.5)
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        if "2 of 2 arms finished" in texts(at):
+            break
+    else:
+        pytest.fail("the launched experiment never finished on the page:\n" + texts(at))
+    df = table(at)
+    assert list(df["status"]) == ["done", "done"]
+    tags = ex.read_tags(tmp_path / "runs")
+    assert sorted(t["arm"] for t in tags.values()) == ["DP ε=2", "non-private"]
+
+
+def test_an_invalid_experiment_file_is_shown_with_its_fix(tmp_path, monkeypatch):
+    d = tmp_path / "experiments"
+    d.mkdir()
+    (d / "broken.toml").write_text('name = "broken"\nversion = 1\ndescription = "x"\n[[arms]]\nlabel = "a"\nepsilonn = 1\n')
+    at = open_page(tmp_path / "runs", monkeypatch, d)
+    err = " ".join(e.value for e in at.error)
+    assert "epsilonn" in err and "Fix:" in err
