@@ -608,8 +608,9 @@ def ensure_pretrained(exp: Experiment, runs_dir: str | Path, data_root: str | Pa
                 f"pretraining {step.backbone} on {step.dataset} ({data_dir}) for {step.epochs} epochs, "
                 f"non-private (declared public) → {out}")))
         t0 = time.time()
-        pretrain_fn(dataset=step.dataset, data_dir=data_dir, backbone=step.backbone, image_size=step.image_size,
-                    epochs=step.epochs, out=str(tmp), **step.options)
+        _call_pretrain(pretrain_fn, exp, dict(dataset=step.dataset, data_dir=data_dir, backbone=step.backbone,
+                                              image_size=step.image_size, epochs=step.epochs, out=str(tmp),
+                                              **step.options))
         if not tmp.is_file():
             raise ExperimentError(exp.name, "pretrain", f"the pretraining engine wrote no file at {tmp}",
                                   "check `python -m dpcore pretrain` on its own")
@@ -621,6 +622,27 @@ def ensure_pretrained(exp: Experiment, runs_dir: str | Path, data_root: str | Pa
         if listener is not None:
             listener(Event("log", f"pretrain-{exp.name}", message=f"pretraining done in {time.time() - t0:.0f} s"))
         return out
+
+
+def _call_pretrain(fn: Callable[..., Any], exp: Experiment, kwargs: dict[str, Any]) -> None:
+    """Call the engine with the step's settings as keywords (`out` under the name the engine uses for it)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if params and "out" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        alt = next((a for a in ("out_path", "output", "weights_out", "path") if a in params), None)
+        if alt is not None:
+            kwargs[alt] = kwargs.pop("out")
+    try:
+        inspect.signature(fn).bind(**kwargs) if params else None
+    except TypeError as exc:
+        raise ExperimentError(str(exp.path), "pretrain", f"the pretraining engine does not take these settings "
+                              f"({exc}; it takes {list(params)})", "use the engine's argument names in [pretrain] "
+                              "(options = {...} passes further ones)") from None
+    fn(**kwargs)
 
 
 # -- running ---------------------------------------------------------------------------------------
