@@ -1,7 +1,6 @@
 """`python -m dpcore experiment ...`: list, run and tabulate the named experiments (experiments/*.toml)."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import warnings

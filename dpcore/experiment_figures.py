@@ -7,7 +7,8 @@ the ε they spent (log x); a non-private arm is a dashed horizontal line; a publ
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import plotly.graph_objects as go
 

@@ -20,10 +20,11 @@ import os
 import threading
 import time
 import tomllib
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from .config import RunConfig
 from .errors import ConfigError, DPCoreError
@@ -596,7 +597,9 @@ def ensure_pretrained(exp: Experiment, runs_dir: str | Path, data_root: str | Pa
                 raise ExperimentError(exp.name, "pretrain", "this checkout has no pretraining engine "
                                       "(dpcore/pretrain.py)", "update DP Explorer, or run the arms that do not "
                                       "use pretrained = 'pretrain' (--only)")
-            from . import pretrain as engine  # lazy: only experiments with a pretrain step need it
+            from . import (
+                pretrain as engine,  # lazy: only experiments with a pretrain step need it
+            )
 
             pretrain_fn = engine.pretrain
         root = resolve_data_root(data_root)

@@ -108,7 +108,7 @@ def test_grids_cross_every_arm_with_every_epsilon():
     assert [a.overrides["epsilon"] for a in exp.arms] == [0.5, 1.0, 2.0, 8.0, None]
     ablation = load_or_skip("recipe-ablation")
     assert len(ablation.arms) == 16
-    cfgs = dict((a.label, c) for a, c in ablation.configs(data_root="/d"))
+    cfgs = {a.label: c for a, c in ablation.configs(data_root="/d")}
     both = cfgs["+augmult +EMA · ε=2"]
     assert both.epsilon == 2.0 and both.augmult == 4 and both.ema_decay == 0.99
     assert cfgs["baseline · ε=2"].augmult == 1 and cfgs["baseline · ε=2"].ema_decay is None
@@ -271,7 +271,7 @@ def test_comparison_reads_epsilon_and_metrics_from_the_cards(tiny_done):
 
 
 def test_a_second_run_skips_finished_arms_unless_rerun(tiny_done):
-    d, store, comp, _ = tiny_done
+    d, store, _, _ = tiny_done
     n = len(store.list_runs())
     ex.run_experiment("tiny", store, directory=d / "experiments")
     assert len(store.list_runs()) == n
