@@ -1,0 +1,74 @@
+"""Plotly figures of a membership audit (dpcore.audit's audit.json in, Figure out). No UI library here.
+
+* `roc_figure`: each attack's ROC on log-log axes (the low-FPR corner is where membership inference
+  matters), the chance line TPR = FPR, and — for a DP run — the most any attack can reach at the claimed
+  ε: TPR ≤ min(e^ε·FPR + δ, 1 − e^−ε·(1 − FPR − δ)).
+* `epsilon_figure`: the empirical ε lower bound of each attack next to the claimed ε.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+
+_LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=60, b=50), hovermode="closest")
+_LABELS = {"loss": "Loss threshold (Yeom)", "lira_online": "LiRA online (IN+OUT)",
+           "lira_offline": "LiRA offline (OUT only)"}
+_FLOOR = 1e-4  # log axes cannot show 0: rates below this are drawn at it
+
+
+def dp_tpr_limit(fpr: np.ndarray, epsilon: float, delta: float = 0.0) -> np.ndarray:
+    """The largest TPR an (ε, δ)-DP training algorithm allows any membership test at false-positive rate FPR."""
+    fpr = np.asarray(fpr, dtype=float)
+    return np.clip(np.minimum(math.exp(epsilon) * fpr + delta, 1 - math.exp(-epsilon) * (1 - fpr - delta)), 0, 1)
+
+
+def roc_figure(audit: dict[str, Any], title: str = "") -> go.Figure:
+    fig = go.Figure()
+    n_neg = max(int(audit.get("n_nonmembers") or 0), 1)
+    floor = min(_FLOOR, 0.5 / n_neg)
+    grid = np.geomspace(floor, 1, 200)
+    fig.add_trace(go.Scatter(x=grid, y=grid, mode="lines", name="chance (TPR = FPR)",
+                             line=dict(color="gray", dash="dot"), hoverinfo="skip"))
+    eps = audit.get("audited_epsilon") or audit.get("claimed_epsilon")
+    if eps is not None and math.isfinite(eps):
+        limit = np.maximum(dp_tpr_limit(grid, eps, audit.get("delta") or 0.0), floor)
+        fig.add_trace(go.Scatter(x=grid, y=limit, mode="lines", name=f"DP limit at claimed ε = {eps:.3g}",
+                                 line=dict(color="firebrick", dash="dash"),
+                                 hovertemplate="FPR=%{x:.2g}<br>max TPR=%{y:.3g}<extra>DP limit</extra>"))
+    for name, attack in (audit.get("attacks") or {}).items():
+        curve = attack.get("curve") or {}
+        fpr = np.maximum(np.asarray(curve.get("fpr", []), dtype=float), floor)
+        tpr = np.maximum(np.asarray(curve.get("tpr", []), dtype=float), floor)
+        if not len(fpr):
+            continue
+        fig.add_trace(go.Scatter(
+            x=fpr, y=tpr, mode="lines", line_shape="hv", name=f"{_LABELS.get(name, name)} (AUC {attack['auc']:.3f})",
+            hovertemplate="FPR=%{x:.3g}<br>TPR=%{y:.3g}<extra>" + _LABELS.get(name, name) + "</extra>"))
+    fig.update_layout(title=title or "Membership-inference ROC (log-log)", xaxis_title="false-positive rate (log)",
+                      yaxis_title="true-positive rate (log)", xaxis_type="log", yaxis_type="log",
+                      xaxis_range=[math.log10(floor), 0], yaxis_range=[math.log10(floor), 0.02],
+                      legend=dict(yanchor="bottom", y=0.02, xanchor="right", x=0.99), **_LAYOUT)
+    return fig
+
+
+def epsilon_figure(audit: dict[str, Any]) -> go.Figure:
+    """Bars: each attack's valid 95 % ε lower bound; a dashed line at the claimed ε (when there is one)."""
+    attacks = audit.get("attacks") or {}
+    names = list(attacks)
+    fig = go.Figure(go.Bar(
+        x=[_LABELS.get(n, n) for n in names], y=[attacks[n]["epsilon_lb"] for n in names],
+        name="ε lower bound (95 %)", marker_color="steelblue",
+        text=[f"{attacks[n]['epsilon_lb']:.3g}" for n in names], textposition="outside",
+        hovertemplate="%{x}<br>ε ≥ %{y:.3g} (95 %)<extra></extra>"))
+    claimed = audit.get("claimed_epsilon")
+    top = max([attacks[n]["epsilon_lb"] for n in names] + [0.1])
+    if claimed is not None:
+        fig.add_hline(y=claimed, line_dash="dash", line_color="firebrick",
+                      annotation_text=f"claimed ε = {claimed:.3g}", annotation_position="top left")
+        top = max(top, claimed)
+    fig.update_layout(title="Empirical ε lower bound vs claimed ε", yaxis_title="ε", yaxis_range=[0, top * 1.25],
+                      showlegend=False, **_LAYOUT)
+    return fig
