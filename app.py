@@ -13,6 +13,7 @@ PAGES = [
     st.Page("pages/runs.py", title="Runs", icon="📋"),
     st.Page("pages/experiments.py", title="Experiments", icon="🧪"),
     st.Page("pages/predictions.py", title="Predictions", icon="🔍"),
+    st.Page("pages/audit.py", title="Audit", icon="🕵️"),
     st.Page("pages/clinician.py", title="Clinician", icon="🩺"),
 ]
 

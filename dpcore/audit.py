@@ -585,6 +585,12 @@ def read_audit(store: RunStore, run_id: str) -> dict[str, Any] | None:
         return None
 
 
+def ordered_attacks(audit: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, metrics) of an audit's attacks in the order of ATTACKS (audit.json stores keys sorted)."""
+    attacks = audit.get("attacks") or {}
+    return [(n, attacks[n]) for n in ATTACKS if n in attacks] + [(n, a) for n, a in attacks.items() if n not in ATTACKS]
+
+
 def format_table(audit: dict[str, Any]) -> str:
     """The attack table of an audit, as text (CLI)."""
     cfg = audit["config"]
@@ -595,7 +601,7 @@ def format_table(audit: dict[str, Any]) -> str:
              f"seed {cfg['seed']}, {audit['timings']['total_s']:.1f} s",
              "claimed ε: " + (f"{claimed:.4g} (δ={audit['delta']:g})" if claimed is not None else "none (non-private)"),
              f"{'attack':<26} {'AUC':>6} {'TPR@1%':>8} {'TPR@0.1%':>9} {'ε_lb(95%)':>10} {'ε_lb all-thr':>12}"]
-    for name, a in audit["attacks"].items():
+    for name, a in ordered_attacks(audit):
         lines.append(f"{ATTACK_LABELS.get(name, name):<26} {a['auc']:>6.3f} {a['tpr_at_0.01_fpr']:>8.3f} "
                      f"{a['tpr_at_0.001_fpr']:>9.3f} {a['epsilon_lb']:>10.3f} {a['epsilon_lb_all_thresholds']:>12.3f}")
     s = audit["summary"]

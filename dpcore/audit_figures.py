@@ -38,7 +38,9 @@ def roc_figure(audit: dict[str, Any], title: str = "") -> go.Figure:
         fig.add_trace(go.Scatter(x=grid, y=limit, mode="lines", name=f"DP limit at claimed ε = {eps:.3g}",
                                  line=dict(color="firebrick", dash="dash"),
                                  hovertemplate="FPR=%{x:.2g}<br>max TPR=%{y:.3g}<extra>DP limit</extra>"))
-    for name, attack in (audit.get("attacks") or {}).items():
+    attacks = audit.get("attacks") or {}
+    for name in sorted(attacks, key=lambda n: list(_LABELS).index(n) if n in _LABELS else len(_LABELS)):
+        attack = attacks[name]
         curve = attack.get("curve") or {}
         fpr = np.maximum(np.asarray(curve.get("fpr", []), dtype=float), floor)
         tpr = np.maximum(np.asarray(curve.get("tpr", []), dtype=float), floor)
@@ -57,7 +59,7 @@ def roc_figure(audit: dict[str, Any], title: str = "") -> go.Figure:
 def epsilon_figure(audit: dict[str, Any]) -> go.Figure:
     """Bars: each attack's valid 95 % ε lower bound; a dashed line at the claimed ε (when there is one)."""
     attacks = audit.get("attacks") or {}
-    names = list(attacks)
+    names = sorted(attacks, key=lambda n: list(_LABELS).index(n) if n in _LABELS else len(_LABELS))
     fig = go.Figure(go.Bar(
         x=[_LABELS.get(n, n) for n in names], y=[attacks[n]["epsilon_lb"] for n in names],
         name="ε lower bound (95 %)", marker_color="steelblue",

@@ -1,0 +1,136 @@
+"""Audit: a membership-inference audit (loss threshold + LiRA) of a finished run's training recipe.
+
+The audit runs on a background thread (dpcore.audit.start_audit) and writes its progress next to the run;
+this page only launches it, polls the progress file and draws the stored audit.json.
+"""
+import streamlit as st
+
+from dpcore import audit as au
+from dpcore import audit_figures
+from dpcore.errors import DPCoreError
+from pages.common import fmt_duration, fmt_eps, fmt_time, run_label, store
+
+st.title("🕵️ Membership-inference audit")
+st.caption("Can an attacker tell whether an image was in the training data? The audit trains a fresh target "
+           "model with this run's exact recipe on a random half of its images (so we know who is a member), "
+           "plus shadow models on other random halves, then attacks the target. It audits the run's **training "
+           "recipe**, with the same privacy guarantee as the run.")
+
+runs = {r.run_id: r for r in reversed(store().list_runs()) if r.status == "done"}
+if not runs:
+    st.info("No finished run yet: train one first (a head-only run on cached features audits in seconds).")
+    st.page_link("pages/train.py", label="Go to Train", icon="🏋️")
+    st.stop()
+
+run_id = st.selectbox("Run", list(runs), format_func=lambda i: run_label(runs[i]), key="au_run")
+record = runs[run_id]
+
+
+def _launch_form() -> None:
+    with st.form("au_form"):
+        c1, c2, c3 = st.columns(3)
+        shadows = c1.slider("Shadow models S", 2, 32, 8, step=2, key="au_shadows",
+                            help="More shadows: sharper per-image IN/OUT Gaussians for LiRA, longer audit.")
+        seed = c2.number_input("Seed", 0, 10_000, 0, key="au_seed")
+        pool = c3.number_input("Candidates (0 = all of train ∪ test)", 0, 1_000_000, 0, step=100, key="au_pool")
+        scope = None
+        if record.config.scope != "head":
+            proxy = st.checkbox("Head-only proxy on cached features (fast; same σ, q, T)", key="au_proxy",
+                                help=f"This run fine-tuned scope '{record.config.scope}'. Replaying that for "
+                                     "S+1 models is slow without a GPU for anything but tiny_cnn.")
+            scope = "head" if proxy else None
+        go = st.form_submit_button("Run the audit", type="primary", icon="🕵️")
+    if go:
+        settings = au.AuditSettings(shadows=int(shadows), seed=int(seed), pool_size=int(pool) or None)
+        try:
+            au.start_audit(store(), run_id, settings, scope=scope)
+        except DPCoreError as exc:
+            st.error(str(exc))
+        else:
+            st.rerun()  # draw the progress panel
+
+
+@st.fragment(run_every="1s")
+def _progress_panel() -> None:
+    prog = au.read_progress(store(), run_id) or {}
+    if prog.get("status") != "running":
+        st.rerun()
+    done, total = prog.get("done", 0), max(prog.get("total", 1), 1)
+    eta = f" · about {fmt_duration(prog['eta'])} left" if prog.get("eta") else ""
+    st.progress(min(1.0, done / total), text=f"{prog.get('message', '')} ({done}/{total} models){eta}")
+    if prog.get("log"):
+        st.caption(prog["log"][-1])
+
+
+def _show(result: dict) -> None:
+    s = result["summary"]
+    cfg = result["config"]
+    claimed = result.get("claimed_epsilon")
+    st.subheader("Result")
+    st.caption(f"Audited {fmt_time(result.get('created_at'))}: {result['n_candidates']:,} candidate images "
+               f"({result['n_members']:,} in the audit target), {cfg['shadows']} shadow models, scope "
+               f"{cfg['scope']}{' (head-only proxy)' if cfg.get('proxy') else ''}, seed {cfg['seed']}, "
+               f"{fmt_duration(result['timings']['total_s'])}.")
+    cols = st.columns(4)
+    cols[0].metric("Best attack AUC", f"{s['attack_auc']:.3f}", help="0.5 = guessing; 1 = perfect")
+    cols[1].metric("TPR at 1 % FPR", f"{100 * s['tpr_at_0.01_fpr']:.1f} %",
+                   help="Members caught when only 1 % of non-members are wrongly accused (1 % = guessing)")
+    cols[2].metric("Empirical ε ≥ (95 %)", f"{s['epsilon_lb']:.3g}")
+    cols[3].metric("Claimed ε", fmt_eps(claimed))
+
+    rows = [{"attack": au.ATTACK_LABELS.get(name, name), "ROC-AUC": a["auc"], "TPR @ 1% FPR": a["tpr_at_0.01_fpr"],
+             "TPR @ 0.1% FPR": a["tpr_at_0.001_fpr"], "ε lower bound (95 %)": a["epsilon_lb"],
+             "ε, best threshold (optimistic)": a["epsilon_lb_all_thresholds"]}
+            for name, a in au.ordered_attacks(result)]
+    st.dataframe(rows, hide_index=True, column_config={
+        "ROC-AUC": st.column_config.NumberColumn(format="%.3f"),
+        "TPR @ 1% FPR": st.column_config.NumberColumn(format="percent"),
+        "TPR @ 0.1% FPR": st.column_config.NumberColumn(format="percent"),
+        "ε lower bound (95 %)": st.column_config.NumberColumn(format="%.3f"),
+        "ε, best threshold (optimistic)": st.column_config.NumberColumn(format="%.3f")})
+    left, right = st.columns(2)
+    left.plotly_chart(audit_figures.roc_figure(result), key="au-roc")
+    right.plotly_chart(audit_figures.epsilon_figure(result), key="au-eps")
+
+    st.subheader("What this means")
+    if claimed is None:
+        st.warning(f"This run is **not private**: it claims no ε. The strongest attack reaches AUC "
+                   f"{s['attack_auc']:.3f}, and the attacks prove ε ≥ {s['epsilon_lb']:.3g} with 95 % confidence "
+                   "for this recipe — any real guarantee would have to be at least that large.")
+    elif s["consistent"]:
+        st.success(f"The run claims ε = {claimed:.3g}. The attacks prove only ε ≥ {s['epsilon_lb']:.3g} "
+                   "(95 % confidence), which is consistent with the claim.")
+    else:
+        st.error(f"The attacks prove ε ≥ {s['epsilon_lb']:.3g} with 95 % confidence, **more than the claimed "
+                 f"ε = {claimed:.3g}**: the training code does not deliver its guarantee (or this was the 5 % "
+                 "chance). Re-run with another seed and report it.")
+    st.markdown(
+        "- **DP caps every attack.** With (ε, δ)-DP, at any false-positive rate FPR an attacker's true-positive "
+        "rate is at most e^ε·FPR + δ (the red dashed line on the ROC). An attack that beats the line disproves "
+        "the claim.\n"
+        "- **A lower bound, not a measurement of ε.** The ε the attacks prove is what *these* attacks "
+        "can show from a few thousand images; the real leakage of the worst-case image can be larger. A "
+        "bound far below the claimed ε does not mean the accountant is loose — it means average images are "
+        "hard to attack.\n"
+        "- **Statistically valid.** Rates from finitely many images are uncertain, so the bound uses "
+        "Clopper-Pearson limits and picks its threshold on one half of the candidates, scoring it on the "
+        "other; the 'best threshold' column skips that split and is optimistic.")
+
+
+prog = au.read_progress(store(), run_id)
+running = prog is not None and prog.get("status") == "running"
+if running:
+    st.info("An audit of this run is running in the background; this panel follows it.")
+    _progress_panel()
+else:
+    if prog is not None and prog.get("status") == "failed":
+        st.error(f"The last audit failed: {prog.get('error')}")
+    _launch_form()
+
+result = au.read_audit(store(), run_id)
+if result is None:
+    if not running:
+        st.caption("No audit of this run yet. A head-only run on cached features takes seconds per model; a "
+                   "full fine-tuning replays the whole training S+1 times.")
+else:
+    _show(result)

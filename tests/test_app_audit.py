@@ -1,0 +1,95 @@
+"""The Audit page, driven headless by AppTest: renders with no runs, shows a stored audit.json of a finished
+run (table, ROC, ε vs claimed ε, the verdict in words), and launches an audit that runs in the background."""
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from dpcore import audit
+from dpcore.config import RunConfig
+from dpcore.store import RunStore
+from dpcore.trainer import train
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+PAGE = "pages/audit.py"
+TIMEOUT = 60
+
+
+@pytest.fixture(autouse=True)
+def fresh_caches():
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    yield
+    st.cache_resource.clear()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    store = RunStore(root)
+    cfg = RunConfig(dataset="digits", backbone="tiny_cnn", scope="head", epsilon=1.0, epochs=2, batch_size=128,
+                    device="cpu", image_size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_id = train(cfg, store).run_id
+    return root, run_id
+
+
+def open_page(runs: Path, monkeypatch) -> AppTest:
+    monkeypatch.setenv("DPCORE_RUNS_DIR", str(runs))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.run()
+    at.switch_page(PAGE)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def texts(at: AppTest) -> str:
+    parts = [el.value for kind in ("markdown", "caption", "info", "success", "warning", "error", "title", "subheader")
+             for el in getattr(at, kind)]
+    return "\n".join(str(p) for p in parts)
+
+
+def test_page_renders_with_an_empty_runs_folder(tmp_path, monkeypatch):
+    at = open_page(tmp_path / "runs", monkeypatch)
+    assert "Membership-inference audit" in texts(at)
+    assert "No finished run yet" in texts(at)
+
+
+def test_page_shows_a_stored_audit(finished_run, monkeypatch):
+    root, run_id = finished_run
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = audit.audit_run(RunStore(root), run_id, audit.AuditSettings(shadows=2, pool_size=200))
+    at = open_page(root, monkeypatch)
+    shown = texts(at)
+    assert "Result" in shown and "consistent with the claim" in shown
+    df = next(d.value for d in at.dataframe if "attack" in d.value.columns)
+    assert list(df["attack"]) == [audit.ATTACK_LABELS[a] for a in audit.ATTACKS]
+    assert df["ROC-AUC"][0] == pytest.approx(result["attacks"]["loss"]["auc"])
+    assert len(at.get("plotly_chart")) == 2
+    assert any(m.label == "Claimed ε" for m in at.metric)
+
+
+def test_page_launches_an_audit_in_the_background(finished_run, monkeypatch):
+    root, run_id = finished_run
+    at = open_page(root, monkeypatch)
+    at.slider(key="au_shadows").set_value(2)
+    at.number_input(key="au_seed").set_value(3)
+    at.number_input(key="au_pool").set_value(200)
+    next(b for b in at.button if "Run the audit" in b.label).click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    deadline = time.time() + 90
+    while time.time() < deadline and audit.is_running(RunStore(root), run_id):
+        time.sleep(0.5)
+    assert audit.read_progress(RunStore(root), run_id)["status"] == "done"
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert audit.read_audit(RunStore(root), run_id)["config"]["seed"] == 3
+    assert "seed 3" in texts(at)
