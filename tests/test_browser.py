@@ -108,3 +108,21 @@ def test_teaching_demo_trains_live_in_the_browser(app_server, tmp_path):
         page.screenshot(path=str(shots / "teaching_demo_finished.png"), full_page=True)
         assert max(page.evaluate(CHART_POINTS_JS) or [0]) >= 2
         browser.close()
+
+
+def test_audit_page_opens_in_the_browser(app_server, tmp_path):
+    """Cheap: the Audit page loads from its URL and shows its heading (no run, so no audit is started)."""
+    from playwright.sync_api import sync_playwright
+
+    url, _ = app_server
+    with sync_playwright() as p:
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / "chrome-profile-audit"), executable_path=CHROMIUM, args=FLAGS, headless=True,
+            viewport={"width": 1200, "height": 900})
+        page = browser.new_page()
+        page.goto(url + "/audit")
+        page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=60_000)
+        heading = page.get_by_role("heading", name="Membership-inference audit")
+        heading.first.wait_for(timeout=30_000)
+        assert page.get_by_text("No finished run yet").count() >= 1
+        browser.close()
