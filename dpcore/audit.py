@@ -49,8 +49,9 @@ import threading
 import time
 import traceback
 import warnings
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -108,7 +109,7 @@ class Recipe:
 
     @classmethod
     def from_run(cls, config: RunConfig, card: dict[str, Any], physical_batch: int | None = None,
-                 grad_sample_mode: str = "hooks") -> "Recipe":
+                 grad_sample_mode: str = "hooks") -> Recipe:
         p = card.get("privacy") or {}
         common = dict(optimizer=config.optimizer, lr=config.lr, momentum=config.momentum,
                       weight_decay=config.weight_decay, delta=config.delta, accountant=config.accountant,
@@ -545,7 +546,7 @@ def audit_run(store: RunStore, run_id: str, settings: AuditSettings | None = Non
                 "half of train ∪ test (known membership), S shadows on random halves",
         "created_at": time.time(),
         "config": {**asdict(settings), "device": str(device), "scope": scope, "proxy": scope != config.scope,
-                   "pool_size": int(len(y)), "pool_total": int(pool_total),
+                   "pool_size": len(y), "pool_total": int(pool_total),
                    "pool_from_train": int(is_train.sum()), "pool_from_test": int((~is_train).sum())},
         "recipe": asdict(recipe),
         "claimed_epsilon": claimed,
@@ -596,9 +597,9 @@ def format_table(audit: dict[str, Any]) -> str:
     cfg = audit["config"]
     claimed = audit.get("claimed_epsilon")
     lines = [f"== membership audit of run {audit['run_id']}'s training recipe ==",
-             f"candidates {audit['n_candidates']} ({audit['n_members']} members of the audit target), "
-             f"{cfg['shadows']} shadows, scope {cfg['scope']}{' (head-only proxy)' if cfg.get('proxy') else ''}, "
-             f"seed {cfg['seed']}, {audit['timings']['total_s']:.1f} s",
+             (f"candidates {audit['n_candidates']} ({audit['n_members']} members of the audit target), "
+              f"{cfg['shadows']} shadows, scope {cfg['scope']}{' (head-only proxy)' if cfg.get('proxy') else ''}, "
+              f"seed {cfg['seed']}, {audit['timings']['total_s']:.1f} s"),
              "claimed ε: " + (f"{claimed:.4g} (δ={audit['delta']:g})" if claimed is not None else "none (non-private)"),
              f"{'attack':<26} {'AUC':>6} {'TPR@1%':>8} {'TPR@0.1%':>9} {'ε_lb(95%)':>10} {'ε_lb all-thr':>12}"]
     for name, a in ordered_attacks(audit):
@@ -691,7 +692,7 @@ def start_audit(store: RunStore, run_id: str, settings: AuditSettings | None = N
                     audit = audit_run(store, run_id, settings, scope=scope, progress=progress, log=log)
                 state.update(status="done", done=state["total"], message="finished",
                              summary=audit["summary"], finished_at=time.time())
-            except BaseException as exc:  # recorded for the page; the thread ends
+            except BaseException as exc:  # noqa: BLE001 - recorded for the page; the thread ends
                 state.update(status="failed", error=f"{type(exc).__name__}: {exc}",
                              trace=traceback.format_exc(limit=6), finished_at=time.time())
             write()
