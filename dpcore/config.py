@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from .accounting import ACCOUNTANTS
+from .augment import AUGMENTS, MAX_AUGMULT
 from .errors import ConfigError
+from .schedule import LR_SCHEDULES
 
-SCOPES = ("full", "head", "bias")
+SCOPES = ("full", "head", "bias", "last-k")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 MEDMNIST_SIZES = (28, 64, 128, 224)
@@ -56,6 +58,14 @@ class RunConfig:
     skip_unreadable: bool = False
     evals_per_epoch: int = 1
     cache_dir: str | None = None
+    # the DP fine-tuning recipe of De et al. 2022 / Berrada et al. 2023 (all off by default)
+    augmult: int = 1  # K augmented views per example, gradients averaged before clipping
+    augment: str = "auto"  # none | xray | dermoscopy | natural | auto (from the data set; none when augmult=1)
+    ema_decay: float | None = None  # EMA of the weights (post-processing: no privacy cost)
+    weight_standardization: bool = False  # conv weights standardised per output filter (from-scratch nets)
+    lr_schedule: str = "constant"  # constant | cosine, over the run's logical steps
+    warmup_fraction: float = 0.0  # linear warm-up over this fraction of the steps (0 .. 0.5)
+    trainable_blocks: int = 1  # scope "last-k": the head plus the last k blocks of the backbone
 
     def __post_init__(self) -> None:
         self._validate()
@@ -118,6 +128,41 @@ class RunConfig:
         if self.medmnist_size not in MEDMNIST_SIZES:
             bad("medmnist_size", f"MedMNIST comes in sizes {MEDMNIST_SIZES}, got {self.medmnist_size}",
                 "pick one of those sizes")
+        self._validate_recipe(bad)
+
+    def _validate_recipe(self, bad) -> None:
+        """augmult, augment, ema_decay, weight_standardization, lr_schedule, warmup_fraction, trainable_blocks."""
+        k = self.augmult
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_AUGMULT:
+            bad("augmult", f"must be a whole number of views per example in [1, {MAX_AUGMULT}], got {k!r}",
+                "pass e.g. --augmult 4 (1 = no augmentation multiplicity); each step costs about K times more")
+        if self.augment not in AUGMENTS:
+            bad("augment", f"unknown augmentation {self.augment!r}", f"use one of {AUGMENTS}")
+        if self.scope == "head" and (k > 1 or self.augment not in ("none", "auto")):
+            bad("augmult" if k > 1 else "augment", "scope 'head' trains on cached features of the un-augmented "
+                "images, so it cannot augment", "use scope full, bias or last-k, or augmult 1 and augment none")
+        if self.ema_decay is not None:
+            d = self.ema_decay
+            if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d < 1:
+                bad("ema_decay", f"must be a number in (0, 1), got {d!r}",
+                    "pass e.g. --ema-decay 0.999 (or leave it out for no EMA)")
+        if not isinstance(self.weight_standardization, bool):
+            bad("weight_standardization", f"must be true or false, got {self.weight_standardization!r}",
+                "pass --weight-standardization to switch it on")
+        if self.weight_standardization and self.scope == "head":
+            bad("weight_standardization", "a frozen backbone's cached features are keyed on its weights, not on "
+                "standardisation, and standardising changes a pretrained backbone's function",
+                "use weight standardisation with scope full (networks trained from scratch)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            bad("lr_schedule", f"unknown lr schedule {self.lr_schedule!r}", f"use one of {LR_SCHEDULES}")
+        w = self.warmup_fraction
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 0.5:
+            bad("warmup_fraction", f"must be a fraction of the steps in [0, 0.5], got {w!r}",
+                "pass e.g. --warmup-fraction 0.05 (0 = no warm-up)")
+        t = self.trainable_blocks
+        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+            bad("trainable_blocks", f"must be a whole number ≥ 1, got {t!r}",
+                "pass e.g. --trainable-blocks 2 with --scope last-k")
 
     def check_paths(self) -> None:
         """Checks of files this machine must have to train (not needed to reload a finished run)."""
