@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
+import torch
 from torch import nn
 
 from dpcore.errors import ConfigError, WeightsError
@@ -144,7 +145,7 @@ def _adapt_state_dict(model: nn.Module, spec: BackboneSpec, state: dict) -> dict
     return state
 
 
-def _load_file(model: nn.Module, spec: BackboneSpec, path_str: str) -> dict:
+def _load_file(model: nn.Module, spec: BackboneSpec, path_str: str, adapt: bool = True) -> dict:
     path = Path(path_str).expanduser()
     if not path.is_file():
         raise WeightsError(
@@ -166,7 +167,7 @@ def _load_file(model: nn.Module, spec: BackboneSpec, path_str: str) -> dict:
         raise WeightsError(f"weights file {str(path)!r} could not be read as safetensors ({e}). "
                            "Fix: re-save it with safetensors.torch.save_file") from e
     try:
-        state = _adapt_state_dict(model, spec, state)
+        state = _adapt_state_dict(model, spec, state) if adapt else state
     except Exception as e:
         raise WeightsError(f"weights file {str(path)!r} does not fit backbone {spec.name!r} ({e}). "
                            f"Fix: use weights saved from a {spec.name} model") from e
@@ -199,6 +200,102 @@ def _load_file(model: nn.Module, spec: BackboneSpec, path_str: str) -> dict:
     return {"source": "file", "name": str(path), "sha256": _sha256(path), "skipped_keys": skipped}
 
 
+# Files written by DP Explorer itself (a run's model.safetensors, a `pretrain` output) hold the state dict
+# of a model *after* make_opacus_compatible (its keys differ for ViT/BEiT/ConvNeXt), so they are loaded
+# after it; a timm state dict is loaded before.
+DPCORE_FORMATS = ("dpcore-run-v1", "dpcore-backbone-v1")
+
+
+def _file_metadata(path_str: str) -> dict:
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(Path(path_str).expanduser()), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # unreadable files are reported by _load_file with a clear message
+        return {}
+
+
+def weights_provenance(path_str: str, meta: dict | None = None) -> dict:
+    """What a local weights file says about itself: the `pretrain` facts stored in its safetensors
+    metadata, and those of its sidecar JSON (``weights.json`` or ``weights.safetensors.json``), if any."""
+    import json
+
+    path = Path(path_str).expanduser()
+    meta = _file_metadata(path_str) if meta is None else meta
+    out: dict[str, Any] = {"format": meta.get("format", "state_dict")}
+    if meta.get("pretraining"):
+        try:
+            out["pretraining"] = json.loads(meta["pretraining"])
+        except ValueError:
+            out["pretraining"] = meta["pretraining"]
+    if meta.get("run_id"):
+        out["from_run"] = meta["run_id"]
+    for side in (path.with_suffix(".json"), path.with_name(path.name + ".json")):
+        if side.is_file():
+            try:
+                facts = json.loads(side.read_text())
+            except (OSError, ValueError):
+                continue
+            out["sidecar"] = {"path": str(side), "facts": facts}
+            if isinstance(facts, dict) and facts.get("sha256"):
+                out["sidecar"]["sha256_matches"] = facts["sha256"] == _sha256(path)
+            break
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# weight standardisation
+
+
+def standardize_weight(w: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Zero mean, unit variance per output filter (over in-channels × kernel), as in Qiao et al. 2019."""
+    dims = tuple(range(1, w.dim()))
+    mean = w.mean(dim=dims, keepdim=True)
+    var = w.var(dim=dims, keepdim=True, unbiased=False)
+    return (w - mean) / torch.sqrt(var + eps)
+
+
+class WSConv2d(nn.Conv2d):
+    """A Conv2d that convolves with its standardised weight; the parameter (and key) stays ``weight``.
+
+    Per-example gradients: Opacus looks grad samplers up by exact type, so this class has none and
+    Opacus' functorch fallback differentiates this module's own forward, standardisation included:
+    the per-example gradient is w.r.t. the raw ``weight`` (tested against per-example autograd).
+    Book-keeping (also exact types) refuses it, and the trainer then uses Opacus' hooks. A subclass
+    that Opacus' Conv2d sampler handled would give the gradient w.r.t. the standardised weight: wrong.
+    """
+
+    ws_eps = 1e-5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, standardize_weight(self.weight, self.ws_eps), self.bias)
+
+
+def apply_weight_standardization(model: nn.Module) -> int:
+    """Turn every plain Conv2d with a fan-in ≥ 2 into a WSConv2d in place (hooks, keys and weights kept).
+    Returns how many were converted."""
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.Conv2d and m.weight[0].numel() >= 2:
+            m.__class__ = WSConv2d
+            n += 1
+    return n
+
+
+@torch.no_grad()
+def bake_weight_standardization(model: nn.Module) -> int:
+    """Store each WSConv2d's standardised weight as a plain Conv2d's weight (same function, same keys),
+    so the saved model loads into a plain model. Returns how many were baked."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, WSConv2d):
+            m.weight.copy_(standardize_weight(m.weight, m.ws_eps))
+            m.__class__ = nn.Conv2d
+            n += 1
+    return n
+
+
 def _data_config(model: nn.Module, spec: BackboneSpec, size: int) -> dict:
     if spec.timm_name is None:
         cfg = model.pretrained_cfg
@@ -222,13 +319,17 @@ def create_model(
     *,
     pretrained: Optional[str] = "none",
     image_size: Optional[int] = None,
+    weight_standardization: bool = False,
 ) -> CreatedModel:
     """Build backbone ``name`` with a fresh ``num_classes`` head, load weights, make it Opacus-ready.
 
     ``pretrained``: ``"none"`` (random init), ``"hub"`` (timm's pretrained weights, cached or
     downloaded) or the path of a local ``.safetensors`` file with the backbone's (timm) state dict.
     ``image_size``: input side length; ViT/BEiT are built for it (position embeddings resampled),
-    for CNNs it only sets ``data_config["input_size"]``.
+    for CNNs it only sets ``data_config["input_size"]``. A file written by DP Explorer (a run's
+    ``model.safetensors`` or a ``python -m dpcore pretrain`` output) is loaded after the model is made
+    Opacus-compatible, its head dropped for the new classes; ``weights["provenance"]`` says where it
+    came from. ``weight_standardization``: every Conv2d standardises its weight (``WSConv2d``).
     """
     spec = get_spec(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -261,30 +362,79 @@ def create_model(
         else:
             model = timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
             weights = {"source": "none", "name": None, "sha256": None, "skipped_keys": []}
-    if source == "file":
+    meta = _file_metadata(str(pretrained)) if source == "file" else {}
+    post_compat = meta.get("format") in DPCORE_FORMATS
+    if source == "file" and not post_compat:
         weights = _load_file(model, spec, str(pretrained))
 
     data_config = _data_config(model, spec, size)
     model = make_opacus_compatible(model)
+    if source == "file" and post_compat:
+        weights = _load_file(model, spec, str(pretrained), adapt=False)
+    if source == "file":
+        weights["provenance"] = weights_provenance(str(pretrained), meta)
+    if weight_standardization:
+        weights["weight_standardized_convs"] = apply_weight_standardization(model)
     return CreatedModel(model=model, spec=spec, data_config=data_config, weights=weights)
 
 
-SCOPES = ("full", "head", "bias")
+SCOPES = ("full", "head", "bias", "last-k")
 
 
-def set_trainable(model: nn.Module, scope: str) -> dict:
-    """Choose what is fine-tuned: ``"full"`` (everything), ``"head"`` (the classifier only) or
-    ``"bias"`` (BiTFiT: every bias term plus the classifier). Returns parameter counts
-    ``{"trainable": n, "total": n}`` (numbers of scalars)."""
+def backbone_blocks(model: nn.Module) -> list[nn.Module]:
+    """The backbone's blocks in forward order, for scope "last-k": ViT/BEiT ``blocks``, ConvNeXt
+    ``stages``, ResNet ``layer1..4``, VGG each conv of ``features`` then ``pre_logits``, tiny_cnn its
+    conv blocks (``features``)."""
+    if isinstance(getattr(model, "blocks", None), nn.Sequential):
+        return list(model.blocks)
+    if isinstance(getattr(model, "stages", None), nn.Sequential):
+        return list(model.stages)
+    if all(hasattr(model, f"layer{i}") for i in range(1, 5)):
+        return [getattr(model, f"layer{i}") for i in range(1, 5)]
+    features = getattr(model, "features", None)
+    if isinstance(features, nn.Sequential) and hasattr(model, "pre_logits"):  # timm VGG
+        return [m for m in features if isinstance(m, nn.Conv2d)] + [model.pre_logits]
+    if isinstance(features, nn.Sequential):
+        return list(features)
+    raise ConfigError("scope", f"scope 'last-k' does not know the blocks of {type(model).__name__}",
+                      "use scope full, bias or head for this backbone")
+
+
+# top-level modules that run after the blocks (final norms, pooling heads); trained with them under last-k
+_AFTER_BLOCKS = ("norm", "fc_norm", "norm_pre", "head", "attn_pool", "global_pool")
+
+
+def _last_k_params(model: nn.Module, k: int) -> set[int]:
+    """ids of the parameters of the last k blocks, of the final norms / head after them, and of the
+    classifier."""
+    blocks = backbone_blocks(model)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(blocks):
+        raise ConfigError("trainable_blocks", f"{type(model).__name__} has {len(blocks)} blocks, asked for {k!r}",
+                          f"use --trainable-blocks between 1 and {len(blocks)}, or scope full")
+    out = {id(p) for b in blocks[-k:] for p in b.parameters()}
+    for name, child in model.named_children():
+        if name in _AFTER_BLOCKS:
+            out |= {id(p) for p in child.parameters()}
+    return out
+
+
+def set_trainable(model: nn.Module, scope: str, trainable_blocks: int = 1) -> dict:
+    """Choose what is fine-tuned: ``"full"`` (everything), ``"head"`` (the classifier only),
+    ``"bias"`` (BiTFiT: every bias term plus the classifier) or ``"last-k"`` (the last
+    ``trainable_blocks`` blocks of the backbone, see ``backbone_blocks``, plus what follows them:
+    final norm and classifier). Returns parameter counts ``{"trainable": n, "total": n}`` (numbers
+    of scalars)."""
     if scope not in SCOPES:
         raise ConfigError("scope", f"unknown fine-tuning scope {scope!r}", "use one of: " + ", ".join(SCOPES))
     head_params = {id(p) for p in model.get_classifier().parameters()}
+    last_k = _last_k_params(model, trainable_blocks) if scope == "last-k" else set()
     trainable = total = 0
     for name, p in model.named_parameters():
         on = (
             scope == "full"
             or id(p) in head_params
             or (scope == "bias" and name.rsplit(".", 1)[-1] == "bias")
+            or id(p) in last_k
         )
         p.requires_grad_(on)
         total += p.numel()
