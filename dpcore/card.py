@@ -36,7 +36,13 @@ def describe_weights(weights: dict[str, Any] | None) -> str:
         return f"pretrained on public data ({name}, from the timm hub)"
     if source == "file":
         digest = (weights.get("sha256") or "")[:12]
-        return f"pretrained weights from the file {name}" + (f" (sha256 {digest}…)" if digest else "")
+        text = f"pretrained weights from the file {name}" + (f" (sha256 {digest}…)" if digest else "")
+        pre = (weights.get("provenance") or {}).get("pretraining")
+        if isinstance(pre, dict) and pre.get("dataset"):
+            text += (f", pretrained without DP on {pre['dataset']}"
+                     + (f" ({pre['data_dir']})" if pre.get("data_dir") else "")
+                     + " (declared public)" + (f" on {pre['date'][:10]}" if pre.get("date") else ""))
+        return text
     return "random initialisation (no pretraining)"
 
 
@@ -54,8 +60,14 @@ def guarantee_sentence(privacy: dict[str, Any], privacy_unit: str) -> str:
 def build_card(*, run_id: str, config: RunConfig, status: str, splits, n_train: int, n_test: int,
                skipped: dict, created, trainable: dict, privacy: dict[str, Any], metrics: dict[str, Any] | None,
                eval_history: list[dict[str, Any]], device: str, duration: float,
-               warnings: list[str]) -> dict[str, Any]:
+               warnings: list[str], recipe: dict[str, Any] | None = None,
+               metrics_raw: dict[str, Any] | None = None,
+               metrics_ema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The card. ``metrics`` are the reported ones (those of the EMA weights when ema_decay is set);
+    ``metrics_raw`` / ``metrics_ema`` keep both sets, ``model.evaluated_weights`` says which is reported."""
     metrics = metrics or {}
+    recipe = recipe or {}
+    evaluated = "ema" if config.ema_decay is not None else "raw"
     return {
         "card_version": CARD_VERSION,
         "run_id": run_id,
@@ -82,14 +94,24 @@ def build_card(*, run_id: str, config: RunConfig, status: str, splits, n_train: 
         "model": {
             "backbone": config.backbone, "timm_name": created.spec.timm_name, "weights": created.weights,
             "scope": config.scope, "trainable_params": trainable, "data_config": created.data_config,
+            "trainable_blocks": config.trainable_blocks if config.scope == "last-k" else None,
+            "weight_standardization": config.weight_standardization,
+            "weights_described": describe_weights(created.weights),
+            "evaluated_weights": evaluated,
+            "saved_weights": evaluated,
         },
         "training": {
             "epochs": config.epochs, "batch_size": config.batch_size,
             "max_physical_batch_size": config.max_physical_batch_size, "optimizer": config.optimizer,
             "lr": config.lr, "momentum": config.momentum, "weight_decay": config.weight_decay,
             "device": device, "duration_s": duration, "seed": config.seed,
+            "augmult": config.augmult, "augment": config.augment, "ema_decay": config.ema_decay,
+            "lr_schedule": config.lr_schedule, "warmup_fraction": config.warmup_fraction,
+            "recipe": recipe,
         },
         "test_metrics": metrics,
+        "metrics_raw": metrics_raw if metrics_raw is not None else (metrics if evaluated == "raw" else None),
+        "metrics_ema": metrics_ema,
         "eval_history": eval_history,
         "warnings": warnings,
         "config": config.to_dict(),

@@ -22,15 +22,17 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import models
 
-from . import accounting, features, grad_modes
+from . import accounting, augment, features, grad_modes
 from .card import build_card
 from .config import RunConfig
 from .data import load_dataset, materialize
+from .ema import EMA
 from .errors import ConfigError
 from .events import Event, Listener, fan_out
 from .metrics import classification_metrics
 from .model_io import save_model
 from .preprocess import Normalizer, make_to_uint8
+from .schedule import LRSchedule
 from .store import BufferedEventWriter, RunStore
 
 
@@ -165,6 +167,10 @@ class _Run:
         self.last_metrics: dict[str, Any] | None = None
         self.last_probs: np.ndarray | None = None
         self.eval_history: list[dict[str, Any]] = []
+        self.metrics_raw: dict[str, Any] | None = None  # last evaluation of the raw (last-iterate) weights
+        self.metrics_ema: dict[str, Any] | None = None  # ... and of the EMA weights (when ema_decay is set)
+        self.ema: EMA | None = None
+        self.grad_sample_mode: str | None = None
 
     # -- setup -----------------------------------------------------------------------------
     def execute(self) -> TrainResult:
@@ -179,9 +185,13 @@ class _Run:
         self.splits = splits
         self.n_classes = len(splits.class_names)
         created = models.create_model(cfg.backbone, self.n_classes, pretrained=cfg.pretrained,
-                                      image_size=cfg.image_size)
+                                      image_size=cfg.image_size, weight_standardization=cfg.weight_standardization)
         self.created = created
-        self.trainable = models.set_trainable(created.model, cfg.scope)
+        self.trainable = models.set_trainable(created.model, cfg.scope, cfg.trainable_blocks)
+        # Augmentation multiplicity: each example becomes K augmented views (rows i·K .. i·K+K-1); the
+        # physical batch bounds rows (memory), so it holds max_physical_batch_size // K examples.
+        self.K = cfg.augmult
+        self.policy = augment.resolve_policy(cfg.augment, cfg.augmult, cfg.dataset, cfg.data_dir)
         self.physical_batch = cfg.max_physical_batch_size
         self.features = None
         if cfg.scope == "head":
@@ -196,6 +206,7 @@ class _Run:
 
         if cfg.private:
             self._setup_private()
+        self._setup_recipe()
         self.emit(Event("plan", self.run_id, total_steps=self.total_steps, elapsed=self.elapsed(),
                         data=self.plan_summary()))
         status = "done"
@@ -280,21 +291,68 @@ class _Run:
                  f"T={self.total_steps} ({cfg.accountant.upper()})")
         self.privacy_plan = accounting.plan(cfg.epsilon, cfg.delta, self.sample_rate, self.total_steps,
                                             cfg.accountant)
+        model, optimizer = self.model, self.optimizer
         self.engine, self.model, self.optimizer, self.loader, self.criterion = privatize(
-            self.model, self.optimizer, self.train_set, batch_size=cfg.batch_size,
+            model, optimizer, self.train_set, batch_size=cfg.batch_size,
             noise_multiplier=self.privacy_plan.noise_multiplier, clip_norm=cfg.clip_norm,
             grad_sample_mode=self.grad_sample_mode)
+        if self.grad_sample_mode == "bk" and self.K > 1:
+            if hasattr(self.model, "views_per_example"):  # book-keeping averages the K views before clipping
+                self.model.views_per_example = self.K
+            else:  # an older book-keeping module: Opacus' hooks, with the views averaged in _average_views
+                self.log("book-keeping here cannot average augmented views before clipping; using hooks")
+                if hasattr(self.model, "remove_hooks"):
+                    self.model.remove_hooks()
+                self.grad_sample_mode = "hooks"
+                self.optimizer = _make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+                self.engine, self.model, self.optimizer, self.loader, self.criterion = privatize(
+                    model, self.optimizer, self.train_set, batch_size=cfg.batch_size,
+                    noise_multiplier=self.privacy_plan.noise_multiplier, clip_norm=cfg.clip_norm,
+                    grad_sample_mode="hooks")
         if abs(self.loader.sample_rate - self.sample_rate) > 1e-12:
             raise RuntimeError(f"Opacus samples at q={self.loader.sample_rate}, the plan assumed {self.sample_rate}")
         self.eps_tracker = accounting.EpsilonTracker(self.privacy_plan.noise_multiplier, self.sample_rate,
                                                      cfg.delta, cfg.accountant)
         self.eps_steps = set(accounting.checkpoint_steps(self.total_steps, 40)) | set(self.eval_steps)
 
+    def _setup_recipe(self) -> None:
+        """EMA of the weights and the lr schedule (both act once per real optimizer step)."""
+        cfg = self.config
+        if cfg.ema_decay is not None:
+            self.ema = EMA(self._inner_model(), cfg.ema_decay)
+        self.lr_schedule = LRSchedule(self.optimizer, self.total_steps, cfg.lr_schedule, cfg.warmup_fraction)
+        self.lr_schedule.apply(0)
+        if cfg.weight_standardization and cfg.pretrained != "none":
+            self.log("warning: weight standardisation changes what pretrained conv weights compute; it is meant "
+                     "for networks trained from scratch")
+
+    def _inner_model(self) -> torch.nn.Module:
+        """The trained module itself (inside Opacus' / book-keeping's wrapper)."""
+        return getattr(self.model, "_module", self.model) if self.config.private else self.model
+
+    def recipe_info(self) -> dict[str, Any]:
+        """What the card and the plan say about the training recipe (augmult, EMA, WS, schedule, scope)."""
+        cfg = self.config
+        return {
+            "augmult": cfg.augmult, "augment": cfg.augment, "augment_policy": self.policy.describe(),
+            "views_averaged_before_clipping": cfg.augmult > 1 and cfg.private,
+            "ema_decay": cfg.ema_decay,
+            "ema_warmup": "decay_t = min(decay, (1+t)/(10+t))" if cfg.ema_decay is not None else None,
+            "weight_standardization": cfg.weight_standardization,
+            "weight_standardized_convs": self.created.weights.get("weight_standardized_convs", 0),
+            "lr_schedule": cfg.lr_schedule, "warmup_fraction": cfg.warmup_fraction,
+            "scope": cfg.scope, "trainable_blocks": cfg.trainable_blocks if cfg.scope == "last-k" else None,
+            "privacy_note": ("augmented views of one example are averaged before clipping, so each example "
+                             "still contributes one gradient of norm ≤ C and ε is that of the same σ, q, T; "
+                             "the EMA is post-processing of the DP iterates (no privacy cost)"
+                             if cfg.private else "non-private run"),
+        }
+
     def plan_summary(self) -> dict[str, Any]:
         cfg = self.config
         out = {"n_train": self.n_train, "n_test": self.n_test, "steps_per_epoch": self.spe,
                "total_steps": self.total_steps, "class_names": self.splits.class_names,
-               "device": str(self.device), "trainable_params": self.trainable}
+               "device": str(self.device), "trainable_params": self.trainable, "recipe": self.recipe_info()}
         if self.features is not None:
             out["features"] = self.features_info()
         if cfg.private:
@@ -332,15 +390,17 @@ class _Run:
             stepped.append(True)
 
         self.optimizer.attach_step_hook(on_real_step)
-        with BatchMemoryManager(data_loader=self.loader, max_physical_batch_size=self.physical_batch,
+        with BatchMemoryManager(data_loader=self.loader, max_physical_batch_size=self._examples_per_batch(),
                                 optimizer=self.optimizer) as physical_loader:
             for x, y in physical_loader:
                 self._check_cancel()
                 self.model.train()
                 self.optimizer.zero_grad(set_to_none=True)
-                out = self.model(self.normalize(x.to(self.device)))
-                loss = self.criterion(out, y.to(self.device))
+                out = self.model(self._inputs(x))
+                loss = self.criterion(out, augment.expand_views(y.to(self.device), self.K))
                 loss.backward()
+                if self.K > 1 and self.grad_sample_mode != "bk":
+                    self._average_views(len(y))
                 if len(y):
                     losses.append((float(loss.detach()), len(y)))
                 self.optimizer.step()
@@ -357,11 +417,11 @@ class _Run:
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
             losses = []
-            for chunk in idx.split(self.physical_batch):
+            for chunk in idx.split(self._examples_per_batch()):
                 self._check_cancel()
                 x, y = self.train_set[chunk]
-                out = self.model(self.normalize(x.to(self.device)))
-                loss = self.criterion(out, y.to(self.device))
+                out = self.model(self._inputs(x))  # K views per example: the plain mean over all rows
+                loss = self.criterion(out, augment.expand_views(y.to(self.device), self.K))
                 (loss * (len(chunk) / len(idx))).backward()  # gradient of the mean over the logical batch
                 losses.append((float(loss.detach()), len(chunk)))
             self.optimizer.step()
@@ -371,8 +431,39 @@ class _Run:
         if self.cancel.is_set():
             raise Cancelled()
 
+    def _examples_per_batch(self) -> int:
+        return max(1, self.physical_batch // self.K)
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """A physical batch on the device, as K augmented views per example (example-major), normalised."""
+        x = x.to(self.device)
+        if self.K > 1 or self.policy.active:
+            x = augment.views(x.float(), self.K, self.policy)
+        return self.normalize(x)
+
+    def _average_views(self, n: int) -> None:
+        """Opacus' per-row gradients (n·K rows) → per-example gradients (n), before clipping.
+
+        With loss_reduction "mean" Opacus scales the output gradients by the rows of the physical batch
+        (n·K), so ``grad_sample[r]`` is the gradient of row r's own loss; the mean over an example's K rows
+        is the gradient of the example's mean view loss. Each example then has one gradient, clipped to C,
+        so the guarantee stays per example (De et al. 2022).
+        """
+        k = self.K
+        for p in self.model.parameters():
+            gs = getattr(p, "grad_sample", None)
+            if not p.requires_grad or gs is None:
+                continue
+            if isinstance(gs, list) or gs.shape[0] != n * k:
+                raise RuntimeError(f"per-example gradient of shape {getattr(gs, 'shape', None)} where "
+                                   f"{n} examples × {k} views were expected")
+            p.grad_sample = gs.view(n, k, *gs.shape[1:]).mean(1)
+
     def _after_step(self, epoch: int, losses: list[tuple[float, int]]) -> None:
         self.step += 1
+        if self.ema is not None:
+            self.ema.update()
+        self.lr_schedule.apply(self.step)  # the lr of the next real step
         n = sum(k for _, k in losses)
         loss = sum(v * k for v, k in losses) / n if n else None
         eps = None
@@ -383,11 +474,27 @@ class _Run:
         self.emit(Event("step", self.run_id, step=self.step, total_steps=self.total_steps,
                         epoch=self.step / self.spe, loss=loss, epsilon=eps, elapsed=elapsed, eta=eta))
         if self.step in self.eval_steps:
-            self.last_metrics = self.evaluate()
-            self.eval_history.append({"step": self.step, **_headline(self.last_metrics)})
+            self.last_metrics = self.evaluate_all()
+            self.eval_history.append(self._history_entry())
             self.emit(Event("eval", self.run_id, step=self.step, total_steps=self.total_steps,
                             epoch=self.step / self.spe, epsilon=eps, metrics=self.last_metrics,
                             elapsed=self.elapsed(), eta=eta))
+
+    def evaluate_all(self) -> dict[str, Any]:
+        """Evaluate the raw weights and, with EMA, the averaged ones; returns (and keeps the predictions
+        of) the EMA metrics when ema_decay is set, the raw ones otherwise."""
+        self.metrics_raw = self.evaluate()
+        if self.ema is None:
+            return self.metrics_raw
+        with self.ema.swapped_in():
+            self.metrics_ema = self.evaluate()
+        return self.metrics_ema
+
+    def _history_entry(self) -> dict[str, Any]:
+        entry = {"step": self.step, **_headline(self.last_metrics)}
+        if self.ema is not None:
+            entry.update(raw=_headline(self.metrics_raw), ema=_headline(self.metrics_ema))
+        return entry
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -409,11 +516,15 @@ class _Run:
         cfg = self.config
         privacy = self._privacy_spent()
         if status == "done" and (self.last_metrics is None or self.eval_history[-1]["step"] != self.step):
-            self.last_metrics = self.evaluate()
+            self.last_metrics = self.evaluate_all()
         # The head path trains a sub-module of created.model in place: the full model (frozen backbone +
         # trained head) is saved, so reloading and predicting work exactly as for any other run.
         raw_model = self.created.model if self.features is not None else (
             self.model._module if cfg.private else self.model)
+        if self.ema is not None:  # the saved model is the EMA one (post-processing of the DP iterates)
+            self.ema.copy_to()
+        if cfg.weight_standardization:  # plain convs holding the standardised weights: same function
+            models.factory.bake_weight_standardization(raw_model)
         save_model(raw_model, self.store.run_dir(self.run_id) / "model.safetensors", self.splits.class_names,
                    self.created.data_config, self.run_id)
         if self.last_probs is not None:  # test-split predictions, for the confusion matrix, ROC and gallery
@@ -424,6 +535,7 @@ class _Run:
             n_test=self.n_test, skipped=self.skipped, created=self.created, trainable=self.trainable,
             privacy=privacy, metrics=self.last_metrics, eval_history=self.eval_history,
             device=str(self.device), duration=self.elapsed(), warnings=self.warnings,
+            recipe=self.recipe_info(), metrics_raw=self.metrics_raw, metrics_ema=self.metrics_ema,
         )
         if self.features is not None:
             card["model"]["features"] = self.features_info()
