@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Sequence
 
 from . import accounting
+from .augment import AUGMENTS
 from .config import DEVICES, OPTIMIZERS, SCOPES, RunConfig
+from .schedule import LR_SCHEDULES
 from .errors import DPCoreError
 from .events import Event
 from .sweep import DEFAULT_EPSILONS, parse_epsilons
@@ -60,6 +62,28 @@ def _add_train_flags(t: argparse.ArgumentParser, sweep: bool) -> None:
     t.add_argument("--skip-unreadable", action="store_true", help="leave out unreadable images (recorded)")
     t.add_argument("--evals-per-epoch", type=int, default=d.evals_per_epoch)
     t.add_argument("--cache-dir", default=None, help="download cache (MedMNIST, CIFAR-10)")
+    t.add_argument("--trainable-blocks", type=int, default=d.trainable_blocks,
+                   help="with --scope last-k: the head plus this many last blocks of the backbone are trained")
+    _add_recipe_flags(t)
+
+
+def _add_recipe_flags(t: argparse.ArgumentParser) -> None:
+    """The DP training recipe of De et al. 2022 (train, sweep and pretrain)."""
+    d = _DEFAULTS
+    t.add_argument("--augmult", type=int, default=d.augmult,
+                   help="augmentation multiplicity K: K augmented views per example, their gradients averaged "
+                        "before clipping (same ε; each step ~K times the work)")
+    t.add_argument("--augment", default=d.augment, choices=AUGMENTS,
+                   help="augmentation policy (auto: from the data set, none when --augmult is 1)")
+    t.add_argument("--ema-decay", type=float, default=d.ema_decay,
+                   help="keep an exponential moving average of the weights (e.g. 0.999); the EMA weights are "
+                        "evaluated and saved (post-processing: no privacy cost)")
+    t.add_argument("--weight-standardization", action="store_true",
+                   help="standardise every conv weight per output filter (for conv nets trained from scratch)")
+    t.add_argument("--lr-schedule", default=d.lr_schedule, choices=LR_SCHEDULES,
+                   help="constant or cosine decay over the run's steps")
+    t.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction,
+                   help="linear lr warm-up over this fraction of the steps (0 to 0.5)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=helptext)
         _add_runs_dir(s)
 
+    pre = sub.add_parser("pretrain", help="train a backbone WITHOUT DP on data you declare public; save it "
+                         "without its head for --pretrained")
+    _add_runs_dir(pre)
+    _add_pretrain_flags(pre)
+
     card = sub.add_parser("card", help="print a stored run's model card")
     _add_runs_dir(card)
     card.add_argument("run_id")
@@ -115,6 +144,54 @@ def build_parser() -> argparse.ArgumentParser:
     for module in _command_modules():  # commands that live in their own modules (experiments, privacy audit)
         COMMANDS.update(module.add_commands(sub, _add_runs_dir))
     return parser
+
+
+def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
+    d = _DEFAULTS
+    p.add_argument("--dataset", required=True, help="the public data set to pretrain on")
+    p.add_argument("--data-dir", default=None, help="data folder (folder, ham10000) or npz file (MedMNIST)")
+    p.add_argument("--backbone", default=d.backbone)
+    p.add_argument("--pretrained", default=d.pretrained, help="start from none | hub | PATH.safetensors")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--out", required=True, help="weights file to write (.safetensors; a sidecar .json beside it)")
+    p.add_argument("--public", default=None, help="why these data may be treated as public (recorded)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--max-physical-batch-size", type=int, default=d.max_physical_batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, choices=DEVICES)
+    p.add_argument("--test-fraction", type=float, default=d.test_fraction)
+    p.add_argument("--medmnist-size", type=int, default=d.medmnist_size)
+    p.add_argument("--skip-unreadable", action="store_true")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--quiet", action="store_true")
+    _add_recipe_flags(p)
+
+
+def _cmd_pretrain(args) -> int:
+    from .pretrain import pretrain
+
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    named = {"dataset", "data_dir", "backbone", "image_size", "epochs"}
+    options = {k: v for k, v in vars(args).items() if k in fields and k not in named}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = pretrain(args.dataset, args.out, data_dir=args.data_dir, backbone=args.backbone,
+                          image_size=args.image_size, epochs=args.epochs, public=args.public,
+                          listener=None if args.quiet else ProgressPrinter(), **options)
+    f = result.facts
+    tm = f["test_metrics"]
+    acc = f"{tm['accuracy']:.4f}" if tm.get("accuracy") is not None else "n/a"
+    print(f"pretrained {f['backbone']} on {f['dataset']} ({f['n_train']} images, {f['epochs']} epochs, non-private; "
+          f"test accuracy {acc})")
+    print(f"weights (no classifier head): {result.path}")
+    print(f"facts: {result.sidecar}")
+    print(f"use: python -m dpcore train --backbone {f['backbone']} --pretrained {result.path} ...")
+    return 0
 
 
 COMMAND_MODULES = ("dpcore.cli_experiments", "dpcore.cli_privacy")
@@ -207,6 +284,19 @@ def format_card(card: dict) -> str:
         lines.append(f"test      : accuracy {tm['accuracy']:.4f}, balanced accuracy {tm['balanced_accuracy']:.4f}, "
                      f"ROC-AUC {auc}")
         lines.append("recall    : " + ", ".join(f"{k} {v:.3f}" for k, v in tm["per_class_recall"].items()))
+    tr = card["training"]
+    recipe = [f"augmult K={tr['augmult']} ({(tr.get('recipe') or {}).get('augment_policy', {}).get('name', tr['augment'])})"
+              if tr.get("augmult", 1) > 1 else None,
+              f"EMA {tr['ema_decay']:g} (reported and saved: {m.get('evaluated_weights')} weights)"
+              if tr.get("ema_decay") is not None else None,
+              "weight standardisation" if m.get("weight_standardization") else None,
+              f"lr {tr['lr_schedule']}" + (f", warm-up {tr['warmup_fraction']:g}" if tr.get("warmup_fraction") else "")
+              if tr.get("lr_schedule", "constant") != "constant" or tr.get("warmup_fraction") else None,
+              f"last {m['trainable_blocks']} block(s) + head" if m.get("trainable_blocks") else None]
+    if any(recipe):
+        lines.append("recipe    : " + "; ".join(r for r in recipe if r))
+    if card.get("metrics_ema") and card.get("metrics_raw"):
+        lines.append(f"raw / EMA : accuracy {card['metrics_raw']['accuracy']:.4f} / {card['metrics_ema']['accuracy']:.4f}")
     lines.append(f"training  : {card['training']['duration_s']:.1f} s on {card['training']['device']}")
     for w in card.get("warnings", []):
         lines.append(f"warning   : {w}")
@@ -349,7 +439,8 @@ def _cmd_card(args) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "sweep": _cmd_sweep, "runs": _cmd_runs, "epsilon": _cmd_epsilon, "calibrate": _cmd_calibrate,
-            "predict": _cmd_predict, "backbones": _cmd_backbones, "datasets": _cmd_datasets, "card": _cmd_card}
+            "predict": _cmd_predict, "backbones": _cmd_backbones, "datasets": _cmd_datasets, "card": _cmd_card,
+            "pretrain": _cmd_pretrain}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

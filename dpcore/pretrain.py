@@ -1,0 +1,123 @@
+"""Public pretraining, offline: train a backbone WITHOUT differential privacy on a data set the user
+declares public, and save it (without its classifier) for DP fine-tuning on private data.
+
+    python -m dpcore pretrain --dataset ham10000 --data-dir ../shared/data/ham10000 --backbone tiny_cnn \
+        --image-size 64 --epochs 5 --out ham_tiny.safetensors
+    python -m dpcore train --dataset folder --data-dir ../shared/data/chest_xray --pretrained ham_tiny.safetensors ...
+
+The pretraining images get NO privacy protection: the weights may reveal them. Only the data of the
+later DP run are protected, and the ε of that run is unaffected by the pretraining (the weights are a
+fixed public starting point, chosen before the private data are touched).
+
+Output: ``OUT.safetensors`` holds the backbone's state dict (keys of the Opacus-compatible model that
+``models.create_model`` builds) minus the classifier head, so it loads for any number of classes
+(``--pretrained OUT.safetensors``: the head is initialised afresh). Its safetensors metadata carries
+``format = dpcore-backbone-v1`` and ``pretraining`` (JSON facts: data set, date, config, test metrics);
+the same facts plus the file's sha256 go to the sidecar ``OUT.json``. The DP run's card records them
+under ``model.weights.provenance``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import models
+
+from .config import RunConfig
+from .errors import ConfigError
+from .events import Listener
+from .store import RunStore
+
+FORMAT = "dpcore-backbone-v1"
+
+
+@dataclass
+class PretrainResult:
+    path: Path  # the weights file
+    sidecar: Path  # OUT.json
+    facts: dict[str, Any]
+
+
+def sidecar_path(out: str | Path) -> Path:
+    return Path(out).with_suffix(".json")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pretrain(dataset: str, out: str | Path, *, data_dir: str | None = None, backbone: str = "tiny_cnn",
+             image_size: int | None = None, epochs: int = 5, public: str | None = None,
+             listener: Listener | None = None, **options: Any) -> PretrainResult:
+    """Train ``backbone`` non-privately on ``dataset`` (declared public) and write its weights without
+    the classifier to ``out`` (a .safetensors path) plus the sidecar ``out.json``.
+
+    ``options``: any other run-config field (batch_size, lr, optimizer, seed, device, augmult, augment,
+    ema_decay, weight_standardization, lr_schedule, warmup_fraction, medmnist_size, ...). The run is made
+    in a temporary store and discarded; its test metrics (on the data set's own test split) are kept
+    in the facts. ``public``: why these data may be treated as public (recorded).
+    """
+    from .trainer import train  # lazy: importing the trainer pulls in Opacus
+
+    out = Path(out).expanduser()
+    if out.suffix != ".safetensors":
+        raise ConfigError("out", f"{out} does not end in .safetensors", "pass e.g. --out weights.safetensors")
+    for bad in ("epsilon", "non_private", "scope", "pretrained_out"):
+        if bad in options:
+            raise ConfigError(bad, "is fixed for pretraining (non-private, every parameter trained)",
+                              "leave it out")
+    config = RunConfig(dataset=dataset, data_dir=data_dir, backbone=backbone, image_size=image_size,
+                       epochs=epochs, epsilon=None, scope="full", **options)
+    config.check_paths()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="dpcore-pretrain-") as tmp:
+        store = RunStore(Path(tmp) / "runs")
+        result = train(config, store, listener=listener)
+        if result.status != "done":
+            raise RuntimeError(f"pretraining ended with status {result.status}")
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(str(store.run_dir(result.run_id) / "model.safetensors"))
+    card = result.card
+    created = models.create_model(backbone, len(card["dataset"]["class_names"]), image_size=image_size)
+    head = models.factory._classifier_prefix(created.model)
+    backbone_state = {k: v.contiguous() for k, v in state.items() if not models.factory._is_head_key(k, head)}
+    facts = {
+        "kind": "public pretraining (non-private)",
+        "dataset": dataset, "data_dir": data_dir, "backbone": backbone, "image_size": image_size,
+        "epochs": epochs, "public": public or "declared public by the user",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "n_train": card["dataset"]["n_train"], "n_test": card["dataset"]["n_test"],
+        "class_names": card["dataset"]["class_names"],
+        "test_metrics": {k: card["test_metrics"].get(k) for k in ("accuracy", "balanced_accuracy", "roc_auc", "loss")},
+        "weights_saved": card["model"]["saved_weights"], "head_removed": sorted(set(state) - set(backbone_state)),
+        "data_config": created.data_config, "config": config.to_dict(),
+        "privacy": "none: the pretraining images are treated as public and get no DP protection",
+        "versions": {k: card["versions"].get(k) for k in ("torch", "opacus", "timm")},
+    }
+    tmp_out = out.with_name(out.name + ".tmp")
+    save_file(backbone_state, str(tmp_out), metadata={
+        "format": FORMAT, "backbone": backbone, "pretraining": json.dumps(facts, default=list)})
+    tmp_out.replace(out)
+    side = sidecar_path(out)
+    side.write_text(json.dumps({**facts, "weights_file": out.name, "sha256": _sha256(out)}, indent=2, default=list))
+    return PretrainResult(out, side, facts)
+
+
+def state_dict_keys(path: str | Path) -> list[str]:  # for tests and the CLI summary
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+__all__ = ["FORMAT", "PretrainResult", "pretrain", "sidecar_path", "state_dict_keys"]
