@@ -442,22 +442,7 @@ class _Run:
         return self.normalize(x)
 
     def _average_views(self, n: int) -> None:
-        """Opacus' per-row gradients (n·K rows) → per-example gradients (n), before clipping.
-
-        With loss_reduction "mean" Opacus scales the output gradients by the rows of the physical batch
-        (n·K), so ``grad_sample[r]`` is the gradient of row r's own loss; the mean over an example's K rows
-        is the gradient of the example's mean view loss. Each example then has one gradient, clipped to C,
-        so the guarantee stays per example (De et al. 2022).
-        """
-        k = self.K
-        for p in self.model.parameters():
-            gs = getattr(p, "grad_sample", None)
-            if not p.requires_grad or gs is None:
-                continue
-            if isinstance(gs, list) or gs.shape[0] != n * k:
-                raise RuntimeError(f"per-example gradient of shape {getattr(gs, 'shape', None)} where "
-                                   f"{n} examples × {k} views were expected")
-            p.grad_sample = gs.view(n, k, *gs.shape[1:]).mean(1)
+        average_views(self.model, n, self.K)
 
     def _after_step(self, epoch: int, losses: list[tuple[float, int]]) -> None:
         self.step += 1
@@ -581,6 +566,24 @@ class _Run:
 
     def elapsed(self) -> float:
         return time.time() - self.t0
+
+
+def average_views(model: torch.nn.Module, n: int, k: int) -> None:
+    """Opacus' per-row gradients (n·K rows, example-major) → per-example gradients (n), before clipping.
+
+    With loss_reduction "mean" Opacus scales the output gradients by the rows of the physical batch
+    (n·K), so ``grad_sample[r]`` is the gradient of row r's own loss; the mean over an example's K rows
+    is the gradient of the example's mean view loss. Each example then has one gradient, clipped to C
+    by the optimizer, so the guarantee stays per example (De et al. 2022).
+    """
+    for p in model.parameters():
+        gs = getattr(p, "grad_sample", None)
+        if not p.requires_grad or gs is None:
+            continue
+        if isinstance(gs, list) or gs.shape[0] != n * k:
+            raise RuntimeError(f"per-example gradient of shape {getattr(gs, 'shape', None)} where "
+                               f"{n} examples × {k} views were expected")
+        p.grad_sample = gs.view(n, k, *gs.shape[1:]).mean(1)
 
 
 def _make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
