@@ -13,9 +13,9 @@ from typing import Sequence
 from . import accounting
 from .augment import AUGMENTS
 from .config import DEVICES, OPTIMIZERS, SCOPES, RunConfig
-from .schedule import LR_SCHEDULES
 from .errors import DPCoreError
 from .events import Event
+from .schedule import LR_SCHEDULES
 from .sweep import DEFAULT_EPSILONS, parse_epsilons
 
 _DEFAULTS = RunConfig()

@@ -16,7 +16,7 @@ def warmup_steps(total_steps: int, warmup_fraction: float) -> int:
     """Number of warm-up steps: round(fraction · T), at least 1 when the fraction is > 0."""
     if warmup_fraction <= 0 or total_steps <= 0:
         return 0
-    return max(1, int(round(warmup_fraction * total_steps)))
+    return max(1, round(warmup_fraction * total_steps))
 
 
 def lr_factor(step: int, total_steps: int, schedule: str = "constant", warmup_fraction: float = 0.0) -> float:

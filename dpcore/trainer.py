@@ -35,7 +35,6 @@ from .preprocess import Normalizer, make_to_uint8
 from .schedule import LRSchedule
 from .store import BufferedEventWriter, RunStore
 
-
 # Opacus' hooks on the first layer fire once per step with this torch warning (the input images need
 # no gradient); it is expected and says nothing about the run, so it is not shown to users.
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)

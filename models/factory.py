@@ -207,12 +207,12 @@ DPCORE_FORMATS = ("dpcore-run-v1", "dpcore-backbone-v1")
 
 
 def _file_metadata(path_str: str) -> dict:
-    try:
-        from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
+    try:
         with safe_open(str(Path(path_str).expanduser()), framework="pt") as f:
             return dict(f.metadata() or {})
-    except Exception:  # unreadable files are reported by _load_file with a clear message
+    except (SafetensorError, OSError, ValueError):  # unreadable files: _load_file says so clearly
         return {}
 
 
