@@ -51,7 +51,8 @@ METRICS = {
 DEFAULT_METRICS = ("epsilon", "accuracy", "balanced_accuracy", "roc_auc", "duration_s")
 _TOP_KEYS = {"name", "version", "title", "description", "needs", "pretrain", "base", "grid", "arms", "table", "notes"}
 _PRETRAIN_KEYS = {"dataset", "data_dir", "backbone", "image_size", "epochs", "public", "options"}
-_ARM_META = {"label", "reference", "non_private"}
+_ARM_META = {"label", "reference", "non_private", "report"}
+REPORTS = ("raw", "ema")  # which weights' test metrics an arm reports (default: those the run evaluated)
 
 
 class ExperimentError(DPCoreError):
@@ -69,6 +70,7 @@ class Arm:
     group: str  # the arm's label in the file (before crossing with the ε grid)
     overrides: dict[str, Any]  # RunConfig fields on top of the base (epsilon None = non-private)
     reference: dict[str, Any] = field(default_factory=dict)  # published numbers to compare with
+    report: str | None = None  # "raw" / "ema": that weight set's metrics from the run's card (None: the run's own)
 
     @property
     def private(self) -> bool:
@@ -248,13 +250,18 @@ def parse_experiment(data: dict[str, Any], path: Path) -> Experiment:
               "write non_private = true")
         _need(not (non_private and "epsilon" in overrides), where, f"{key}", "sets both epsilon and non_private",
               "keep one of them")
+        report = raw.get("report")
+        _need(report is None or report in REPORTS, where, f"{key}.report", f"must be one of {list(REPORTS)}, "
+              f"got {report!r}", 'write report = "raw" (last iterate) or report = "ema" (parameter average)')
+        _need(report != "ema" or overrides.get("ema_decay", base.get("ema_decay")) is not None, where,
+              f"{key}.report", "is 'ema' but the arm keeps no EMA", "set ema_decay = 0.99 in the arm or the base")
         if non_private:
-            arms.append(Arm(label, label, {**overrides, "epsilon": None}, ref))
+            arms.append(Arm(label, label, {**overrides, "epsilon": None}, ref, report))
         elif "epsilon" in overrides or not grid_eps:
-            arms.append(Arm(label, label, overrides, ref))
+            arms.append(Arm(label, label, overrides, ref, report))
         else:
             for e in grid_eps:
-                arms.append(Arm(f"{label} · ε={e:g}", label, {**overrides, "epsilon": float(e)}, ref))
+                arms.append(Arm(f"{label} · ε={e:g}", label, {**overrides, "epsilon": float(e)}, ref, report))
     labels = [a.label for a in arms]
     dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
     _need(not dupes, where, "arms", f"duplicate arm labels {dupes}", "give every arm its own label")
@@ -459,12 +466,16 @@ def read_tags(runs_dir: str | Path) -> dict[str, dict[str, Any]]:
         return {}
 
 
-def tag_run(runs_dir: str | Path, run_id: str, exp: Experiment, arm: Arm) -> None:
+def tag_run(runs_dir: str | Path, run_id: str, exp: Experiment, arm: Arm,
+            also: Sequence[Arm] = ()) -> None:
+    """Tag `run_id` as `arm`'s run (and as the run of the arms in `also`, which share its exact config)."""
     root = Path(runs_dir)
     with _locked(root):
         tags = read_tags(root)
         tags[run_id] = {"experiment": exp.name, "version": exp.version, "arm": arm.label, "group": arm.group,
                         "tagged_at": time.time()}
+        if also:
+            tags[run_id]["also"] = [a.label for a in also]
         tmp = root / (TAGS_FILE + ".tmp")
         tmp.write_text(json.dumps({"format": 1, "runs": tags}, indent=1, sort_keys=True))
         tmp.replace(root / TAGS_FILE)
@@ -478,7 +489,8 @@ def experiment_runs(store, exp: Experiment, version: int | None = None) -> dict[
     out: dict[str, list] = {}
     for run_id, t in tags.items():
         if t.get("experiment") == exp.name and t.get("version") == version and run_id in by_id:
-            out.setdefault(t.get("arm"), []).append(by_id[run_id])
+            for label in [t.get("arm"), *t.get("also", [])]:
+                out.setdefault(label, []).append(by_id[run_id])
     for recs in out.values():
         recs.sort(key=lambda r: r.created_at)
     return out
@@ -506,7 +518,18 @@ class Comparison:
                                                           "roc_auc", "duration_s", "run_id")} for r in self.rows}}
 
 
-def _row(exp: Experiment, arm: Arm, rec) -> dict[str, Any]:
+def _reported_metrics(arm: Arm, rec, store) -> dict[str, Any]:
+    """The run's metrics, or (arm.report) those of its raw / EMA weights as the run's card keeps them."""
+    if arm.report is None or store is None or rec.status != "done":
+        return rec.metrics or {}
+    try:
+        card = store.card(rec.run_id)
+    except DPCoreError:
+        return {}
+    return card.get(f"metrics_{arm.report}") or {}
+
+
+def _row(exp: Experiment, arm: Arm, rec, store=None) -> dict[str, Any]:
     target = {"epsilon": RunConfig().epsilon, **exp.base, **arm.overrides}["epsilon"]
     row = {"arm": arm.label, "group": arm.group, "private": arm.private, "target_epsilon": target,
            "status": "not run", "run_id": None, "epsilon": None, "accuracy": None, "balanced_accuracy": None,
@@ -515,7 +538,7 @@ def _row(exp: Experiment, arm: Arm, rec) -> dict[str, Any]:
            "reference_source": arm.reference.get("source")}
     if rec is None:
         return row
-    m, p = rec.metrics or {}, rec.privacy or {}
+    m, p = _reported_metrics(arm, rec, store), rec.privacy or {}
     row.update(status=rec.status, run_id=rec.run_id, target_epsilon=rec.target_epsilon, private=rec.private,
                epsilon=p.get("epsilon") if rec.private else None, accuracy=m.get("accuracy"),
                balanced_accuracy=m.get("balanced_accuracy"), roc_auc=m.get("roc_auc"),
@@ -532,7 +555,7 @@ def comparison(name_or_exp: str | Experiment, store, *, version: int | None = No
     for arm in exp.arms:
         recs = runs.get(arm.label, [])
         done = [r for r in recs if r.status == "done"]
-        rows.append(_row(exp, arm, (done or recs or [None])[-1]))
+        rows.append(_row(exp, arm, (done or recs or [None])[-1], store))
     return Comparison(exp, rows)
 
 
@@ -682,15 +705,31 @@ def run_experiment(name_or_exp: str | Experiment, store, *, data_root: str | Pat
     configs = [exp.config(a, data_root, store.root) for a in arms]
     for cfg in configs:
         cfg.check_paths()
-    run_ids = []
-    for arm, cfg in zip(arms, configs):
+    run_ids, train_configs, label_of = [], [], {}
+    for (arm, cfg), also in _share_runs(arms, configs):
         run_id = store.create_run(cfg, status="queued")
-        tag_run(store.root, run_id, exp, arm)
+        tag_run(store.root, run_id, exp, arm, also)
         run_ids.append(run_id)
-    label_of = dict(zip(run_ids, (a.label for a in arms)))
-    run_sweep(configs, store, run_ids=run_ids, listener=listener, cancel=cancel, train_fn=train_fn,
+        train_configs.append(cfg)
+        label_of[run_id] = arm.label
+    run_sweep(train_configs, store, run_ids=run_ids, listener=listener, cancel=cancel, train_fn=train_fn,
               on_point=(lambda p: on_arm(label_of[p.run_id], p)) if on_arm else None)
     return comparison(exp, store)
+
+
+def _share_runs(arms: Sequence[Arm], configs: Sequence[RunConfig]) -> list[tuple[tuple[Arm, RunConfig], list[Arm]]]:
+    """Arms whose run configs are identical share one run (e.g. the raw and EMA reports of one training):
+    [((arm that trains, its config), [arms that read the same run])], in arm order."""
+    out: list[tuple[tuple[Arm, RunConfig], list[Arm]]] = []
+    by_key: dict[str, list[Arm]] = {}
+    for arm, cfg in zip(arms, configs):
+        key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+        if key in by_key:
+            by_key[key].append(arm)
+        else:
+            by_key[key] = []
+            out.append(((arm, cfg), by_key[key]))
+    return out
 
 
 class ExperimentLaunch:
@@ -715,12 +754,13 @@ class ExperimentLaunch:
         configs = [self.experiment.config(a, self.data_root, store.root) for a in self.arms]
         for cfg in configs:
             cfg.check_paths()
-        for arm, cfg in zip(self.arms, configs):
+        for (arm, cfg), also in _share_runs(self.arms, configs):
             if self._cancelled.is_set():
                 break
             job = self.manager.submit(cfg, label=f"{self.experiment.name} · {arm.label}")
-            tag_run(store.root, job.run_id, self.experiment, arm)
-            self.run_ids[arm.label] = job.run_id
+            tag_run(store.root, job.run_id, self.experiment, arm, also)
+            for a in (arm, *also):
+                self.run_ids[a.label] = job.run_id
         self.status = "cancelled" if self._cancelled.is_set() else "queued"
 
     def _pretrain_then_queue(self) -> None:

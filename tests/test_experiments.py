@@ -394,3 +394,55 @@ def test_cli_runs_an_experiment(tmp_path, exp_dir, capsys):
     head = json.loads(out[-1][len("headline "):])
     assert head["done"] == 1 and head["rows"]["non-private"]["status"] == "done"
     assert head["rows"]["DP · ε=1"]["status"] == "not run"
+
+
+SHARED = """
+name = "shared"
+version = 1
+description = "raw vs EMA weights of one DP training: two arms, one run"
+
+[base]
+dataset = "digits"
+backbone = "tiny_cnn"
+image_size = 16
+epochs = 1
+batch_size = 64
+max_physical_batch_size = 64
+device = "cpu"
+epsilon = 2
+ema_decay = 0.9
+
+[[arms]]
+label = "raw"
+report = "raw"
+
+[[arms]]
+label = "EMA"
+report = "ema"
+"""
+
+
+def test_arms_with_identical_configs_share_one_run_and_report_raw_or_ema(tmp_path):
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "shared.toml").write_text(SHARED)
+    store = RunStore(tmp_path / "runs")
+    comp = ex.run_experiment("shared", store, directory=tmp_path / "experiments")
+    assert len(store.list_runs()) == 1  # EMA is post-processing: one training serves both arms
+    raw, ema = comp.rows
+    assert raw["run_id"] == ema["run_id"] and raw["status"] == ema["status"] == "done"
+    card = store.card(raw["run_id"])
+    assert raw["accuracy"] == pytest.approx(card["metrics_raw"]["accuracy"])
+    assert ema["accuracy"] == pytest.approx(card["metrics_ema"]["accuracy"])
+    assert raw["roc_auc"] == pytest.approx(card["metrics_raw"]["roc_auc"])
+    assert raw["epsilon"] == ema["epsilon"] == card["epsilon"]
+    # both arms count as done: a second launch trains nothing
+    ex.run_experiment("shared", store, directory=tmp_path / "experiments")
+    assert len(store.list_runs()) == 1
+
+
+def test_report_ema_without_ema_is_refused(tmp_path):
+    body = SHARED.replace("ema_decay = 0.9\n", "")
+    p = tmp_path / "shared.toml"
+    p.write_text(body)
+    with pytest.raises(ex.ExperimentError, match="keeps no EMA"):
+        ex.load_experiment(p)
