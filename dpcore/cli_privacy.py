@@ -16,7 +16,7 @@ def _add_audit(subparsers, add_runs_dir) -> None:
         "audit", help="membership-inference audit of a run's training recipe (loss attack + LiRA)",
         description="Trains a target with the run's recipe (same σ, q, T, C or non-private) on a random half of "
                     "train ∪ test and S shadow models on random halves, runs the loss-threshold and LiRA attacks, "
-                    "and prints AUC, TPR at 1%% / 0.1%% FPR and the empirical ε lower bound (95%%, Clopper-Pearson) "
+                    "and prints AUC, TPR at 1% / 0.1% FPR and the empirical ε lower bound (95%, Clopper-Pearson) "
                     "next to the claimed ε. Stored as RUN_DIR/audit.json.")
     add_runs_dir(p)
     p.add_argument("--run", required=True, help="run id (see `runs --ids`)")
