@@ -641,10 +641,20 @@ def ensure_pretrained(exp: Experiment, runs_dir: str | Path, data_root: str | Pa
             raise ExperimentError(exp.name, "pretrain", f"the pretraining engine wrote no file at {tmp}",
                                   "check `python -m dpcore pretrain` on its own")
         tmp.replace(out)
-        (out.with_suffix(".json")).write_text(json.dumps({
-            "experiment": exp.name, "version": exp.version, "dataset": step.dataset, "data_dir": data_dir,
-            "backbone": step.backbone, "image_size": step.image_size, "epochs": step.epochs,
-            "options": step.options, "public": step.public, "seconds": round(time.time() - t0, 1)}, indent=2))
+        # one sidecar beside the final file: the engine's facts (sha256, data, recipe) plus the experiment's
+        engine_side = tmp.with_suffix(".json")
+        facts: dict[str, Any] = {}
+        if engine_side.is_file():
+            try:
+                facts = json.loads(engine_side.read_text())
+            except json.JSONDecodeError:
+                facts = {}
+            engine_side.unlink()
+        facts.update({"weights_file": out.name, "experiment": exp.name, "version": exp.version,
+                      "dataset": step.dataset, "data_dir": data_dir, "backbone": step.backbone,
+                      "image_size": step.image_size, "epochs": step.epochs, "options": step.options,
+                      "public": step.public, "seconds": round(time.time() - t0, 1)})
+        out.with_suffix(".json").write_text(json.dumps(facts, indent=2, default=list))
         if listener is not None:
             listener(Event("log", f"pretrain-{exp.name}", message=f"pretraining done in {time.time() - t0:.0f} s"))
         return out

@@ -346,6 +346,7 @@ def test_pretrain_step_runs_once_and_its_file_is_used(tmp_path):
     def fake_pretrain(**kw):
         calls.append(kw)
         save_file(TinyCNN(num_classes=10).state_dict(), kw["out"])
+        Path(kw["out"]).with_suffix(".json").write_text(json.dumps({"sha256": "abc", "weights_file": "x"}))
 
     exp = ex.load_experiment(write(tmp_path, "pre", PRETRAIN_EXP))
     store = RunStore(tmp_path / "runs")
@@ -358,6 +359,12 @@ def test_pretrain_step_runs_once_and_its_file_is_used(tmp_path):
     assert card["model"]["weights"]["name"] == str(exp.weights_path(store.root))
     assert ex.ensure_pretrained(exp, store.root, pretrain_fn=fake_pretrain) == exp.weights_path(store.root)
     assert len(calls) == 1  # cached: not made again
+    # one sidecar beside the final file, keeping the engine's facts and adding the experiment's
+    sides = sorted(p.name for p in exp.weights_path(store.root).parent.glob("*.json"))
+    assert sides == [exp.weights_path(store.root).with_suffix(".json").name]
+    facts = json.loads(exp.weights_path(store.root).with_suffix(".json").read_text())
+    assert facts["sha256"] == "abc" and facts["experiment"] == "pre"
+    assert facts["weights_file"] == exp.weights_path(store.root).name
 
 
 # -- the command line --------------------------------------------------------------------------------------
