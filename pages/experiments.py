@@ -42,8 +42,12 @@ with st.expander(f"Arms ({len(exp.arms)}) and settings"):
         changes = {k: ("non-private" if k == "epsilon" and v is None else v) for k, v in arm.overrides.items()}
         arm_rows.append({"arm": arm.label, "changes from the base": ", ".join(f"{k}={v}" for k, v in changes.items())
                          or "—", "reported elsewhere": ", ".join(f"{k} {v}" for k, v in arm.reference.items()
-                                                                   if k != "source") or "—"})
+                                                                   if k != "source") or "—",
+                         "reports": {"raw": "raw (last-iterate) weights", "ema": "EMA weights"}.get(arm.report or "",
+                                                                                                 "the run's own")})
     st.dataframe(pd.DataFrame(arm_rows), hide_index=True)
+    st.caption("Arms with identical run configs share one training run (e.g. the raw and the EMA weights of one "
+               "run: EMA is post-processing and does not change training).")
     st.markdown("**Base run config** (relative data paths resolve against the data root)")
     st.json(exp.base, expanded=False)
     if exp.pretrain is not None:
