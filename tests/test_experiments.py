@@ -111,7 +111,13 @@ def test_grids_cross_every_arm_with_every_epsilon():
     cfgs = {a.label: c for a, c in ablation.configs(data_root="/d")}
     both = cfgs["+augmult +EMA · ε=2"]
     assert both.epsilon == 2.0 and both.augmult == 4 and both.ema_decay == 0.99
-    assert cfgs["baseline · ε=2"].augmult == 1 and cfgs["baseline · ε=2"].ema_decay is None
+    assert cfgs["baseline · ε=2"].augmult == 1
+    # baseline and +EMA are the raw and the EMA weights of one run: same config, different reports
+    assert cfgs["baseline · ε=2"] == cfgs["+EMA · ε=2"]
+    arms = {a.label: a for a in ablation.arms}
+    assert (arms["baseline · ε=2"].report, arms["+EMA · ε=2"].report) == ("raw", "ema")
+    shared = ex._share_runs(list(ablation.arms), [cfgs[a.label] for a in ablation.arms])
+    assert len(shared) == 8 and all(len(also) == 1 for _, also in shared)
 
 
 def test_pretrained_vs_random_uses_a_cached_pretrain_file(tmp_path):
