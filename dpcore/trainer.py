@@ -142,15 +142,18 @@ def train(
     store.set_status(run_id, "running")
     emit(Event("started", run_id, message=f"{config.dataset} / {config.backbone} / "
                + (f"ε={config.epsilon:g}" if config.private else "non-private")))
+    run = _Run(config, store, run_id, emit, cancel, t0)
     try:
-        return _Run(config, store, run_id, emit, cancel, t0).execute()
+        return run.execute()
     except KeyboardInterrupt:
         store.set_status(run_id, "cancelled", error="interrupted (Ctrl-C) before the run finished")
+        run.record_in_ledger("cancelled")
         emit(Event("cancelled", run_id, elapsed=time.time() - t0, message="interrupted"))
         raise
     except BaseException as exc:
         message = f"{type(exc).__name__}: {exc}"
         store.set_status(run_id, "failed", error=message + "\n" + traceback.format_exc(limit=8))
+        run.record_in_ledger("failed")
         emit(Event("failed", run_id, elapsed=time.time() - t0, message=message))
         raise
 
@@ -526,11 +529,37 @@ class _Run:
         self.store.write_json(self.run_id, "card.json", card)
         self.store.record_results(self.run_id, self.last_metrics, privacy)
         self.store.set_status(self.run_id, status)
+        self.record_in_ledger(status, privacy)
         self.emit(Event("finished" if status == "done" else "cancelled", self.run_id, step=self.step,
                         total_steps=self.total_steps, epoch=self.step / self.spe,
                         epsilon=privacy.get("epsilon"), metrics=self.last_metrics, elapsed=self.elapsed(),
                         eta=0.0, data={"card": card}))
         return TrainResult(self.run_id, status, card)
+
+    def record_in_ledger(self, status: str, privacy: dict[str, Any] | None = None) -> None:
+        """Every run that touched the training data spends privacy: record it in the data set's ledger
+        (failed and cancelled runs too, with the noisy steps Opacus actually took)."""
+        if getattr(self, "splits", None) is None:
+            return  # failed before the data were read: nothing was spent
+        cfg = self.config
+        try:
+            if privacy is None:
+                if cfg.private:
+                    history = self.engine.accountant.history if getattr(self, "engine", None) is not None else []
+                    steps = sum(n for _, _, n in history)
+                    privacy = {"private": True, "steps": steps, "noise_multiplier": history[0][0] if history else None,
+                               "sample_rate": history[0][1] if history else None, "delta": cfg.delta,
+                               "accountant": cfg.accountant, "epsilon": accounting.epsilon(
+                                   history[0][0], history[0][1], steps, cfg.delta, cfg.accountant) if history else 0.0}
+                else:
+                    privacy = {"private": False, "steps": self.step}
+            from .ledger import record_training
+
+            record_training(self.store.root, self.run_id, self.splits, cfg.dataset, cfg.data_dir, privacy, status,
+                            label=f"{cfg.backbone}, " + (f"ε={cfg.epsilon:g}" if cfg.private else "non-private"))
+        except Exception as exc:  # noqa: BLE001 - the run's own result must survive a ledger problem; say so loudly
+            self.emit(Event("log", self.run_id, message=f"WARNING: the privacy ledger could not record this run "
+                            f"({type(exc).__name__}: {exc}); its spending is in its card"))
 
     def _privacy_spent(self) -> dict[str, Any]:
         """The guarantee for what was actually trained, from Opacus' own record of (σ, q, steps)."""
