@@ -14,6 +14,7 @@ PAGES = [
     st.Page("pages/experiments.py", title="Experiments", icon="🧪"),
     st.Page("pages/predictions.py", title="Predictions", icon="🔍"),
     st.Page("pages/audit.py", title="Audit", icon="🕵️"),
+    st.Page("pages/ledger.py", title="Privacy budget", icon="💰"),
     st.Page("pages/clinician.py", title="Clinician", icon="🩺"),
 ]
 

@@ -9,7 +9,16 @@ from dpcore.card import guarantee_sentence
 from dpcore.config import SCOPES, PrivacyWarning, RunConfig
 from dpcore.data import DATASETS, load_dataset
 from dpcore.errors import ConfigError, DPCoreError
-from pages.common import job_panel, manager, show_config_error, show_queue, watch, watched_run
+from dpcore.ledger import Ledger
+from pages.common import (
+    job_panel,
+    manager,
+    runs_dir,
+    show_config_error,
+    show_queue,
+    watch,
+    watched_run,
+)
 
 EPSILONS = [0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 8.0, 10.0, 15.0, 20.0, 30.0, 50.0]
 DELTAS = [1e-3, 1e-4, 1e-5, 1e-6, 1e-7]
@@ -19,6 +28,27 @@ DELTAS = [1e-3, 1e-4, 1e-5, 1e-6, 1e-7]
 def train_size(dataset: str, data_dir: str | None, seed: int, test_fraction: float, medmnist_size: int) -> int:
     return len(load_dataset(dataset, data_dir, seed=seed, test_fraction=test_fraction,
                             medmnist_size=medmnist_size).train)
+
+
+@st.cache_data(show_spinner="Identifying the data set for the privacy ledger…")
+def ledger_key(root: str, dataset: str, data_dir: str | None, seed: int, test_fraction: float,
+               medmnist_size: int) -> str:
+    splits = load_dataset(dataset, data_dir, seed=seed, test_fraction=test_fraction, medmnist_size=medmnist_size)
+    return Ledger(root).identify(splits, dataset, data_dir)[0]
+
+
+def budget_check(config: RunConfig, sigma: float | None, q: float, steps: int) -> None:
+    """Warn before a launch that would take the data set's total ε (all its runs, composed) past its budget."""
+    key = ledger_key(runs_dir(), config.dataset, config.data_dir, config.seed, config.test_fraction,
+                     config.medmnist_size)
+    verdict = Ledger(runs_dir()).would_exceed(key, sigma, q, steps, config.delta)
+    if verdict.exceeds:
+        st.warning(f"**Privacy budget:** {verdict.message}", icon="⚠️")
+    elif sigma is None and verdict.current > 0:
+        st.warning("**Privacy budget:** a non-private run on these images voids every DP guarantee already given "
+                   "on them (their total ε becomes ∞).", icon="⚠️")
+    elif verdict.budget is not None or verdict.current > 0:
+        st.caption(f"Privacy budget: {verdict.message}")
 
 
 @st.cache_data(show_spinner="Calibrating the noise σ for this plan…")
@@ -137,6 +167,7 @@ if config is not None:
         cols[3].metric("Noise σ", "0")
         cols[4].metric("ε", "∞")
         st.caption("A non-private run promises nothing about privacy; it is the accuracy ceiling to compare with.")
+    budget_check(config, plan["noise_multiplier"] if config.private else None, q, total)
     if st.button("Launch", type="primary", key="launch"):
         job = manager().submit(config, label=f"{dataset} / {backbone} / "
                                + (f"ε={config.epsilon:g}" if config.private else "non-private"))
