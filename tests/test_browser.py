@@ -126,3 +126,34 @@ def test_audit_page_opens_in_the_browser(app_server, tmp_path):
         heading.first.wait_for(timeout=30_000)
         assert page.get_by_text("No finished run yet").count() >= 1
         browser.close()
+
+
+def test_privacy_budget_page_shows_the_ledger_in_the_browser(app_server, tmp_path):
+    """The ledger of the served runs folder (one recorded run, no training) appears on the Privacy budget page."""
+    from playwright.sync_api import sync_playwright
+
+    from dpcore.data import load_dataset
+    from dpcore.ledger import Ledger
+
+    url, runs = app_server
+    ledger = Ledger(runs)
+    key, _ = ledger.identify(load_dataset("digits"), "digits")
+    ledger.record("20260101-000000-abcdef", key, {"private": True, "noise_multiplier": 1.1, "sample_rate": 0.05,
+                                                  "steps": 100, "delta": 1e-5, "accountant": "rdp",
+                                                  "epsilon": 1.5}, "done", label="tiny_cnn, ε=1.5")
+    total = f"{ledger.summary(key).epsilon:.4g}"
+    with sync_playwright() as p:
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / "chrome-profile-ledger"), executable_path=CHROMIUM, args=FLAGS, headless=True,
+            viewport={"width": 1200, "height": 1400})
+        page = browser.new_page()
+        page.goto(url + "/ledger")
+        try:
+            page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=60_000)
+        finally:
+            page.screenshot(path="/tmp/ledger_shot.png", full_page=True)
+        page.get_by_role("heading", name="Privacy budget").first.wait_for(timeout=30_000)
+        page.get_by_text("Total ε (accountant)").first.wait_for(timeout=30_000)
+        assert page.get_by_text(total, exact=True).count() >= 1
+        assert page.locator(".js-plotly-plot").count() >= 1
+        browser.close()

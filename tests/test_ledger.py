@@ -23,8 +23,8 @@ from dpcore.ledger import Ledger, LedgerError, compose
 from dpcore.store import RunStore
 from dpcore.trainer import train
 
-BASE = dict(dataset="digits", backbone="tiny_cnn", scope="head", epochs=2, batch_size=128, device="cpu",
-            image_size=16)
+BASE = {"dataset": "digits", "backbone": "tiny_cnn", "scope": "head", "epochs": 2, "batch_size": 128,
+        "device": "cpu", "image_size": 16}
 
 
 def _train(store: RunStore, **kw):
