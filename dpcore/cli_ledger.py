@@ -19,6 +19,8 @@ def add_commands(subparsers, add_runs_dir) -> dict:
     p.add_argument("--set-budget", type=float, default=None, metavar="EPS",
                    help="set the data set's total ε budget (needs --dataset); 0 removes it")
     p.add_argument("--budget-delta", type=float, default=None, help="δ at which the budget is stated")
+    p.add_argument("--accountant", choices=("rdp", "pld"), default=None,
+                   help="whose composed ε counts against the budget (default: the tighter of RDP and PLD)")
     p.add_argument("--entries", action="store_true", help="also list every run's entry")
     return {"ledger": _cmd_ledger}
 
@@ -29,7 +31,7 @@ def _f(v: float | None, digits: int = 4) -> str:
     return "∞" if math.isinf(v) else f"{v:.{digits}g}"
 
 
-def _print_summary(s: DatasetSummary, entries: bool) -> None:
+def _print_summary(s: DatasetSummary, entries: bool, accountant: str | None = None) -> None:
     print(f"== {s.name}  [{s.key[:12]}]")
     print(f"runs      : {s.runs} ({s.private_runs} private, {len(s.non_private_runs)} non-private)")
     if s.void:
@@ -40,7 +42,10 @@ def _print_summary(s: DatasetSummary, entries: bool) -> None:
     if s.budget_epsilon is None:
         print("budget    : none set (python -m dpcore ledger --dataset KEY --set-budget EPS)")
     else:
-        print(f"budget    : ε = {s.budget_epsilon:g}; spent {_f(s.epsilon)}, remaining {_f(s.remaining)}")
+        spent = s.epsilon_of(accountant)
+        by = accountant.upper() if accountant else "tighter of RDP and PLD"
+        print(f"budget    : ε = {s.budget_epsilon:g}; spent {_f(spent)} ({by}), "
+              f"remaining {_f(s.budget_epsilon - spent)}")
     if entries:
         for e in s.entries:
             what = (f"σ={e.noise_multiplier:.4g} q={e.sample_rate:.4g} T={e.steps} δ={e.delta:g} ε={_f(e.epsilon)}"
@@ -64,8 +69,13 @@ def _cmd_ledger(args) -> int:
         print(f"The ledger in {ledger.path} has no entries yet: every training run adds one.")
     summaries = [ledger.summary(k) for k in keys]
     for s in summaries:
-        _print_summary(s, args.entries)
-    out = {s.key: {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in s.to_dict().items()}
-           for s in summaries}
+        _print_summary(s, args.entries, args.accountant)
+    out = {}
+    for s in summaries:
+        row = s.to_dict()
+        row["accountant"] = args.accountant or "min(rdp, pld)"
+        row["spent"] = s.epsilon_of(args.accountant)
+        row["remaining"] = None if s.budget_epsilon is None else s.budget_epsilon - row["spent"]
+        out[s.key] = {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()}
     print("ledger " + json.dumps(out, sort_keys=True))
     return 0

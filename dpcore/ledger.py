@@ -138,6 +138,17 @@ class DatasetSummary:
         vals = [v for v in (self.epsilon_pld, self.epsilon_rdp) if v is not None]
         return min(vals) if vals else 0.0
 
+    def epsilon_of(self, accountant: str | None = None) -> float:
+        """The composed ε under one accountant ("rdp" or "pld"), or the tighter of both (None)."""
+        if accountant is None:
+            return self.epsilon
+        if accountant not in accounting.ACCOUNTANTS:
+            raise LedgerError(f"unknown accountant {accountant!r}. Fix: use one of {accounting.ACCOUNTANTS}")
+        if self.void:
+            return math.inf
+        value = self.epsilon_rdp if accountant == "rdp" else self.epsilon_pld
+        return 0.0 if value is None else value
+
     @property
     def remaining(self) -> float | None:
         return None if self.budget_epsilon is None else self.budget_epsilon - self.epsilon

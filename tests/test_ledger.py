@@ -188,6 +188,12 @@ def test_cli_prints_each_data_set_and_a_json_last_line(spent, capsys):
     assert cli.main(["ledger", "--runs-dir", str(root), "--dataset", "digits", "--set-budget", "5"]) == 0
     out = capsys.readouterr().out
     assert "budget    : ε = 5" in out and "remaining" in out
+    assert cli.main(["ledger", "--runs-dir", str(root), "--dataset", "digits", "--accountant", "rdp"]) == 0
+    out = capsys.readouterr().out
+    (row,) = json.loads(out.strip().splitlines()[-1].removeprefix("ledger ")).values()
+    s = Ledger(root).summaries()[0]
+    assert "(RDP)" in out and row["accountant"] == "rdp" and row["spent"] == pytest.approx(s.epsilon_rdp)
+    assert row["remaining"] == pytest.approx(5 - s.epsilon_rdp) and row["budget_epsilon"] == 5
     assert cli.main(["ledger", "--runs-dir", str(root), "--dataset", "nope"]) == 2
     assert "no data set" in capsys.readouterr().out
     Ledger(root).set_budget(Ledger(root).datasets()[0]["key"], None)
