@@ -194,7 +194,7 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
-COMMAND_MODULES = ("dpcore.cli_experiments", "dpcore.cli_privacy", "dpcore.cli_ledger")
+COMMAND_MODULES = ("dpcore.cli_experiments", "dpcore.cli_privacy", "dpcore.cli_ledger", "dpcore.cli_fairness")
 
 
 def _command_modules():

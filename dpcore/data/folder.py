@@ -2,9 +2,17 @@
 
 Files are only listed here, not decoded (that happens once, in `materialize`). Nothing is dropped
 silently: files that are not images are listed in split_info["ignored_files"] and warned about.
+
+Optional per-image metadata (sex, age, site, scanner, ... for subgroup metrics): a `metadata.csv` in the
+data folder with a `path` column (the image's path relative to the data folder, e.g. `train/mel/a.jpg`,
+or its bare file name when that is unique) and any other columns, which become each example's metadata
+(empty cells are None; a column whose cells are all numbers is read as numbers). Every image must have a
+row and every row must name an image, else loading stops with an error naming the files.
 """
 from __future__ import annotations
 
+import csv
+import math
 import os
 import warnings
 from pathlib import Path
@@ -16,6 +24,8 @@ from .base import DataSplits
 from .images import PathImageList
 from .split import finish, stratified_split
 
+METADATA_CSV = "metadata.csv"
+KEY_COLUMNS = ("path", "file", "filename", "image")  # the first one present keys the rows
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 SPLIT_NAMES = {"train": "train", "test": "test", "val": "val", "valid": "val", "validation": "val"}
 
@@ -139,8 +149,17 @@ def load_folder(data_dir, *, seed: int = 0, test_fraction: float = 0.2) -> DataS
                       stacklevel=3)
     info["ignored_files"] = ignored
     info["n_ignored_files"] = len(ignored)
-    if root_files:
-        info["root_files_not_read"] = [f for f in root_files if not is_image_file(f)]  # README, checksums, ...
+    meta_path = root / METADATA_CSV
+    if meta_path.is_file() and METADATA_CSV in ignored:
+        ignored.remove(METADATA_CSV)  # read below, not ignored
+        info["n_ignored_files"] = len(ignored)
+    parts = [("train", train), ("test", test)] + ([("val", val)] if val is not None else [])
+    metadata = {name: [{} for _ in range(len(lst))] for name, lst in parts}
+    if meta_path.is_file():
+        metadata, info["metadata"] = read_metadata_csv(meta_path, root, dict(parts))
+    not_read = [f for f in root_files if not is_image_file(f) and f != METADATA_CSV]
+    if not_read:
+        info["root_files_not_read"] = not_read  # README, checksums, ...
     if ignored:
         shown = ", ".join(ignored[:5]) + (f", ... ({len(ignored) - 5} more)" if len(ignored) > 5 else "")
         warnings.warn(f"{len(ignored)} file(s)/folder(s) under {root} were not read as images: {shown}. "
@@ -148,9 +167,94 @@ def load_folder(data_dir, *, seed: int = 0, test_fraction: float = 0.2) -> DataS
                       "the full list is in split_info['ignored_files']", stacklevel=3)
     return finish(DataSplits(
         name="folder", class_names=class_names, train=train, test=test,
-        train_metadata=[{} for _ in range(len(train))], test_metadata=[{} for _ in range(len(test))],
-        split_info=info, val=val, val_metadata=None if val is None else [{} for _ in range(len(val))],
+        train_metadata=metadata["train"], test_metadata=metadata["test"],
+        split_info=info, val=val, val_metadata=metadata.get("val"),
     ))
+
+
+def _number(v: str) -> float | None:
+    try:
+        x = float(v)
+    except ValueError:
+        return None
+    return None if math.isnan(x) else x
+
+
+def _listing(items: list[str], k: int = 10) -> str:
+    return ", ".join(items[:k]) + (f", ... ({len(items) - k} more)" if len(items) > k else "")
+
+
+def read_metadata_csv(path: Path, root: Path, lists: dict[str, PathImageList]
+                      ) -> tuple[dict[str, list[dict]], dict]:
+    """One metadata dict per image of each split, from ROOT/metadata.csv (see the module docstring)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = [c.strip() for c in (reader.fieldnames or []) if c and c.strip()]
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items() if k and k.strip()} for r in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path} cannot be read as a CSV file ({type(e).__name__}: {e}). "
+                        "Fix: save it as UTF-8 CSV with a header row") from e
+    key = next((c for c in KEY_COLUMNS if c in fields), None)
+    if key is None:
+        raise DataError(f"{path} has no column naming the image (columns: {fields}). Fix: add a 'path' column "
+                        "with each image's path relative to the data folder, e.g. train/mel/img_001.jpg")
+    columns = [c for c in fields if c != key]
+    if not columns:
+        raise DataError(f"{path} has only the {key!r} column. Fix: add metadata columns (e.g. sex, age)")
+    rel = {name: [Path(p).relative_to(root).as_posix() for p in lst.paths] for name, lst in lists.items()}
+    all_rel = [r for rs in rel.values() for r in rs]
+    by_name: dict[str, list[str]] = {}
+    for r in all_rel:
+        by_name.setdefault(r.rsplit("/", 1)[-1], []).append(r)
+    known = set(all_rel)
+    table: dict[str, dict[str, str]] = {}
+    unknown, ambiguous, duplicate, empty_key = [], [], [], 0
+    for row in rows:
+        k = row.get(key, "").replace("\\", "/")
+        k = k.removeprefix("./")
+        if not k:
+            empty_key += 1
+            continue
+        if k not in known:
+            hits = by_name.get(k, [])
+            if len(hits) > 1:
+                ambiguous.append(k)
+                continue
+            if not hits:
+                unknown.append(k)
+                continue
+            k = hits[0]
+        if k in table:
+            duplicate.append(k)
+        table[k] = row
+    problems = []
+    if empty_key:
+        problems.append(f"{empty_key} row(s) with an empty {key!r}")
+    if unknown:
+        problems.append(f"{len(unknown)} row(s) name files that are not images of the data set: {_listing(unknown)}")
+    if ambiguous:
+        problems.append(f"{len(ambiguous)} bare file name(s) match several images (give the relative path): "
+                        f"{_listing(ambiguous)}")
+    if duplicate:
+        problems.append(f"{len(duplicate)} image(s) have more than one row: {_listing(duplicate)}")
+    missing = [r for r in all_rel if r not in table]
+    if missing:
+        problems.append(f"{len(missing)} of {len(all_rel)} image(s) have no row: {_listing(missing)}")
+    if problems:
+        raise DataError(f"{path} does not match the images under {root}: " + "; ".join(problems) + ". Fix: one row "
+                        f"per image, keyed by its path relative to {root} (column {key!r}); leave a cell empty "
+                        f"where a value is unknown, or remove {METADATA_CSV} to train without metadata")
+    numeric = [c for c in columns
+               if any(table[r].get(c) for r in all_rel) and all(_number(table[r][c]) is not None
+                                                                 for r in all_rel if table[r].get(c))]
+
+    def value(row: dict[str, str], c: str):
+        v = row.get(c) or None
+        return _number(v) if v is not None and c in numeric else v
+
+    out = {name: [{c: value(table[r], c) for c in columns} for r in rs] for name, rs in rel.items()}
+    return out, {"file": str(path), "key": key, "columns": columns, "numeric_columns": numeric}
 
 
 def _refuse_parent_folder(root: Path, dirs: list[os.DirEntry]) -> None:
