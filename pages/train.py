@@ -1,4 +1,5 @@
 """Train: configure a run, see its privacy plan before launch, then follow it live."""
+import sqlite3
 import warnings
 
 import streamlit as st
@@ -39,9 +40,13 @@ def ledger_key(root: str, dataset: str, data_dir: str | None, seed: int, test_fr
 
 def budget_check(config: RunConfig, sigma: float | None, q: float, steps: int) -> None:
     """Warn before a launch that would take the data set's total ε (all its runs, composed) past its budget."""
-    key = ledger_key(runs_dir(), config.dataset, config.data_dir, config.seed, config.test_fraction,
-                     config.medmnist_size)
-    verdict = Ledger(runs_dir()).would_exceed(key, sigma, q, steps, config.delta)
+    try:
+        key = ledger_key(runs_dir(), config.dataset, config.data_dir, config.seed, config.test_fraction,
+                         config.medmnist_size)
+        verdict = Ledger(runs_dir()).would_exceed(key, sigma, q, steps, config.delta)
+    except (DPCoreError, OSError, sqlite3.Error) as exc:  # the ledger must never block a launch; say why it is silent
+        st.caption(f"Privacy budget: the ledger could not be checked ({type(exc).__name__}: {exc}).")
+        return
     if verdict.exceeds:
         st.warning(f"**Privacy budget:** {verdict.message}", icon="⚠️")
     elif sigma is None and verdict.current > 0:
