@@ -98,6 +98,104 @@ else:
     st.caption("Each dot is a DP run (test metric against the ε it spent); the dashed line is the non-private run "
                "with the same data, backbone, scope and weights — the price of privacy is the gap.")
 
+
+def fairness_section(records: dict) -> None:
+    """Subgroup fairness: a finished run's test metrics per metadata group (sex, age, ...), DP beside non-private."""
+    from pathlib import Path
+
+    from dpcore import fairness, fairness_figures
+    from dpcore.errors import DPCoreError
+
+    st.subheader("Subgroup fairness")
+    st.caption("Accuracy, balanced accuracy, ROC-AUC and melanoma (positive-class) recall per group of the test "
+               "split, and the largest gap between groups. Does DP widen the gaps? (Berrada et al. 2023 found it "
+               "does not on their medical sets.) Needs metadata: HAM10000, or a folder data set with a metadata.csv.")
+
+    def has_metadata(r) -> bool:
+        if r.dataset == "ham10000":
+            return True
+        return r.dataset == "folder" and bool(r.config.data_dir) and (Path(r.config.data_dir) / "metadata.csv").is_file()
+
+    candidates = [r.run_id for r in run_review.ready_runs(store()) if has_metadata(r)][::-1]
+    if not candidates:
+        st.info("No finished run on a data set with per-example metadata yet: train one on ham10000, or on a "
+                "folder data set whose folder holds a metadata.csv (a `path` column plus e.g. sex, age).")
+        return
+    run_id = st.selectbox("Run", candidates, format_func=lambda i: run_label(records[i]), key="rn_fair_run")
+    try:
+        with st.spinner("Reading the test split's metadata (first time only)…"):
+            attrs = fairness.run_attributes(store(), run_id)
+    except DPCoreError as exc:
+        st.error(str(exc))
+        return
+    if not attrs:
+        st.info("This run's test split has no metadata attribute with two or more values to group by.")
+        return
+    c1, c2 = st.columns(2)
+    attribute = c1.selectbox("Group by", attrs, key="rn_fair_attr")
+    min_group = int(c2.number_input("Minimum group size (smaller groups are flagged, not in the gap)", 1, 10_000,
+                                    fairness.DEFAULT_MIN_GROUP, key="rn_fair_min"))
+    rec = records[run_id]
+    others = [r.run_id for r in run_review.ready_runs(store()) if r.run_id != run_id and r.dataset == rec.dataset][::-1]
+    partner = fairness.default_partner(store(), run_id)
+    options = [None] + others
+    against = st.selectbox("Compare with", options, index=options.index(partner) if partner in options else 0,
+                           format_func=lambda i: "(none)" if i is None else run_label(records[i]),
+                           key="rn_fair_against", help="defaults to a finished run of the other privacy kind on "
+                                                       "the same data (same split)")
+    metric = st.radio("Chart metric", ["accuracy", "balanced_accuracy", "roc_auc", "positive_recall"],
+                      horizontal=True, key="rn_fair_metric")
+    try:
+        with st.spinner("Computing subgroup metrics…"):
+            if against is None:
+                reports = [fairness.run_fairness(store(), run_id, attribute, min_group=min_group)]
+                comp = None
+            else:
+                first, second = (run_id, against) if rec.private or not records[against].private else (against, run_id)
+                comp = fairness.compare(store(), first, second, attribute, min_group=min_group)
+                reports = comp["reports"]
+    except DPCoreError as exc:
+        st.error(str(exc))
+        return
+    pos = reports[0].get("positive_class")
+    if comp is None:
+        rep = reports[0]
+        rows = [{"group": g, "n": r["n"], "accuracy": r["accuracy"], "balanced accuracy": r["balanced_accuracy"],
+                 "ROC-AUC": r["roc_auc"], f"{pos} recall" if pos else "positive recall": r.get("positive_recall"),
+                 "in gap": g in rep["gap_groups"],
+                 "note": rep["excluded_from_gap"].get(g) or (r["roc_auc_note"] or "")} for g, r in rep["groups"].items()]
+        st.dataframe(pd.DataFrame(rows), hide_index=True, key="rn_fair_table")
+        gap = rep["gaps"].get("accuracy")
+        if gap:
+            st.info(f"Largest accuracy gap: **{gap['gap'] * 100:.1f} points** ({gap['best_group']} "
+                    f"{gap['best'] * 100:.1f}% vs {gap['worst_group']} {gap['worst'] * 100:.1f}%).")
+    else:
+        la, lb = comp["a"]["label"], comp["b"]["label"]
+        rows = []
+        for r in comp["rows"]:
+            row = {"group": r["group"], "n": r["n"], "in gap": not (r["small"] or r["unknown"])}
+            for m, t in (("accuracy", "accuracy"), ("balanced_accuracy", "bal. acc."), ("roc_auc", "AUC"),
+                         ("positive_recall", f"{pos} recall" if pos else "pos. recall")):
+                row[f"{t} {la}"], row[f"{t} {lb}"] = r[f"{m}_a"], r[f"{m}_b"]
+            rows.append(row)
+        st.dataframe(pd.DataFrame(rows), hide_index=True, key="rn_fair_table")
+        gaps = [{"metric": m, f"gap {la}": (comp["gaps_a"].get(m) or {}).get("gap"),
+                 f"worst {la}": (comp["gaps_a"].get(m) or {}).get("worst_group"),
+                 f"gap {lb}": (comp["gaps_b"].get(m) or {}).get("gap"),
+                 f"worst {lb}": (comp["gaps_b"].get(m) or {}).get("worst_group"),
+                 "difference": comp["gap_difference"].get(m)} for m in fairness.GAP_METRICS
+                if m in comp["gaps_a"]]
+        st.dataframe(pd.DataFrame(gaps), hide_index=True, key="rn_fair_gaps")
+        st.info("Verdict: " + comp["verdict"])
+    st.plotly_chart(fairness_figures.fairness_figure(reports, metric=metric), key="rn-fairness-chart")
+    st.caption(f"Groups with fewer than {min_group} test examples and the 'unknown' group (missing metadata) are "
+               "shown hatched and left out of the gap. Results are stored in the run folder as fairness.json; "
+               f"CLI: `python -m dpcore fairness --run {run_id} --attribute {attribute}"
+               + (f" --against {against}" if against else "") + "`.")
+
+
+fairness_section(records)
+
 st.subheader("Delete a run")
 victim = st.selectbox("Run to delete", list(records)[::-1], format_func=lambda i: run_label(records[i]), key="rn_del")
 pending = st.session_state.get("rn_pending")
