@@ -148,10 +148,7 @@ def test_privacy_budget_page_shows_the_ledger_in_the_browser(app_server, tmp_pat
             viewport={"width": 1200, "height": 1400})
         page = browser.new_page()
         page.goto(url + "/ledger")
-        try:
-            page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=60_000)
-        finally:
-            page.screenshot(path="/tmp/ledger_shot.png", full_page=True)
+        page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=60_000)
         page.get_by_role("heading", name="Privacy budget").first.wait_for(timeout=30_000)
         page.get_by_text("Total ε (accountant)").first.wait_for(timeout=30_000)
         assert page.get_by_text(total, exact=True).count() >= 1
