@@ -207,10 +207,14 @@ def fairness_report(y: np.ndarray, probs: np.ndarray, groups: Sequence[str], cla
     if min_group < 1:
         raise DPCoreError(f"min_group must be at least 1, got {min_group}")
     names = sorted(set(groups_arr.tolist()), key=_group_order)
+    majority = int(np.bincount(y, minlength=len(class_names)).argmax()) if len(y) else 0
     per_group: dict[str, dict] = {}
     for g in names:
         m = groups_arr == g
         row = group_metrics(y[m], probs[m], class_names, positive)
+        # what always answering the overall majority class would score here: group accuracies differ with
+        # the groups' class mix alone, so read accuracy against this (and balanced accuracy, which does not)
+        row["majority_baseline"] = float((y[m] == majority).mean()) if m.any() else None
         row["small"] = row["n"] < min_group
         row["unknown"] = g == UNKNOWN
         per_group[g] = row
@@ -223,9 +227,12 @@ def fairness_report(y: np.ndarray, probs: np.ndarray, groups: Sequence[str], cla
     if gaps.get("accuracy") and n_boot:
         boot = _bootstrap_gaps(groups_arr, [correct], eligible, n_boot, seed)[:, 0]
         gaps["accuracy"]["ci95"] = [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))]
+    overall = group_metrics(y, probs, class_names, positive)
+    overall["majority_baseline"] = float((y == majority).mean()) if len(y) else None
     return {
         "attribute": attribute, "min_group": min_group, "positive_class": positive, "min_positives": MIN_POSITIVES,
-        "class_names": list(class_names), "overall": group_metrics(y, probs, class_names, positive),
+        "majority_class": class_names[majority] if len(y) else None,
+        "class_names": list(class_names), "overall": overall,
         "groups": per_group, "gap_groups": eligible, "excluded_from_gap": excluded, "gaps": gaps,
     }
 
@@ -445,7 +452,7 @@ def compare(store: RunStore, dp_run: str, np_run: str, attribute: str, *, min_gr
     for g in groups:
         ga, gb = ra["groups"].get(g, {}), rb["groups"].get(g, {})
         row = {"group": g, "n": ga.get("n", gb.get("n")), "small": bool(ga.get("small", True)),
-               "unknown": g == UNKNOWN}
+               "unknown": g == UNKNOWN, "majority_baseline": ga.get("majority_baseline", gb.get("majority_baseline"))}
         for m in GAP_METRICS:
             va, vb = ga.get(m), gb.get(m)
             row[f"{m}_a"], row[f"{m}_b"] = va, vb
@@ -515,8 +522,8 @@ def _f3(v: float | None) -> str:
 
 def format_report(rep: dict[str, Any]) -> str:
     pos = rep.get("positive_class")
-    head = f"{'group':<18} {'n':>6} {'acc %':>7} {'bal.acc %':>9} {'AUC':>6}" + (f" {pos + ' rec % (n)':>12}"
-                                                                                  if pos else "") + "  note"
+    head = f"{'group':<18} {'n':>6} {'acc %':>7} {'maj. %':>7} {'bal.acc %':>9} {'AUC':>6}" + (
+        f" {pos + ' rec % (n)':>12}" if pos else "") + "  note"
     lines = [head, "-" * len(head)]
 
     def line(name: str, r: dict) -> str:
@@ -527,7 +534,8 @@ def format_report(rep: dict[str, Any]) -> str:
             notes.append("missing metadata: not in gap")
         if r.get("roc_auc") is None and r.get("roc_auc_note"):
             notes.append(r["roc_auc_note"])
-        s = f"{name:<18} {r['n']:>6} {_pct(r['accuracy']):>7} {_pct(r['balanced_accuracy']):>9} {_f3(r['roc_auc']):>6}"
+        s = (f"{name:<18} {r['n']:>6} {_pct(r['accuracy']):>7} {_pct(r.get('majority_baseline')):>7} "
+             f"{_pct(r['balanced_accuracy']):>9} {_f3(r['roc_auc']):>6}")
         if pos:
             rec = _pct(r.get("positive_recall"))
             s += f" {rec + ' (' + str(r.get('n_positive', 0)) + ')':>12}"
@@ -536,6 +544,9 @@ def format_report(rep: dict[str, Any]) -> str:
     for g, r in rep["groups"].items():
         lines.append(line(g, r))
     lines.append(line("(all)", rep["overall"]))
+    if rep.get("majority_class"):
+        lines.append(f"maj. % = share of the majority class ({rep['majority_class']}): the accuracy of always "
+                     "answering it; group accuracies differ with the class mix alone")
     for m, gap in rep["gaps"].items():
         if gap is None:
             lines.append(f"largest {m} gap: n/a (fewer than two groups qualify)")
@@ -554,19 +565,19 @@ def format_compare(comp: dict[str, Any]) -> str:
     metrics = [("accuracy", "acc %", _pct), ("balanced_accuracy", "bal.acc %", _pct), ("roc_auc", "AUC", _f3)]
     if pos:
         metrics.append(("positive_recall", f"{pos} rec %", _pct))
-    head = f"{'group':<18} {'n':>6}" + "".join(f" {t + ' ' + s:>{max(14, len(t) + 8)}}" for _, t, _ in metrics
+    head = f"{'group':<18} {'n':>6} {'maj. %':>7}" + "".join(f" {t + ' ' + s:>{max(14, len(t) + 8)}}" for _, t, _ in metrics
                                              for s in ("A", "B"))
     lines = [f"A = {la} ({comp['a']['run_id']}), B = {lb} ({comp['b']['run_id']}); by {comp['attribute']}",
              head, "-" * len(head)]
     for row in comp["rows"]:
-        s = f"{row['group']:<18} {row['n']:>6}"
+        s = f"{row['group']:<18} {row['n']:>6} {_pct(row.get('majority_baseline')):>7}"
         for m, t, f in metrics:
             for side in ("a", "b"):
                 s += f" {f(row[f'{m}_{side}']):>{max(14, len(t) + 8)}}"
         if row["small"] or row["unknown"]:
             s += "  (not in gap)"
         lines.append(s)
-    s = f"{'(all)':<18} {comp['reports'][0]['overall']['n']:>6}"
+    s = f"{'(all)':<18} {comp['reports'][0]['overall']['n']:>6} {_pct(comp['reports'][0]['overall'].get('majority_baseline')):>7}"
     for m, t, f in metrics:
         for side in ("a", "b"):
             s += f" {f(comp[f'overall_{side}'][m]):>{max(14, len(t) + 8)}}"

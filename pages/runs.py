@@ -160,7 +160,8 @@ def fairness_section(records: dict) -> None:
     pos = reports[0].get("positive_class")
     if comp is None:
         rep = reports[0]
-        rows = [{"group": g, "n": r["n"], "accuracy": r["accuracy"], "balanced accuracy": r["balanced_accuracy"],
+        rows = [{"group": g, "n": r["n"], "accuracy": r["accuracy"], "majority share": r.get("majority_baseline"),
+                 "balanced accuracy": r["balanced_accuracy"],
                  "ROC-AUC": r["roc_auc"], f"{pos} recall" if pos else "positive recall": r.get("positive_recall"),
                  "in gap": g in rep["gap_groups"],
                  "note": rep["excluded_from_gap"].get(g) or (r["roc_auc_note"] or "")} for g, r in rep["groups"].items()]
@@ -173,7 +174,8 @@ def fairness_section(records: dict) -> None:
         la, lb = comp["a"]["label"], comp["b"]["label"]
         rows = []
         for r in comp["rows"]:
-            row = {"group": r["group"], "n": r["n"], "in gap": not (r["small"] or r["unknown"])}
+            row = {"group": r["group"], "n": r["n"], "in gap": not (r["small"] or r["unknown"]),
+                   "majority share": r.get("majority_baseline")}
             for m, t in (("accuracy", "accuracy"), ("balanced_accuracy", "bal. acc."), ("roc_auc", "AUC"),
                          ("positive_recall", f"{pos} recall" if pos else "pos. recall")):
                 row[f"{t} {la}"], row[f"{t} {lb}"] = r[f"{m}_a"], r[f"{m}_b"]
@@ -189,7 +191,9 @@ def fairness_section(records: dict) -> None:
         st.info("Verdict: " + comp["verdict"])
     st.plotly_chart(fairness_figures.fairness_figure(reports, metric=metric), key="rn-fairness-chart")
     st.caption(f"Groups with fewer than {min_group} test examples and the 'unknown' group (missing metadata) are "
-               "shown hatched and left out of the gap. Results are stored in the run folder as fairness.json; "
+               "shown hatched and left out of the gap. 'majority share' is the accuracy of always answering the most "
+               "common class: group accuracies differ with the class mix alone (balanced accuracy does not). "
+               "Results are stored in the run folder as fairness.json; "
                f"CLI: `python -m dpcore fairness --run {run_id} --attribute {attribute}"
                + (f" --against {against}" if against else "") + "`.")
 

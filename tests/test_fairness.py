@@ -59,6 +59,9 @@ def test_planted_gap_is_found_with_the_right_worst_group():
     assert unk["n"] == 3 and unk["small"] and unk["unknown"]
     assert fx.UNKNOWN in rep["excluded_from_gap"] and rep["gap_groups"] == ["female", "male"]
     assert rep["overall"]["n"] == 800
+    maj = rep["majority_class"]
+    assert rep["groups"]["female"]["majority_baseline"] == pytest.approx(
+        np.mean([yi == NAMES.index(maj) for yi, m in zip(y, meta) if m["sex"] == "female"]))
     text = fx.format_report(rep)
     assert "largest accuracy gap" in text and "female" in text and "not in gap" in text
 
