@@ -6,11 +6,13 @@ import streamlit as st
 
 import models
 from dpcore import accounting, environment, figures
+from dpcore.augment import AUGMENTS
 from dpcore.card import guarantee_sentence
 from dpcore.config import SCOPES, PrivacyWarning, RunConfig
 from dpcore.data import DATASETS, load_dataset
 from dpcore.errors import ConfigError, DPCoreError
 from dpcore.ledger import Ledger
+from dpcore.schedule import LR_SCHEDULES
 from pages.common import (
     job_panel,
     manager,
@@ -38,12 +40,19 @@ def ledger_key(root: str, dataset: str, data_dir: str | None, seed: int, test_fr
     return Ledger(root).identify(splits, dataset, data_dir)[0]
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def _verdict(root: str, key: str, sigma: float | None, q: float, steps: int, delta: float, stamp: int):
+    """The ledger's verdict, recomputed only when the ledger file changes (`stamp`) or the plan does."""
+    return Ledger(root).would_exceed(key, sigma, q, steps, delta)
+
+
 def budget_check(config: RunConfig, sigma: float | None, q: float, steps: int) -> None:
     """Warn before a launch that would take the data set's total ε (all its runs, composed) past its budget."""
     try:
         key = ledger_key(runs_dir(), config.dataset, config.data_dir, config.seed, config.test_fraction,
                          config.medmnist_size)
-        verdict = Ledger(runs_dir()).would_exceed(key, sigma, q, steps, config.delta)
+        ledger = Ledger(runs_dir())
+        verdict = _verdict(runs_dir(), key, sigma, q, steps, config.delta, ledger.path.stat().st_mtime_ns)
     except (DPCoreError, OSError, sqlite3.Error) as exc:  # the ledger must never block a launch; say why it is silent
         st.caption(f"Privacy budget: the ledger could not be checked ({type(exc).__name__}: {exc}).")
         return
@@ -68,7 +77,8 @@ def epsilon_curve(sigma: float, q: float, steps: int, delta: float, accountant: 
 
 # the form's defaults live in session state, so its choices survive a visit to another page
 DEFAULTS = {"tr_seed": 0, "tr_size": 0, "tr_eps": 2.0, "tr_delta": 1e-5, "tr_clip": 1.0, "tr_epochs": 15, "tr_batch": 256,
-                "tr_phys": 128, "tr_lr": 0.01}
+                "tr_phys": 128, "tr_lr": 0.01, "tr_augmult": 1, "tr_augment": "auto", "tr_ema": False,
+                "tr_ema_decay": 0.99, "tr_sched": "constant", "tr_warm": 0.0, "tr_ws": False, "tr_blocks": 1}
 for key in [k for k in st.session_state if str(k).startswith("tr_")]:
     st.session_state[key] = st.session_state[key]
 for key, value in DEFAULTS.items():
@@ -107,7 +117,8 @@ with c1:
     if backbone == "tiny_cnn":
         pretrained = "none"
     scope = st.selectbox("Fine-tuning scope", SCOPES, key="tr_scope",
-                         help="full: all weights; head: the classifier only; bias: biases + head")
+                         help="full: all weights; head: the classifier only (cached features); bias: biases + head (BiTFiT); "
+                              "last-k: the head plus the last k blocks")
     image_size = st.number_input("Image size (0 = backbone default)", 0, 1024, step=8, key="tr_size")
 with c2:
     st.markdown("**Privacy**")
@@ -129,11 +140,32 @@ with c3:
     physical = st.number_input("Physical batch size (memory)", 1, 100_000, key="tr_phys")
     lr = st.number_input("Learning rate", 1e-6, 10.0, format="%.4g", key="tr_lr")
 
+with st.expander("Training recipe — augmentation multiplicity, EMA, schedule (De et al. 2022)",
+                 expanded=st.session_state["tr_augmult"] > 1 or st.session_state["tr_ema"]):
+    r1, r2, r3 = st.columns(3)
+    augmult = r1.number_input("Augmentation multiplicity K", 1, 64, key="tr_augmult",
+                              help="K augmented views of each sampled image; their gradients are averaged before "
+                                   "clipping, so ε is unchanged. Each step costs about K times more.")
+    augment_policy = r1.selectbox("Augmentation", AUGMENTS, key="tr_augment",
+                                  help="auto: X-ray, dermoscopy or natural-image policy from the data set "
+                                       "(none when K = 1)")
+    use_ema = r2.checkbox("EMA of the weights", key="tr_ema",
+                          help="Evaluate and save an exponential moving average of the weights: post-processing "
+                               "of the DP iterates, no privacy cost. The card keeps both raw and EMA metrics.")
+    ema_decay = r2.number_input("EMA decay", 0.5, 0.99999, format="%.5g", key="tr_ema_decay", disabled=not use_ema)
+    ws = r2.checkbox("Weight standardisation (conv nets from scratch)", key="tr_ws")
+    schedule = r3.selectbox("Learning-rate schedule", LR_SCHEDULES, key="tr_sched")
+    warmup = r3.number_input("Warm-up (fraction of the steps)", 0.0, 0.5, step=0.05, key="tr_warm")
+    blocks = r3.number_input("Trained blocks (scope last-k)", 1, 100, key="tr_blocks", disabled=scope != "last-k")
+
 fields = {"dataset": dataset, "data_dir": (data_dir or None) if dataset not in ("digits", "cifar10") else None,
               "backbone": backbone, "pretrained": pretrained, "scope": scope, "epsilon": None if non_private else float(eps),
               "delta": float(delta), "accountant": accountant, "epochs": int(epochs), "batch_size": int(batch),
               "max_physical_batch_size": int(physical), "lr": float(lr), "clip_norm": float(clip),
-              "image_size": int(image_size) or None, "seed": int(seed)}
+              "image_size": int(image_size) or None, "seed": int(seed), "augmult": int(augmult),
+              "augment": augment_policy, "ema_decay": float(ema_decay) if use_ema else None,
+              "weight_standardization": bool(ws), "lr_schedule": schedule, "warmup_fraction": float(warmup),
+              "trainable_blocks": int(blocks)}
 config = n_train = None
 try:
     config = RunConfig(**fields)

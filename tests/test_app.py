@@ -108,6 +108,27 @@ def test_train_page_launches_a_job_and_follows_it(tmp_path, monkeypatch):
     assert seen_progress or RunStore(tmp_path).events(run_id, "step")
 
 
+def test_train_page_recipe_controls_reach_the_run_config(tmp_path, monkeypatch):
+    at = open_page("pages/train.py", tmp_path, monkeypatch)
+    for key, value in [("tr_size", 16), ("tr_epochs", 1), ("tr_batch", 64), ("tr_phys", 64), ("tr_augmult", 2)]:
+        at.number_input(key=key).set_value(value)
+    at.checkbox(key="tr_ema").check()
+    at.selectbox(key="tr_sched").set_value("cosine")
+    at.number_input(key="tr_warm").set_value(0.1)
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    at.button(key="launch").click().run()
+    run_id = at.query_params["run"][0] if isinstance(at.query_params["run"], list) else at.query_params["run"]
+    cfg = RunStore(tmp_path).get_run(run_id).config
+    assert (cfg.augmult, cfg.augment, cfg.ema_decay, cfg.lr_schedule, cfg.warmup_fraction) == \
+        (2, "auto", 0.99, "cosine", 0.1)
+    deadline = time.time() + 120
+    while RunStore(tmp_path).get_run(run_id).status in ("queued", "running") and time.time() < deadline:
+        time.sleep(0.5)
+    card = RunStore(tmp_path).card(run_id)
+    assert card["model"]["evaluated_weights"] == "ema" and card["metrics_raw"] and card["metrics_ema"]
+
+
 def test_accounting_numbers_come_from_dpcore_accounting(tmp_path, monkeypatch):
     at = open_page("pages/accounting.py", tmp_path, monkeypatch)
     at.number_input(key="ac_n").set_value(3000)
