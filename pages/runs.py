@@ -200,6 +200,32 @@ def fairness_section(records: dict) -> None:
 
 fairness_section(records)
 
+
+def experiments_section() -> None:
+    """The named experiments that have stored runs here: their comparison table and chart (launch them on the
+    Experiments page)."""
+    from dpcore import experiments as ex
+    from dpcore.experiment_figures import comparison_figure
+
+    tagged = {(t.get("experiment"), t.get("version")) for t in ex.read_tags(store().root).values()}
+    exps = [e for _, e in ex.list_experiments() if not isinstance(e, ex.ExperimentError)
+            and (e.name, e.version) in tagged]
+    st.subheader("Experiment comparisons")
+    if not exps:
+        st.caption("No runs of a named experiment yet: launch one on the Experiments page "
+                   "(`python -m dpcore experiment --list`).")
+        return
+    exp = st.selectbox("Experiment", exps, format_func=lambda e: f"{e.name} · v{e.version}", key="rn_exp")
+    comp = ex.comparison(exp, store())
+    df = pd.DataFrame(comp.rows)
+    st.dataframe(df[["arm", "status"] + [c for c in comp.metrics] + ["run_id"]], hide_index=True, key="rn_exp_table")
+    st.plotly_chart(comparison_figure(comp.rows, metric="accuracy", title=f"{exp.name}: accuracy vs ε"),
+                    key="rn_exp_chart")
+    st.caption(f"{comp.done} of {len(comp.rows)} arms finished; {exp.title}.")
+
+
+experiments_section()
+
 st.subheader("Delete a run")
 victim = st.selectbox("Run to delete", list(records)[::-1], format_func=lambda i: run_label(records[i]), key="rn_del")
 pending = st.session_state.get("rn_pending")

@@ -101,6 +101,14 @@ def test_page_shows_a_finished_experiment_from_the_stored_runs(tmp_path, tiny_di
     assert df["accuracy"][1] == pytest.approx(comp.rows[1]["accuracy"])
     assert len(at.get("plotly_chart")) == 1
     assert "2 of 2 arms finished" in texts(at)
+    # the same comparison on the Runs page
+    at.switch_page("pages/runs.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "Experiment comparisons" in texts(at)
+    runs_df = next(d.value for d in at.dataframe if "arm" in d.value.columns)
+    assert list(runs_df["arm"]) == ["DP ε=2", "non-private"]
+    assert runs_df["accuracy"][1] == pytest.approx(comp.rows[1]["accuracy"])
 
 
 def test_page_launches_an_experiment_and_follows_it(tmp_path, tiny_dir, monkeypatch):
