@@ -15,7 +15,7 @@ from dpcore.experiment_figures import comparison_figure
 from dpcore.store import RunStore
 
 SHIPPED = ["seed-pneumonia-beit22k-eps0.5", "seed-pneumonia-vgg11-eps0.5", "pretrained-vs-random", "in22k-vs-in1k",
-           "dp-vs-nonprivate", "recipe-ablation", "recipe-ablation-ham10000"]
+           "dp-vs-nonprivate", "recipe-ablation", "recipe-ablation-ham10000", "pretrained-vs-random-ham10000"]
 # run-config fields another part of the project adds; experiments using them are skipped until they exist
 PENDING_FIELDS = {"augmult", "augment", "ema_decay", "weight_standardization", "lr_schedule", "warmup_fraction",
                   "trainable_blocks"}
