@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 
-from .ledger import DatasetSummary, Ledger, LedgerError
+from .ledger import DatasetSummary, Ledger, LedgerError, backfill
 
 
 def add_commands(subparsers, add_runs_dir) -> dict:
@@ -22,6 +22,9 @@ def add_commands(subparsers, add_runs_dir) -> dict:
     p.add_argument("--accountant", choices=("rdp", "pld"), default=None,
                    help="whose composed ε counts against the budget (default: the tighter of RDP and PLD)")
     p.add_argument("--entries", action="store_true", help="also list every run's entry")
+    p.add_argument("--backfill", action="store_true",
+                   help="first record the stored runs the ledger does not know yet (e.g. made before it existed), "
+                        "from their cards")
     return {"ledger": _cmd_ledger}
 
 
@@ -54,6 +57,9 @@ def _print_summary(s: DatasetSummary, entries: bool, accountant: str | None = No
 
 
 def _cmd_ledger(args) -> int:
+    if args.backfill:
+        added = backfill(args.runs_dir)
+        print(f"backfilled {len(added)} run(s) from their cards" + (f": {', '.join(added)}" if added else ""))
     ledger = Ledger(args.runs_dir)
     try:
         if args.set_budget is not None:

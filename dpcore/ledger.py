@@ -343,6 +343,34 @@ class Ledger:
         return Verdict(s.key, current, after, budget, exceeds, msg)
 
 
+def backfill(runs_dir: str | Path, store=None) -> list[str]:
+    """Record the stored runs the ledger does not know yet (e.g. runs made before the ledger existed), from
+    their cards; returns the run ids added. Runs without a card (queued, failed before training) are skipped."""
+    from .data import load_dataset
+    from .store import RunStore
+
+    store = store or RunStore(runs_dir)
+    ledger = Ledger(runs_dir)
+    known = {e.run_id for e in ledger.entries()}
+    keys: dict[tuple, str] = {}
+    added = []
+    for rec in store.list_runs():
+        if rec.run_id in known or not (store.run_dir(rec.run_id) / "card.json").is_file():
+            continue
+        card = store.card(rec.run_id)
+        cfg = rec.config
+        split = (cfg.dataset, cfg.data_dir, cfg.seed, cfg.test_fraction, cfg.medmnist_size)
+        if split not in keys:
+            splits = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, test_fraction=cfg.test_fraction,
+                                  medmnist_size=cfg.medmnist_size, cache_dir=cfg.cache_dir)
+            keys[split] = ledger.identify(splits, cfg.dataset, cfg.data_dir)[0]
+        privacy = card.get("privacy") or {"private": False, "steps": card.get("steps") or 0}
+        label = f"{cfg.backbone}, " + (f"ε={cfg.epsilon:g}" if cfg.private else "non-private")
+        ledger.record(rec.run_id, keys[split], privacy, card.get("status", rec.status), label=label)
+        added.append(rec.run_id)
+    return added
+
+
 def record_training(runs_dir: str | Path, run_id: str, splits: DataSplits, dataset: str, data_dir: str | None,
                     privacy: dict[str, Any], status: str, label: str | None = None) -> Entry:
     """The trainer's hook: identify the training split and record the run's spending."""
@@ -351,5 +379,5 @@ def record_training(runs_dir: str | Path, run_id: str, splits: DataSplits, datas
     return ledger.record(run_id, key, privacy, status, label)
 
 
-__all__ = ["LEDGER_FILE", "DatasetSummary", "Entry", "Ledger", "LedgerError", "Verdict", "compose", "content_hash",
-           "record_training"]
+__all__ = ["LEDGER_FILE", "DatasetSummary", "Entry", "Ledger", "LedgerError", "Verdict", "backfill", "compose",
+           "content_hash", "record_training"]

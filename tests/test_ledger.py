@@ -197,3 +197,19 @@ def test_cli_prints_each_data_set_and_a_json_last_line(spent, capsys):
     assert cli.main(["ledger", "--runs-dir", str(root), "--dataset", "nope"]) == 2
     assert "no data set" in capsys.readouterr().out
     Ledger(root).set_budget(Ledger(root).datasets()[0]["key"], None)
+
+
+def test_backfill_records_runs_made_before_the_ledger(tmp_path, capsys):
+    store = RunStore(tmp_path)
+    cards = [_train(store, epsilon=1.0, epochs=1).card, _train(store, epsilon=None, epochs=1).card]
+    (tmp_path / "ledger.sqlite").unlink()  # as if the runs predate the ledger
+    assert cli.main(["ledger", "--runs-dir", str(tmp_path), "--backfill"]) == 0
+    assert "backfilled 2 run(s)" in capsys.readouterr().out
+    s = Ledger(tmp_path).summaries()[0]
+    assert [e.run_id for e in s.entries] == [c["run_id"] for c in cards]
+    dp = s.entries[0]
+    assert (dp.noise_multiplier, dp.sample_rate, dp.steps) == (cards[0]["noise_multiplier"], cards[0]["sample_rate"],
+                                                               cards[0]["steps"])
+    assert s.void and s.non_private_runs == [cards[1]["run_id"]]
+    assert cli.main(["ledger", "--runs-dir", str(tmp_path), "--backfill"]) == 0  # idempotent
+    assert "backfilled 0 run(s)" in capsys.readouterr().out
