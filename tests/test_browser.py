@@ -152,5 +152,5 @@ def test_privacy_budget_page_shows_the_ledger_in_the_browser(app_server, tmp_pat
         page.get_by_role("heading", name="Privacy budget").first.wait_for(timeout=30_000)
         page.get_by_text("Total ε (accountant)").first.wait_for(timeout=30_000)
         assert page.get_by_text(total, exact=True).count() >= 1
-        assert page.locator(".js-plotly-plot").count() >= 1
+        page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)  # plotly draws after the text
         browser.close()
