@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .data import DataSplits, ImageList, materialize
+from .data import DataSplits, ImageList, hash_file_signatures, materialize
 from .errors import DPCoreError
 from .preprocess import Normalizer, make_to_uint8
 
@@ -70,13 +70,7 @@ def _hash_images(h: "hashlib._Hash", images: ImageList) -> None:
         h.update(np.ascontiguousarray(array).tobytes())
         h.update(np.asarray(getattr(images, "index", []), dtype=np.int64).tobytes())
         return
-    for i in range(len(images)):
-        src = images.source(i)
-        try:
-            st = os.stat(src)
-            h.update(f"{src}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{src}\0?\n".encode())
+    hash_file_signatures(h, images)
 
 
 def backbone_digest(model: torch.nn.Module) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from . import accounting
-from .data import DataSplits, ImageList
+from .data import DataSplits, ImageList, hash_file_signatures
 from .errors import DPCoreError
 
 LEDGER_FILE = "ledger.sqlite"
@@ -59,13 +58,7 @@ def _signature(images: ImageList, class_names: list[str]) -> str:
         h.update(str(array.shape).encode())
         h.update(np.ascontiguousarray(array).tobytes())
         return "a:" + h.hexdigest()
-    for i in range(len(images)):
-        src = images.source(i)
-        try:
-            st = os.stat(src)
-            h.update(f"{src}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{src}\0?\n".encode())
+    hash_file_signatures(h, images)
     return "p:" + h.hexdigest()
 
 
