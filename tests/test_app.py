@@ -8,17 +8,14 @@ import time
 from pathlib import Path
 
 import pytest
-import streamlit as st
 from PIL import Image
-from streamlit.testing.v1 import AppTest
 
+from apptest_support import fresh_caches, open_page, texts  # noqa: F401 - fresh_caches is autouse
 from dpcore import accounting
 from dpcore.config import RunConfig
 from dpcore.store import RunStore
 from dpcore.trainer import train
 
-APP = str(Path(__file__).resolve().parents[1] / "app.py")
-TIMEOUT = 60
 PAGES = ["pages/home.py", "pages/train.py", "pages/accounting.py", "pages/runs.py", "pages/predictions.py",
          "pages/clinician.py"]
 TINY = {"dataset": "digits", "backbone": "tiny_cnn", "image_size": 16, "epochs": 1, "batch_size": 64,
@@ -32,31 +29,6 @@ def finished(tmp_path_factory) -> tuple[Path, str]:
     result = train(RunConfig(**TINY), RunStore(root))
     assert result.status == "done"
     return root, result.run_id
-
-
-@pytest.fixture(autouse=True)
-def fresh_caches():
-    st.cache_resource.clear()  # each test gets the JobManager and RunStore of its own runs folder
-    st.cache_data.clear()
-    yield
-    st.cache_resource.clear()
-
-
-def open_page(page: str, runs: Path, monkeypatch) -> AppTest:
-    monkeypatch.setenv("DPCORE_RUNS_DIR", str(runs))
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.run()
-    if page != "pages/home.py":
-        at.switch_page(page)
-        at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def texts(at: AppTest) -> str:
-    parts = [el.value for kind in ("markdown", "caption", "info", "success", "warning", "error", "title")
-             for el in getattr(at, kind)]
-    return "\n".join(str(p) for p in parts)
 
 
 @pytest.mark.parametrize("page", PAGES)

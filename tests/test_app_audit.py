@@ -7,25 +7,16 @@ import warnings
 from pathlib import Path
 
 import pytest
-import streamlit as st
-from streamlit.testing.v1 import AppTest
+
+import apptest_support as support
+from apptest_support import fresh_caches  # noqa: F401 - autouse
 
 from dpcore import audit
 from dpcore.config import RunConfig
 from dpcore.store import RunStore
 from dpcore.trainer import train
 
-APP = str(Path(__file__).resolve().parents[1] / "app.py")
 PAGE = "pages/audit.py"
-TIMEOUT = 60
-
-
-@pytest.fixture(autouse=True)
-def fresh_caches():
-    st.cache_resource.clear()
-    st.cache_data.clear()
-    yield
-    st.cache_resource.clear()
 
 
 @pytest.fixture(scope="module")
@@ -40,20 +31,12 @@ def finished_run(tmp_path_factory):
     return root, run_id
 
 
-def open_page(runs: Path, monkeypatch) -> AppTest:
-    monkeypatch.setenv("DPCORE_RUNS_DIR", str(runs))
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.run()
-    at.switch_page(PAGE)
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+def open_page(runs: Path, monkeypatch):
+    return support.open_page(PAGE, runs, monkeypatch)
 
 
-def texts(at: AppTest) -> str:
-    parts = [el.value for kind in ("markdown", "caption", "info", "success", "warning", "error", "title", "subheader")
-             for el in getattr(at, kind)]
-    return "\n".join(str(p) for p in parts)
+def texts(at) -> str:
+    return support.texts(at, "subheader")
 
 
 def test_page_renders_with_an_empty_runs_folder(tmp_path, monkeypatch):

@@ -6,15 +6,15 @@ import time
 from pathlib import Path
 
 import pytest
-import streamlit as st
 from streamlit.testing.v1 import AppTest
+
+import apptest_support as support
+from apptest_support import fresh_caches  # noqa: F401 - autouse
 
 from dpcore import experiments as ex
 from dpcore.store import RunStore
 
-APP = str(Path(__file__).resolve().parents[1] / "app.py")
 PAGE = "pages/experiments.py"
-TIMEOUT = 60
 TINY = """
 name = "tiny"
 version = 1
@@ -40,14 +40,6 @@ non_private = true
 """
 
 
-@pytest.fixture(autouse=True)
-def fresh_caches():
-    st.cache_resource.clear()
-    st.cache_data.clear()
-    yield
-    st.cache_resource.clear()
-
-
 @pytest.fixture
 def tiny_dir(tmp_path) -> Path:
     d = tmp_path / "experiments"
@@ -56,22 +48,13 @@ def tiny_dir(tmp_path) -> Path:
     return d
 
 
-def open_page(runs: Path, monkeypatch, experiments: Path | None = None) -> AppTest:
-    monkeypatch.setenv("DPCORE_RUNS_DIR", str(runs))
-    if experiments is not None:
-        monkeypatch.setenv(ex.EXPERIMENTS_ENV, str(experiments))
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.run()
-    at.switch_page(PAGE)
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+def open_page(runs: Path, monkeypatch, experiments: Path | None = None):
+    env = {ex.EXPERIMENTS_ENV: str(experiments)} if experiments is not None else None
+    return support.open_page(PAGE, runs, monkeypatch, env)
 
 
-def texts(at: AppTest) -> str:
-    parts = [el.value for kind in ("markdown", "caption", "info", "success", "warning", "error", "title", "subheader")
-             for el in getattr(at, kind)]
-    return "\n".join(str(p) for p in parts)
+def texts(at) -> str:
+    return support.texts(at, "subheader")
 
 
 def table(at: AppTest):

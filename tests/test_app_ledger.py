@@ -2,30 +2,18 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import pytest
-import streamlit as st
-from streamlit.testing.v1 import AppTest
 
+from apptest_support import fresh_caches, open_page, texts  # noqa: F401 - fresh_caches is autouse
 from dpcore.config import RunConfig
 from dpcore.ledger import Ledger
 from dpcore.store import RunStore
 from dpcore.trainer import train
 
-APP = str(Path(__file__).resolve().parents[1] / "app.py")
-TIMEOUT = 60
 # the Train page's defaults on digits (seed 0, test fraction 0.2): the data set these runs spend
 TINY = {"dataset": "digits", "backbone": "tiny_cnn", "image_size": 16, "epochs": 1, "batch_size": 64,
         "max_physical_batch_size": 64, "epsilon": 2.0, "device": "cpu"}
-
-
-@pytest.fixture(autouse=True)
-def fresh_caches():
-    st.cache_resource.clear()
-    st.cache_data.clear()
-    yield
-    st.cache_resource.clear()
 
 
 @pytest.fixture(scope="module")
@@ -36,22 +24,6 @@ def spent(tmp_path_factory):
         warnings.simplefilter("ignore")
         ids = [train(RunConfig(**TINY), store).run_id, train(RunConfig(**{**TINY, "epsilon": 1.0}), store).run_id]
     return root, ids
-
-
-def open_page(page: str, runs: Path, monkeypatch) -> AppTest:
-    monkeypatch.setenv("DPCORE_RUNS_DIR", str(runs))
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.run()
-    at.switch_page(page)
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def texts(at: AppTest) -> str:
-    parts = [el.value for kind in ("markdown", "caption", "info", "success", "warning", "error", "title")
-             for el in getattr(at, kind)]
-    return "\n".join(str(p) for p in parts)
 
 
 def test_page_renders_with_no_runs(tmp_path, monkeypatch):
