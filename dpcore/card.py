@@ -24,8 +24,41 @@ def library_versions() -> dict[str, str]:
 
 
 def _fmt_factor(eps: float) -> str:
+    if eps > 50:  # e^50 ≈ 5e21: past any meaningful bound (and math.exp overflows past ~709)
+        return f"10^{eps / math.log(10):.0f}"
     factor = math.exp(eps)
     return f"{factor:.3g}" if factor < 1000 else f"{factor:,.0f}"
+
+
+ADJACENCY = ("add/remove one image: the two training sets differ by one image being present or absent (the "
+             "relation the Poisson-subsampled Gaussian accountant assumes)")
+
+
+def release_facts(config: RunConfig, unit: str = "image") -> dict[str, Any]:
+    """What a run releases, what the accountant's ε covers, and which facts the card treats as public."""
+    private = config.private and not config.insecure_reproducible_noise
+    return {
+        "unit": unit,
+        "adjacency": ADJACENCY,
+        "released": (["the trained model's weights (model.safetensors) — the only output computed from the private "
+                      "training images, through DP-SGD's noise",
+                      "test-split metrics and predictions of that model (computed on the test split, which is not "
+                      "protected by the guarantee)",
+                      "ε spent per step (a function of σ, q, T and δ only)"] if private else
+                     ["the trained model's weights", "test-split metrics and predictions",
+                      "training-batch losses (non-private runs only)"]),
+        "not_released": ["training-batch losses or any other statistic of the private Poisson batches",
+                         "the noise and sampling randomness (OS-seeded, reseeded every step, never stored)",
+                         "hashes or fingerprints of the training images (kept in the local privacy ledger only)"]
+                        if private else [],
+        "treated_as_public": ["the number of training and test images (n) and each split's class counts",
+                              "the data set's grouping counts (patients / lesions per split)",
+                              "the names of files skipped as unreadable",
+                              "the run's configuration, its seed (which fixes initialisation, augmentation and "
+                              "splits, never the noise or the sampling) and the starting weights",
+                              "wall-clock timing of the run"],
+        "test_split": "evaluated, not trained on: its images get no guarantee from this run",
+    }
 
 
 def describe_weights(weights: dict[str, Any] | None) -> str:
@@ -46,15 +79,28 @@ def describe_weights(weights: dict[str, Any] | None) -> str:
     return "random initialisation (no pretraining)"
 
 
-def guarantee_sentence(privacy: dict[str, Any], privacy_unit: str) -> str:
-    """One plain sentence on what the numbers promise (or that nothing is promised)."""
+def guarantee_sentence(privacy: dict[str, Any], privacy_unit: str, lineage: dict[str, Any] | None = None) -> str:
+    """One plain sentence on what the numbers promise (or, first, that nothing is promised)."""
+    unit = privacy_unit.split(" ")[0]
     if not privacy.get("private"):
         return ("Trained without differential privacy: no privacy guarantee; the model may reveal "
-                "whether a given image was in its training data.")
-    return (f"(ε={privacy['epsilon']:.3g}, δ={privacy['delta']:.1g})-differential privacy per {privacy_unit} "
-            f"({privacy['accountant'].upper()} accountant, {privacy['steps']} Poisson-sampled steps): whether or not "
-            f"any one {privacy_unit.split(' ')[0]} was in the training data changes the probability of any outcome "
-            f"by a factor of at most e^ε ≈ {_fmt_factor(privacy['epsilon'])}, except with probability δ.")
+                f"whether a given {unit} was in its training data.")
+    if privacy.get("insecure_reproducible_noise"):
+        return ("NO DP GUARANTEE: this run's noise and sampling were derived from its recorded seed "
+                "(--insecure-reproducible-noise, a debugging mode), so anyone with its card can replay the training "
+                f"and tell whether a given {unit} was in it. The ε it reports describes the noise level only.")
+    if lineage and lineage.get("void"):
+        return ("NO DP GUARANTEE for the images that its starting weights were also trained on: "
+                + (lineage.get("sentence") or "an ancestor of these weights trained on them without DP."))
+    eps = privacy["epsilon"]
+    composed = ""
+    if lineage and lineage.get("composed_over_ancestors") and lineage.get("epsilon") is not None:
+        eps = lineage["epsilon"]
+        composed = ", composed with the earlier training of its starting weights on the same images"
+    return (f"(ε={eps:.3g}, δ={privacy['delta']:.1g})-differential privacy per {unit}, for adding or removing one "
+            f"{unit} ({privacy['accountant'].upper()} accountant, {privacy['steps']} Poisson-sampled steps{composed}): "
+            f"whether or not any one {unit} was in the training data changes the probability of any outcome "
+            f"by a factor of at most e^ε ≈ {_fmt_factor(eps)}, except with probability δ.")
 
 
 def build_card(*, run_id: str, config: RunConfig, status: str, splits, n_train: int, n_test: int,
@@ -62,19 +108,35 @@ def build_card(*, run_id: str, config: RunConfig, status: str, splits, n_train: 
                eval_history: list[dict[str, Any]], device: str, duration: float,
                warnings: list[str], recipe: dict[str, Any] | None = None,
                metrics_raw: dict[str, Any] | None = None,
-               metrics_ema: dict[str, Any] | None = None) -> dict[str, Any]:
+               metrics_ema: dict[str, Any] | None = None, lineage: dict[str, Any] | None = None,
+               lineage_chain: list[dict[str, Any]] | None = None, group=None) -> dict[str, Any]:
     """The card. ``metrics`` are the reported ones (those of the EMA weights when ema_decay is set);
     ``metrics_raw`` / ``metrics_ema`` keep both sets, ``model.evaluated_weights`` says which is reported."""
     metrics = metrics or {}
     recipe = recipe or {}
     evaluated = "ema" if config.ema_decay is not None else "raw"
+    insecure = bool(privacy.get("insecure_reproducible_noise"))
+    holds = bool(privacy.get("private")) and not insecure and not (lineage or {}).get("void")
+    guaranteed_eps = None
+    if holds:
+        guaranteed_eps = (lineage or {}).get("epsilon") or privacy.get("epsilon")
+    privacy = dict(privacy)
+    privacy["guarantee_holds"] = holds
+    privacy["guarantee_epsilon"] = guaranteed_eps
+    privacy["unit"] = "image"
+    privacy["adjacency"] = ADJACENCY
+    if group is not None and holds:
+        from .privacy.group_privacy import group_summary
+
+        privacy["group"] = group_summary(guaranteed_eps, privacy["delta"], group)
     return {
         "card_version": CARD_VERSION,
         "run_id": run_id,
         "status": status,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         # top-level keys that tools read directly
-        "epsilon": privacy.get("epsilon"),
+        "epsilon": None if insecure else privacy.get("epsilon"),
+        "guarantee_epsilon": guaranteed_eps,
         "delta": privacy.get("delta"),
         "accountant": privacy.get("accountant"),
         "noise_multiplier": privacy.get("noise_multiplier"),
@@ -84,8 +146,10 @@ def build_card(*, run_id: str, config: RunConfig, status: str, splits, n_train: 
         "test_accuracy": metrics.get("accuracy"),
         "test_roc_auc": metrics.get("roc_auc"),
         "test_balanced_accuracy": metrics.get("balanced_accuracy"),
-        "guarantee": guarantee_sentence(privacy, splits.privacy_unit),
+        "guarantee": guarantee_sentence(privacy, splits.privacy_unit, lineage),
         "privacy": privacy,
+        "privacy_facts": release_facts(config),
+        "lineage": {**(lineage or {}), "chain": lineage_chain or []},
         "dataset": {
             "name": config.dataset, "data_dir": config.data_dir, "n_train": n_train, "n_test": n_test,
             "class_names": splits.class_names, "split": splits.split_info, "privacy_unit": splits.privacy_unit,

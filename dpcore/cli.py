@@ -64,6 +64,14 @@ def _add_train_flags(t: argparse.ArgumentParser, sweep: bool) -> None:
     t.add_argument("--cache-dir", default=None, help="download cache (MedMNIST, CIFAR-10)")
     t.add_argument("--trainable-blocks", type=int, default=d.trainable_blocks,
                    help="with --scope last-k: the head plus this many last blocks of the backbone are trained")
+    t.add_argument("--allow-over-budget", action="store_true",
+                   help="launch even if the privacy ledger says an image would exceed a data set's budget "
+                        "(the override is recorded in the ledger)")
+    if not sweep:
+        t.add_argument("--insecure-reproducible-noise", action="store_true",
+                       help="DEBUGGING ONLY: derive the DP noise and sampling from --seed so the run can be "
+                            "replayed; such a run has NO privacy guarantee (its card says so first, the ledger "
+                            "counts it as non-private)")
     _add_recipe_flags(t)
 
 
@@ -156,6 +164,9 @@ def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--out", required=True, help="weights file to write (.safetensors; a sidecar .json beside it)")
     p.add_argument("--public", default=None, help="why these data may be treated as public (recorded)")
+    p.add_argument("--force-public", action="store_true",
+                   help="pretrain even on images the privacy ledger knows from private runs (it then records "
+                        "them as used without DP: their guarantee is void)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--max-physical-batch-size", type=int, default=d.max_physical_batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -176,13 +187,15 @@ def _cmd_pretrain(args) -> int:
     from .pretrain import pretrain
 
     fields = {f.name for f in dataclasses.fields(RunConfig)}
-    named = {"dataset", "data_dir", "backbone", "image_size", "epochs"}
+    named = {"dataset", "data_dir", "backbone", "image_size", "epochs", "allow_over_budget",
+             "insecure_reproducible_noise"}
     options = {k: v for k, v in vars(args).items() if k in fields and k not in named}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = pretrain(args.dataset, args.out, data_dir=args.data_dir, backbone=args.backbone,
                           image_size=args.image_size, epochs=args.epochs, public=args.public,
-                          listener=None if args.quiet else ProgressPrinter(), **options)
+                          force_public=args.force_public,
+                          listener=WarningPrinter() if args.quiet else ProgressPrinter(), **options)
     f = result.facts
     tm = f["test_metrics"]
     acc = f"{tm['accuracy']:.4f}" if tm.get("accuracy") is not None else "n/a"
@@ -260,6 +273,15 @@ class ProgressPrinter:
         print(text, file=self.out or sys.stdout, flush=True)
 
 
+class WarningPrinter(ProgressPrinter):
+    """--quiet: only what must never be hidden — warnings about the guarantee or the ledger, and failures."""
+
+    def __call__(self, ev: Event) -> None:
+        msg = ev.message or ""
+        if (ev.kind == "log" and (msg.startswith("WARNING") or msg.startswith("NO DP"))) or ev.kind == "failed":
+            self._print(msg if ev.kind == "log" else f"failed: {msg}")
+
+
 def format_card(card: dict) -> str:
     d, m, p = card["dataset"], card["model"], card["privacy"]
     tm = card.get("test_metrics") or {}
@@ -267,7 +289,7 @@ def format_card(card: dict) -> str:
         f"== model card: run {card['run_id']} ({card['status']}, {card['date']}) ==",
         f"data      : {d['name']}" + (f" ({d['data_dir']})" if d.get("data_dir") else "")
         + f", {d['n_train']} train / {d['n_test']} test, classes {d['class_names']}",
-        f"split     : {d['split'].get('method', d['split'])}; unit of privacy: {d['privacy_unit']}",
+        f"split     : {d['split'].get('method', d['split'])}",
         f"model     : {m['backbone']} (weights: {m['weights'].get('source')}"
         + (f" {m['weights'].get('name')}" if m['weights'].get('name') else "") + f"), scope {m['scope']}, "
         f"{m['trainable_params']['trainable']:,} of {m['trainable_params']['total']:,} parameters trained",
@@ -279,6 +301,15 @@ def format_card(card: dict) -> str:
     else:
         lines.append("privacy   : none (non-private baseline)")
     lines.append(f"guarantee : {card['guarantee']}")
+    facts = card.get("privacy_facts") or {}
+    if facts:
+        lines.append(f"unit      : {facts['unit']}; adjacency: {facts['adjacency']}")
+    lin = card.get("lineage") or {}
+    if lin.get("sentence"):
+        lines.append(f"lineage   : {lin['sentence']}")
+    grp = (card.get("privacy") or {}).get("group")
+    if grp and grp.get("sentence"):
+        lines.append(f"groups    : {grp['sentence']}")
     if tm:
         auc = f"{tm['roc_auc']:.4f}" if tm.get("roc_auc") is not None else "n/a"
         lines.append(f"test      : accuracy {tm['accuracy']:.4f}, balanced accuracy {tm['balanced_accuracy']:.4f}, "
@@ -309,7 +340,7 @@ def _cmd_train(args) -> int:
 
     config = config_from_args(args)
     store = RunStore(args.runs_dir)
-    printer = None if args.quiet else ProgressPrinter()
+    printer = WarningPrinter() if args.quiet else ProgressPrinter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the trainer reports warnings as events and in the card
         result = train(config, store, listener=printer)

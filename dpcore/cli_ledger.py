@@ -1,4 +1,4 @@
-"""`python -m dpcore ledger`: what every data set has spent, composed by the accountant, against its budget."""
+"""`python -m dpcore ledger`: what every image of every data set has spent, over all runs on this machine."""
 from __future__ import annotations
 
 import json
@@ -9,22 +9,23 @@ from .ledger import DatasetSummary, Ledger, LedgerError, backfill
 
 def add_commands(subparsers, add_runs_dir) -> dict:
     p = subparsers.add_parser(
-        "ledger", help="privacy spent per data set: runs, composed ε (RDP, PLD), basic-composition bound, budget",
-        description="Every run on a data set (identified by a content hash of its training split) is an entry: "
-                    "its (σ, q, T, δ), or non-private. The total is the accountant's composition of all entries "
-                    "(RDP and PLD, dp-accounting), beside basic composition (Σ ε, Σ δ). Deleted runs keep their "
-                    "entries. Last line: `ledger {json}`.")
+        "ledger", help="privacy spent per image: every run that trained on each image, composed (RDP, PLD)",
+        description="The machine's privacy ledger (~/.dpcore/ledger.sqlite, or $DPCORE_LEDGER) records every "
+                    "use of every image, identified by content: its (σ, q, T, δ), or that it carried no "
+                    "guarantee (non-private, replayable noise, pretraining on data declared public, audits). "
+                    "Each image's ε composes every run that trained on it; a data set's headline is its "
+                    "most-exposed image. Deleted runs keep their entries. Last line: `ledger {json}`.")
     add_runs_dir(p)
-    p.add_argument("--dataset", default=None, help="a data set's key (prefix) or part of its name (default: all)")
+    p.add_argument("--ledger", default=None, help="ledger file (default: $DPCORE_LEDGER or ~/.dpcore/ledger.sqlite)")
+    p.add_argument("--dataset", default=None, help="part of a data set's name (default: all)")
     p.add_argument("--set-budget", type=float, default=None, metavar="EPS",
-                   help="set the data set's total ε budget (needs --dataset); 0 removes it")
+                   help="the largest ε any one image of the data set may reach (needs --dataset); 0 removes it")
     p.add_argument("--budget-delta", type=float, default=None, help="δ at which the budget is stated")
     p.add_argument("--accountant", choices=("rdp", "pld"), default=None,
-                   help="whose composed ε counts against the budget (default: the tighter of RDP and PLD)")
-    p.add_argument("--entries", action="store_true", help="also list every run's entry")
+                   help="whose composed ε counts against the budget (default: per image the tighter of RDP and PLD)")
+    p.add_argument("--entries", action="store_true", help="also list every use")
     p.add_argument("--backfill", action="store_true",
-                   help="first record the stored runs the ledger does not know yet (e.g. made before it existed), "
-                        "from their cards")
+                   help="first record the stored runs of --runs-dir that the ledger does not know yet, from their cards")
     return {"ledger": _cmd_ledger}
 
 
@@ -35,53 +36,65 @@ def _f(v: float | None, digits: int = 4) -> str:
 
 
 def _print_summary(s: DatasetSummary, entries: bool, accountant: str | None = None) -> None:
-    print(f"== {s.name}  [{s.key[:12]}]")
-    print(f"runs      : {s.runs} ({s.private_runs} private, {len(s.non_private_runs)} non-private)")
-    if s.void:
-        print(f"VOID      : non-private run(s) {', '.join(s.non_private_runs)} used these images without noise: "
-              "no DP guarantee holds for this data set any more (ε = ∞)")
-    print(f"composed  : ε = {_f(s.epsilon_rdp)} (RDP), {_f(s.epsilon_pld)} (PLD) at δ = {_f(s.delta, 3)}")
-    print(f"basic     : ε ≤ {_f(s.basic_epsilon)}, δ ≤ {_f(s.basic_delta, 3)} (sum over runs)")
+    e = s.exposure
+    print(f"== {s.name}: {s.n_images:,} images, {s.n_trained:,} trained on")
+    voiding = [r for r in s.runs if r.voids]
+    print(f"uses      : {len(s.runs)} ({sum(r.guaranteed for r in s.runs)} DP-SGD, {len(voiding)} without a guarantee)")
+    print(f"per image : most-exposed image ε = {_f(s.epsilon)} (RDP {_f(s.epsilon_of('rdp'))}, PLD "
+          f"{_f(s.epsilon_of('pld'))}) at δ = {_f(s.delta, 3)}; median image ε = {_f(s.to_dict()['epsilon_median'])}")
+    hist = e.histogram()
+    shown = ", ".join(f"ε {_f(eps)}: {n:,}" for eps, n in hist[:8]) + (" …" if len(hist) > 8 else "")
+    print(f"histogram : {shown}")
+    if s.n_void:
+        print(f"VOID      : {s.n_void:,} images were used without a guarantee (ε = ∞) by "
+              + ", ".join(f"{r.run_id} ({r.kind}{', ' + r.label if r.label else ''})" for r in voiding[:5]))
+    both = s.to_dict()["n_evaluated_and_trained"]
+    if both:
+        print(f"evaluated : {both:,} images trained on were also in some run's test split, whose metrics were "
+              "released without DP")
     if s.budget_epsilon is None:
-        print("budget    : none set (python -m dpcore ledger --dataset KEY --set-budget EPS)")
+        print("budget    : none set (python -m dpcore ledger --dataset NAME --set-budget EPS)")
     else:
         spent = s.epsilon_of(accountant)
-        by = accountant.upper() if accountant else "tighter of RDP and PLD"
-        print(f"budget    : ε = {s.budget_epsilon:g}; spent {_f(spent)} ({by}), "
-              f"remaining {_f(s.budget_epsilon - spent)}")
+        by = accountant.upper() if accountant else "per image the tighter of RDP and PLD"
+        rem = s.budget_epsilon - spent
+        print(f"budget    : ε = {s.budget_epsilon:g} per image; most-exposed image at {_f(spent)} ({by}), "
+              f"remaining {'none (void)' if math.isinf(spent) else _f(rem)}")
     if entries:
-        for e in s.entries:
-            what = (f"σ={e.noise_multiplier:.4g} q={e.sample_rate:.4g} T={e.steps} δ={e.delta:g} ε={_f(e.epsilon)}"
-                    if e.private and e.steps else f"non-private, {e.steps} steps" if not e.private else "no steps")
-            print(f"  {e.run_id}  {e.status:<9} {e.label or '':<24} {what}")
+        for r in s.runs:
+            what = (f"σ={r.noise_multiplier:.4g} q={r.sample_rate:.4g} T={r.steps} δ={r.delta:g} ε={_f(r.epsilon)}"
+                    if r.guaranteed else f"no guarantee ({r.kind}), {r.steps} step(s)")
+            extra = " [over budget, allowed]" if r.over_budget else ""
+            print(f"  {r.run_id}  {r.shown_status:<11} {r.n_train or 0:>6} imgs  {r.label or '':<28} {what}{extra}")
 
 
 def _cmd_ledger(args) -> int:
-    if args.backfill:
-        added = backfill(args.runs_dir)
-        print(f"backfilled {len(added)} run(s) from their cards" + (f": {', '.join(added)}" if added else ""))
-    ledger = Ledger(args.runs_dir)
     try:
+        ledger = Ledger(args.ledger)
+        if args.backfill:
+            added = backfill(args.runs_dir, ledger)
+            print(f"backfilled {len(added)} run(s) from their cards" + (f": {', '.join(added)}" if added else ""))
         if args.set_budget is not None:
             if not args.dataset:
-                raise LedgerError("--set-budget needs --dataset. Fix: name the data set (key prefix or name)")
-            key = ledger.resolve(args.dataset)
-            ledger.set_budget(key, args.set_budget or None, args.budget_delta)
+                raise LedgerError("--set-budget needs --dataset. Fix: name the data set (part of its name)")
+            ledger.set_budget(ledger.resolve(args.dataset), args.set_budget or None, args.budget_delta)
         keys = [ledger.resolve(args.dataset)] if args.dataset else [d["key"] for d in ledger.datasets()]
     except LedgerError as exc:
         print(f"Error: {exc}")
         return 2
     if not keys:
-        print(f"The ledger in {ledger.path} has no entries yet: every training run adds one.")
+        print(f"The ledger {ledger.path} has no entries yet: every training run adds one.")
     summaries = [ledger.summary(k) for k in keys]
     for s in summaries:
         _print_summary(s, args.entries, args.accountant)
     out = {}
     for s in summaries:
         row = s.to_dict()
-        row["accountant"] = args.accountant or "min(rdp, pld)"
+        row["accountant"] = args.accountant or "per image min(rdp, pld)"
         row["spent"] = s.epsilon_of(args.accountant)
-        row["remaining"] = None if s.budget_epsilon is None else s.budget_epsilon - row["spent"]
-        out[s.key] = {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()}
+        row["remaining"] = None if s.budget_epsilon is None or math.isinf(row["spent"]) else \
+            s.budget_epsilon - row["spent"]
+        row["histogram"] = [[None if math.isinf(e) else e, n] for e, n in s.exposure.histogram()]
+        out[s.name] = {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()}
     print("ledger " + json.dumps(out, sort_keys=True))
     return 0

@@ -66,6 +66,10 @@ class RunConfig:
     lr_schedule: str = "constant"  # constant | cosine, over the run's logical steps
     warmup_fraction: float = 0.0  # linear warm-up over this fraction of the steps (0 .. 0.5)
     trainable_blocks: int = 1  # scope "last-k": the head plus the last k blocks of the backbone
+    # DEBUG ONLY: noise and sampling derived from `seed` (replayable): such a run carries NO DP guarantee
+    insecure_reproducible_noise: bool = False
+    # launch even when the ledger says a data set's budget would be exceeded (recorded in the ledger)
+    allow_over_budget: bool = False
 
     def __post_init__(self) -> None:
         self._validate()
@@ -128,6 +132,10 @@ class RunConfig:
         if self.medmnist_size not in MEDMNIST_SIZES:
             bad("medmnist_size", f"MedMNIST comes in sizes {MEDMNIST_SIZES}, got {self.medmnist_size}",
                 "pick one of those sizes")
+        for name in ("insecure_reproducible_noise", "allow_over_budget"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, f"must be true or false, got {getattr(self, name)!r}", f"pass --{name.replace('_', '-')} "
+                    "to switch it on")
         self._validate_recipe(bad)
 
     def _validate_recipe(self, bad) -> None:

@@ -127,11 +127,29 @@ _MEMORY: dict[str, Features] = {}  # the most recent features, so a sweep reads 
 _MEMORY_LOCK = threading.Lock()
 
 
+def _file_stem(cache_dir: Path, key: str) -> str:
+    """The cache file's name: the key under a secret salt kept in the cache folder. The key is a hash of the
+    training split (for arrays, of its pixels): shown in a log, a card or a file name it would let anyone
+    holding candidate data sets test which one was trained on; salted it tells nothing."""
+    salt_file = cache_dir / ".salt"
+    if not salt_file.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache_dir / f".salt.{os.getpid()}.tmp"
+        tmp.write_bytes(os.urandom(32))
+        try:
+            os.link(tmp, salt_file)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    return hashlib.blake2b(key.encode(), key=salt_file.read_bytes()[:32], digest_size=16).hexdigest()
+
+
 def load_or_extract(*, key: str, cache_dir: Path, splits: DataSplits, model: torch.nn.Module,
                     data_config: dict[str, Any], device: torch.device, skip_unreadable: bool,
                     batch_size: int = 256, log: Callable[[str], None] = lambda _: None) -> Features:
     """The features of `key`: from memory, else from the cache file, else extracted now and saved."""
-    path = Path(cache_dir) / f"{key}.safetensors"
+    path = Path(cache_dir) / f"{_file_stem(Path(cache_dir), key)}.safetensors"
     with _MEMORY_LOCK:
         hit = _MEMORY.get(key)
     if hit is not None and path.exists():

@@ -1,25 +1,35 @@
-"""Privacy-budget ledger: what every run has spent of each private data set, composed by the accountant.
+"""Privacy ledger: every use of every image on this machine, and the ε of each image over all of them.
 
-Every training run on a data set releases something about it, tuning runs and failed runs included, so the
-honest question is "what has this data set lost in total", not "what did the best run cost". The ledger
-keeps one entry per run — its (σ, q, T, δ), or the fact that it was non-private — under the data set's
-identity: a content hash of its training split (the files' bytes or the pixel arrays, with their class
-names, order-free), so the same images reached by another path are the same data set and a changed split
-is another one. Totals are the accountant's composition of all the entries' mechanisms (RDP and PLD, via
-dp-accounting) next to basic composition (Σ ε, Σ δ). A non-private run voids every guarantee on its data
-set (ε = ∞). The ledger is its own SQLite file beside the run store, so deleting a run keeps its entry.
+Why per image: a data set's budget is spent by every run that touched any of its images — tuning runs,
+failed and killed runs, runs on another seed's split (80 % of the images shared), on a 90 % subset, on a
+resized copy in another folder, from another runs folder. So the ledger identifies each image by its
+content (file bytes, and a pixel fingerprint that a resized or re-encoded copy shares:
+`dpcore.privacy.fingerprint`; a false match can only over-count), records which images each run
+trained on, and reports for each image the composition of every run that included it. A data set's
+headline is its most-exposed image.
 
-Runs whose training split differs (another seed or test fraction) count as another data set here, though
-they share individuals: compose such ledgers by hand, or keep the split fixed while tuning.
+Fail closed: the trainer writes its entry (mechanism, images) before its first noisy step and
+reserves steps ahead of taking them (`Spending`); a run that cannot write takes no step. A killed run
+therefore leaves an entry with at least the steps it took (up to one reservation chunk more).
+
+Uses that carry no guarantee — a non-private run, a replayable-noise debug run, `pretrain` on data
+declared public, a membership audit (its shadow models and its statistics) — void the ε of every image
+they used (ε = ∞). Test-split images are evaluated, not trained on: their metrics are released without
+DP, which the ledger records ("evaluated") and shows beside their training ε.
+
+One ledger per machine by default (``~/.dpcore/ledger.sqlite``; ``DPCORE_LEDGER`` overrides it), not one
+per runs folder. It is an SQLite file created atomically; an empty, foreign or damaged file is refused
+with an error, never silently replaced.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
+import os
 import sqlite3
 import time
-from collections.abc import Iterator
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,145 +38,236 @@ from typing import Any
 import numpy as np
 
 from . import accounting
-from .data import DataSplits, ImageList, hash_file_signatures
 from .errors import DPCoreError
 
-LEDGER_FILE = "ledger.sqlite"
+LEDGER_ENV = "DPCORE_LEDGER"
+SCHEMA_VERSION = "2"
+KINDS = ("train", "pretrain", "audit", "backfill")
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY, sha256 TEXT NOT NULL UNIQUE, fp BLOB NOT NULL, fp_version TEXT NOT NULL,
+    merged_into INTEGER, first_seen REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS images_root ON images(merged_into);
 CREATE TABLE IF NOT EXISTS datasets (
-    key TEXT PRIMARY KEY, name TEXT NOT NULL, dataset TEXT, data_dir TEXT, n_train INTEGER,
-    first_seen REAL NOT NULL, budget_epsilon REAL, budget_delta REAL);
-CREATE TABLE IF NOT EXISTS entries (
-    run_id TEXT PRIMARY KEY, dataset_key TEXT NOT NULL REFERENCES datasets(key), private INTEGER NOT NULL,
-    noise_multiplier REAL, sample_rate REAL, steps INTEGER NOT NULL, delta REAL, accountant TEXT,
-    epsilon REAL, status TEXT NOT NULL, label TEXT, recorded_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS hash_cache (signature TEXT PRIMARY KEY, content_hash TEXT NOT NULL);
+    key TEXT PRIMARY KEY, name TEXT NOT NULL, dataset TEXT, data_dir TEXT, first_seen REAL NOT NULL,
+    budget_epsilon REAL, budget_delta REAL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, kind TEXT NOT NULL, dataset_key TEXT NOT NULL, private INTEGER NOT NULL,
+    insecure INTEGER NOT NULL DEFAULT 0, noise_multiplier REAL, sample_rate REAL,
+    steps INTEGER NOT NULL, steps_taken INTEGER, planned_steps INTEGER, delta REAL, accountant TEXT,
+    epsilon REAL, status TEXT NOT NULL, label TEXT, unit TEXT, runs_dir TEXT, n_train INTEGER, n_test INTEGER,
+    over_budget INTEGER NOT NULL DEFAULT 0, note TEXT, pid INTEGER, started_at REAL NOT NULL,
+    updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS run_images (
+    run_id TEXT NOT NULL, image_id INTEGER NOT NULL, role TEXT NOT NULL,
+    PRIMARY KEY (run_id, image_id, role)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS run_images_image ON run_images(image_id);
+CREATE TABLE IF NOT EXISTS dataset_images (
+    dataset_key TEXT NOT NULL, image_id INTEGER NOT NULL, PRIMARY KEY (dataset_key, image_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dataset_images_image ON dataset_images(image_id);
+CREATE TABLE IF NOT EXISTS compose_cache (
+    signature TEXT NOT NULL, delta REAL NOT NULL, accountant TEXT NOT NULL, epsilon REAL NOT NULL,
+    PRIMARY KEY (signature, delta, accountant)) WITHOUT ROWID;
 """
 
 
 class LedgerError(DPCoreError):
-    """A ledger request that cannot be answered (unknown data set, bad budget); names the fix."""
+    """A ledger request that cannot be answered or written; names the fix."""
 
 
-# -- the data set's identity ---------------------------------------------------------------------------
-def _signature(images: ImageList, class_names: list[str]) -> str:
-    """Cheap stand-in for the content (paths, sizes, mtimes / array bytes): the cache key of the content hash."""
-    h = hashlib.sha256(json.dumps(class_names).encode())
-    h.update(np.ascontiguousarray(np.asarray(images.labels, dtype=np.int64)).tobytes())
-    array = getattr(images, "array", None)
-    if isinstance(array, np.ndarray):
-        h.update(str(array.shape).encode())
-        h.update(np.ascontiguousarray(array).tobytes())
-        return "a:" + h.hexdigest()
-    hash_file_signatures(h, images)
-    return "p:" + h.hexdigest()
+class LedgerCorrupt(LedgerError):
+    """The ledger file is empty, damaged or not a ledger: nothing is written until a person decides."""
 
 
-def content_hash(images: ImageList, class_names: list[str]) -> str:
-    """sha256 of the multiset {(sha256(image bytes), class name)}: independent of paths and of order."""
-    array = getattr(images, "array", None)
-    labels = np.asarray(images.labels, dtype=np.int64)
-    items = []
-    for i in range(len(images)):
-        if isinstance(array, np.ndarray):
-            blob = np.ascontiguousarray(array[i]).tobytes() + str(array[i].shape).encode()
-        else:
-            with open(images.source(i), "rb") as fh:
-                blob = fh.read()
-        items.append(hashlib.sha256(blob).hexdigest() + ":" + class_names[int(labels[i])])
-    h = hashlib.sha256()
-    for item in sorted(items):
-        h.update(item.encode() + b"\n")
-    return h.hexdigest()
+class BudgetExceeded(LedgerError):
+    """A planned run would take an image past a data set's budget."""
 
 
-def dataset_name(dataset: str, data_dir: str | None, n_train: int) -> str:
-    where = f" ({Path(data_dir).name})" if data_dir else ""
-    return f"{dataset}{where}, {n_train:,} training images"
+def default_ledger_path() -> Path:
+    env = os.environ.get(LEDGER_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".dpcore" / "ledger.sqlite"
 
 
-# -- the records ----------------------------------------------------------------------------------------
+def _text(value: str | None) -> str | None:
+    """Text SQLite can store whatever the file system gave (non-UTF-8 names arrive as surrogates)."""
+    if value is None:
+        return None
+    return os.fsencode(value).decode("utf-8", "backslashreplace") if isinstance(value, str) else str(value)
+
+
+def dataset_key(dataset: str, data_dir: str | None) -> str:
+    """A data set's name in the ledger: its loader and folder (images are matched by content anyway)."""
+    where = str(Path(data_dir).expanduser().resolve()) if data_dir else ""
+    return _text(f"{dataset}:{where}")
+
+
+def dataset_name(dataset: str, data_dir: str | None) -> str:
+    return _text(f"{dataset} ({Path(data_dir).name})" if data_dir else dataset)
+
+
+# -- records --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Entry:
+    """One use of images: a training run (its mechanism, or the fact that it was not private), a
+    pretraining, an audit."""
+
     run_id: str
+    kind: str
     dataset_key: str
     private: bool
+    insecure: bool
     noise_multiplier: float | None
     sample_rate: float | None
-    steps: int
+    steps: int  # the steps counted: reserved while running (≥ taken), exact once finished
+    steps_taken: int | None
+    planned_steps: int | None
     delta: float | None
     accountant: str | None
-    epsilon: float | None  # the run's own ε (its card's), None for a non-private run
+    epsilon: float | None  # the run's own ε (its card's), None when it carries no guarantee
     status: str
     label: str | None
-    recorded_at: float
+    unit: str | None
+    runs_dir: str | None
+    n_train: int | None
+    n_test: int | None
+    over_budget: bool
+    note: str | None
+    pid: int | None
+    started_at: float
+    updated_at: float
+
+    @property
+    def guaranteed(self) -> bool:
+        """A DP-SGD mechanism with secret noise: composable. Anything else voids what it used."""
+        return self.private and not self.insecure and self.noise_multiplier is not None
+
+    @property
+    def voids(self) -> bool:
+        return self.steps > 0 and not self.guaranteed
+
+    @property
+    def event(self) -> tuple[float, float, int]:
+        return (float(self.noise_multiplier), float(self.sample_rate), int(self.steps))
+
+    @property
+    def interrupted(self) -> bool:
+        """Still 'running' here, but its process is gone (killed): its reserved steps count."""
+        return self.status == "running" and not _alive(self.pid)
+
+    @property
+    def shown_status(self) -> str:
+        return "interrupted" if self.interrupted else self.status
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """What a set of images has spent: the ε of each image (composed over every run that trained on it)."""
+
+    image_ids: np.ndarray
+    epsilon: np.ndarray  # per image: min(RDP, PLD) composed ε at `delta`; inf = void; 0 = never trained on
+    epsilon_rdp: np.ndarray
+    epsilon_pld: np.ndarray
+    runs_per_image: np.ndarray
+    evaluated: np.ndarray  # bool: the image was in some run's test split (its metrics released without DP)
+    delta: float
+    void_runs: list[str]
+
+    @property
+    def max_epsilon(self) -> float:
+        return float(self.epsilon.max()) if len(self.epsilon) else 0.0
+
+    def histogram(self) -> list[tuple[float, int]]:
+        """(ε, number of images) for each distinct ε, ascending (∞ last)."""
+        counts = Counter(np.round(self.epsilon, 6).tolist())
+        return sorted(counts.items())
 
 
 @dataclass(frozen=True)
 class DatasetSummary:
-    """The ledger's verdict for one data set: composed ε under RDP and PLD, basic composition, budget."""
-
     key: str
     name: str
-    runs: int
-    private_runs: int
-    non_private_runs: list[str]
-    delta: float | None  # the δ of the composed ε (the budget's, else the smallest of the entries')
-    epsilon_rdp: float | None  # None: no private steps yet (0 spent); inf: void
-    epsilon_pld: float | None
-    basic_epsilon: float | None  # Σ ε_i
-    basic_delta: float | None  # Σ δ_i
+    n_images: int
+    n_trained: int  # images some run trained on
+    runs: list[Entry]
+    exposure: Exposure
     budget_epsilon: float | None
-    entries: list[Entry] = field(default_factory=list)
+    budget_delta: float | None
 
     @property
-    def void(self) -> bool:
-        return bool(self.non_private_runs)
+    def delta(self) -> float:
+        return self.exposure.delta
 
     @property
     def epsilon(self) -> float:
-        """The tightest valid composed ε at `delta` (the smaller of PLD and RDP); 0 when nothing was spent."""
-        if self.void:
-            return math.inf
-        vals = [v for v in (self.epsilon_pld, self.epsilon_rdp) if v is not None]
-        return min(vals) if vals else 0.0
+        """The most-exposed image's ε (the tighter valid accountant per image); ∞ when any image is void."""
+        return self.exposure.max_epsilon
 
     def epsilon_of(self, accountant: str | None = None) -> float:
-        """The composed ε under one accountant ("rdp" or "pld"), or the tighter of both (None)."""
         if accountant is None:
             return self.epsilon
         if accountant not in accounting.ACCOUNTANTS:
             raise LedgerError(f"unknown accountant {accountant!r}. Fix: use one of {accounting.ACCOUNTANTS}")
-        if self.void:
-            return math.inf
-        value = self.epsilon_rdp if accountant == "rdp" else self.epsilon_pld
-        return 0.0 if value is None else value
+        arr = self.exposure.epsilon_rdp if accountant == "rdp" else self.exposure.epsilon_pld
+        return float(arr.max()) if len(arr) else 0.0
+
+    @property
+    def void(self) -> bool:
+        return math.isinf(self.epsilon)
+
+    @property
+    def n_void(self) -> int:
+        return int(np.isinf(self.exposure.epsilon).sum())
 
     @property
     def remaining(self) -> float | None:
         return None if self.budget_epsilon is None else self.budget_epsilon - self.epsilon
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("entries")
-        d.update(void=self.void, epsilon=self.epsilon, remaining=self.remaining)
-        return d
+        e = self.exposure
+        finite = e.epsilon[np.isfinite(e.epsilon)]
+        return {"key": self.key, "name": self.name, "n_images": self.n_images, "n_trained": self.n_trained,
+                "runs": len(self.runs), "private_runs": sum(r.guaranteed for r in self.runs),
+                "void_runs": e.void_runs, "n_void_images": self.n_void, "delta": e.delta,
+                "epsilon_max": self.epsilon, "epsilon_max_rdp": self.epsilon_of("rdp"),
+                "epsilon_max_pld": self.epsilon_of("pld"),
+                "epsilon_median": float(np.median(e.epsilon)) if len(e.epsilon) else 0.0,
+                "epsilon_max_finite": float(finite.max()) if len(finite) else None,
+                "n_evaluated_and_trained": int((e.evaluated & (e.runs_per_image > 0)).sum()),
+                "budget_epsilon": self.budget_epsilon, "budget_delta": self.budget_delta,
+                "remaining": self.remaining, "unit": "image"}
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """What a planned run would do to a data set's budget."""
+    """What a planned run would do to the most-exposed of its images, against every budget they fall under."""
 
-    dataset_key: str
     current: float
     after: float
     budget: float | None
+    budget_dataset: str | None
     exceeds: bool
     message: str
+    n_images: int
+    n_known: int  # of the planned images, how many the ledger has seen before
 
 
-def compose(events: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
-    """ε of all the DP-SGD mechanisms (σ, q, T) run on one data set, composed by the accountant, at δ."""
+def compose(events: Sequence[tuple[float, float, int]], delta: float, accountant: str) -> float:
+    """ε of DP-SGD mechanisms (σ, q, T) run on the same image, composed by the accountant at δ."""
     live = [(s, q, t) for s, q, t in events if t > 0]
     if not live:
         return 0.0
@@ -178,199 +279,579 @@ def compose(events: list[tuple[float, float, int]], delta: float, accountant: st
     return float(acc.get_epsilon(delta))
 
 
+# -- the ledger -----------------------------------------------------------------------------------------
 class Ledger:
-    """The ledger file of one runs folder (``<runs>/ledger.sqlite``)."""
+    """The machine's ledger file (``default_ledger_path()`` unless a path is given)."""
 
-    def __init__(self, runs_dir: str | Path = "runs"):
-        self.root = Path(runs_dir)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.path = self.root / LEDGER_FILE
-        with self._connect() as db:
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path).expanduser() if path is not None else default_ledger_path()
+        if self.path.is_dir():
+            self.path = self.path / "ledger.sqlite"
+        self.ledger_id = self._open()
+
+    # -- the file --------------------------------------------------------------------------------------
+    def _open(self) -> str:
+        if not self.path.exists():
+            self._create()
+        if self.path.stat().st_size == 0:
+            raise LedgerCorrupt(
+                f"the privacy ledger {self.path} is an empty file (truncated?): what it recorded is lost, and "
+                "starting afresh would hide that. Fix: restore it from a backup; or, if you accept losing its "
+                f"record, move it away (mv {self.path} {self.path}.lost) and rebuild what the run stores still "
+                "know with `python -m dpcore ledger --backfill --runs-dir RUNS`")
+        try:
+            with self._connect() as db:
+                tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                if "meta" not in tables:
+                    old = " (an older per-runs-folder ledger)" if "entries" in tables else ""
+                    raise LedgerCorrupt(
+                        f"{self.path} is not a DP Explorer ledger{old}. Fix: point {LEDGER_ENV} at a ledger file, "
+                        "or move this file away; `python -m dpcore ledger --backfill --runs-dir RUNS` records the "
+                        "stored runs of a runs folder again")
+                meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+                db.executescript(_SCHEMA)  # tables added by later versions
+        except sqlite3.DatabaseError as exc:
+            raise LedgerCorrupt(f"the privacy ledger {self.path} cannot be read ({exc}). Fix: restore it from a "
+                                f"backup, or move it away and rebuild with `python -m dpcore ledger --backfill`") from exc
+        if meta.get("schema") != SCHEMA_VERSION or not meta.get("ledger_id"):
+            raise LedgerCorrupt(f"{self.path} has ledger schema {meta.get('schema')!r}, this version reads "
+                                f"{SCHEMA_VERSION!r}. Fix: use the DP Explorer version that wrote it")
+        return meta["ledger_id"]
+
+    def _create(self) -> None:
+        """Write a complete empty ledger under a temporary name, then link it into place (atomic; a
+        concurrent creator's file wins and ours is dropped)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        db = sqlite3.connect(tmp)
+        try:
             db.executescript(_SCHEMA)
+            db.executemany("INSERT INTO meta VALUES (?, ?)", [
+                ("schema", SCHEMA_VERSION), ("ledger_id", uuid.uuid4().hex), ("created_at", repr(time.time()))])
+            db.commit()
+        finally:
+            db.close()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30)
+    def _connect(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         db.row_factory = sqlite3.Row
         try:
-            with db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            if write:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+            else:
                 yield db
         finally:
             db.close()
 
-    # -- identity --------------------------------------------------------------------------------------
-    def identify(self, splits: DataSplits, dataset: str, data_dir: str | None = None) -> tuple[str, str]:
-        """(key, name) of the training split; the content hash is computed once per file signature."""
-        sig = _signature(splits.train, list(splits.class_names))
+    def check(self) -> None:
+        """SQLite's own consistency check; raises LedgerCorrupt when it finds damage."""
         with self._connect() as db:
-            row = db.execute("SELECT content_hash FROM hash_cache WHERE signature = ?", (sig,)).fetchone()
-        if row is None:
-            key = content_hash(splits.train, list(splits.class_names))[:32]
-            with self._connect() as db:
-                db.execute("INSERT OR REPLACE INTO hash_cache VALUES (?, ?)", (sig, key))
+            result = db.execute("PRAGMA quick_check").fetchone()[0]
+        if result != "ok":
+            raise LedgerCorrupt(f"the privacy ledger {self.path} is damaged ({result}). Fix: restore it from a backup")
+
+    def stamp(self) -> tuple:
+        """Changes whenever anything is written (for caches of summaries)."""
+        with self._connect() as db:
+            row = db.execute("SELECT COUNT(*), COALESCE(MAX(updated_at), 0), "
+                             "(SELECT COUNT(*) FROM images) FROM runs").fetchone()
+        wal = self.path.with_name(self.path.name + "-wal")
+        return tuple(row) + (self.path.stat().st_mtime_ns, wal.stat().st_mtime_ns if wal.exists() else 0)
+
+    # -- images ----------------------------------------------------------------------------------------
+    def identify(self, images, workers: int = 2):
+        """Content identities of an ImageList (cached by file signature in this ledger's file)."""
+        from .privacy import fingerprint
+
+        return fingerprint.identify(images, cache=fingerprint.FingerprintCache(self.path), workers=workers)
+
+    def _known(self, db: sqlite3.Connection):
+        rows = db.execute("SELECT id, sha256, fp, COALESCE(merged_into, id) AS root FROM images").fetchall()
+        by_sha = {r["sha256"]: r["root"] for r in rows}
+        if rows:
+            fps = np.frombuffer(b"".join(r["fp"] for r in rows), dtype=np.uint8).reshape(len(rows), -1)
         else:
-            key = row["content_hash"]
-        name = dataset_name(dataset, data_dir, len(splits.train))
+            fps = np.zeros((0, 0), dtype=np.uint8)
+        roots = np.array([r["root"] for r in rows], dtype=np.int64)
+        return by_sha, fps, roots
+
+    def _match(self, db: sqlite3.Connection, ids) -> tuple[np.ndarray, list[list[int]]]:
+        """For each identity: the root ids of known images it matches (exactly or by fingerprint), and
+        the components of mutually matching new identities. Read-only."""
+        from .privacy import fingerprint
+
+        n = len(ids.sha256)
+        by_sha, fps, roots = self._known(db)
+        parent = list(range(n))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for i, j in fingerprint.near_matches(ids.fp, ids.fp):
+            a, b = find(int(i)), find(int(j))
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+        matched: list[set[int]] = [set() for _ in range(n)]
+        for i, sha in enumerate(ids.sha256):
+            if sha in by_sha:
+                matched[i].add(int(by_sha[sha]))
+        if len(fps) and fps.shape[1] == ids.fp.shape[1]:
+            for i, j in fingerprint.near_matches(ids.fp, fps):
+                matched[int(i)].add(int(roots[int(j)]))
+        comp: dict[int, list[int]] = {}
+        for i in range(n):
+            comp.setdefault(find(i), []).append(i)
+        known_of_comp = {c: sorted(set().union(*(matched[i] for i in members))) for c, members in comp.items()}
+        return known_of_comp, comp
+
+    def _register(self, db: sqlite3.Connection, ids) -> np.ndarray:
+        """Root image id of every identity, inserting new images and merging known ones that a new image
+        joins (a merge can only make two images count as one: over-counting, never under-)."""
+        from .privacy import fingerprint
+
+        known_of_comp, comp = self._match(db, ids)
+        out = np.zeros(len(ids.sha256), dtype=np.int64)
+        now = time.time()
+        for c, members in comp.items():
+            known = known_of_comp[c]
+            if known:
+                root = known[0]
+                for other in known[1:]:
+                    self._merge(db, other, root)
+            else:
+                first = members[0]
+                cur = db.execute("INSERT INTO images (sha256, fp, fp_version, merged_into, first_seen) "
+                                 "VALUES (?, ?, ?, NULL, ?)",
+                                 (ids.sha256[first], ids.fp[first].tobytes(), fingerprint.FP_VERSION, now))
+                root = int(cur.lastrowid)
+            for i in members:
+                db.execute("INSERT OR IGNORE INTO images (sha256, fp, fp_version, merged_into, first_seen) "
+                           "VALUES (?, ?, ?, ?, ?)",
+                           (ids.sha256[i], ids.fp[i].tobytes(), fingerprint.FP_VERSION, root, now))
+                out[i] = root
+        return out
+
+    @staticmethod
+    def _merge(db: sqlite3.Connection, old: int, root: int) -> None:
+        if old == root:
+            return
+        db.execute("UPDATE images SET merged_into = ? WHERE id = ? OR merged_into = ?", (root, old, old))
+        db.execute("INSERT OR IGNORE INTO run_images SELECT run_id, ?, role FROM run_images WHERE image_id = ?",
+                   (root, old))
+        db.execute("DELETE FROM run_images WHERE image_id = ?", (old,))
+        db.execute("INSERT OR IGNORE INTO dataset_images SELECT dataset_key, ? FROM dataset_images WHERE image_id = ?",
+                   (root, old))
+        db.execute("DELETE FROM dataset_images WHERE image_id = ?", (old,))
+
+    def lookup(self, ids) -> tuple[list[list[int]], int]:
+        """Read-only: for each identity the known root ids it matches ([] = new); and how many are known."""
         with self._connect() as db:
-            db.execute("INSERT OR IGNORE INTO datasets (key, name, dataset, data_dir, n_train, first_seen) "
-                       "VALUES (?, ?, ?, ?, ?, ?)", (key, name, dataset, data_dir, len(splits.train), time.time()))
-        return key, name
+            known_of_comp, comp = self._match(db, ids)
+        out: list[list[int]] = [[] for _ in range(len(ids.sha256))]
+        for c, members in comp.items():
+            for i in members:
+                out[i] = known_of_comp[c]
+        return out, sum(1 for k in out if k)
 
     # -- writing ---------------------------------------------------------------------------------------
-    def record(self, run_id: str, dataset_key: str, privacy: dict[str, Any], status: str,
-               label: str | None = None) -> Entry:
-        """One run's spending: (σ, q, T, δ) of a private run, or the steps of a non-private one."""
-        private = bool(privacy.get("private"))
-        steps = int(privacy.get("steps") or 0)
-        entry = Entry(run_id=run_id, dataset_key=dataset_key, private=private,
-                      noise_multiplier=privacy.get("noise_multiplier") if private else None,
-                      sample_rate=privacy.get("sample_rate") if private else None, steps=steps,
-                      delta=privacy.get("delta") if private else None,
-                      accountant=privacy.get("accountant") if private else None,
-                      epsilon=privacy.get("epsilon") if private else None, status=status, label=label,
-                      recorded_at=time.time())
-        if private and steps > 0 and (entry.noise_multiplier is None or entry.sample_rate is None
-                                      or entry.delta is None):
-            raise LedgerError(f"run {run_id}: a private run's entry needs σ, q and δ, got {privacy}. Fix: pass the "
-                              "run's privacy record (card['privacy'])")
-        with self._connect() as db:
-            if db.execute("SELECT 1 FROM datasets WHERE key = ?", (dataset_key,)).fetchone() is None:
-                raise LedgerError(f"unknown data set {dataset_key!r}. Fix: identify() the data set first")
-            db.execute("INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                       (entry.run_id, entry.dataset_key, int(entry.private), entry.noise_multiplier,
-                        entry.sample_rate, entry.steps, entry.delta, entry.accountant, entry.epsilon, entry.status,
-                        entry.label, entry.recorded_at))
-        return entry
+    def _dataset(self, db: sqlite3.Connection, dataset: str, data_dir: str | None, name: str | None) -> str:
+        key = dataset_key(dataset, data_dir)
+        db.execute("INSERT OR IGNORE INTO datasets (key, name, dataset, data_dir, first_seen) VALUES (?, ?, ?, ?, ?)",
+                   (key, _text(name) or dataset_name(dataset, data_dir), dataset, _text(data_dir), time.time()))
+        return key
 
-    def set_budget(self, dataset_key: str, epsilon: float | None, delta: float | None = None) -> None:
-        """The total ε (at δ) the data set's owner allows over all runs; None removes it."""
+    def begin(self, run_id: str, *, train, test=None, dataset: str, data_dir: str | None = None,
+              name: str | None = None, kind: str = "train", private: bool, insecure: bool = False,
+              noise_multiplier: float | None = None, sample_rate: float | None = None,
+              planned_steps: int | None = None, delta: float | None = None, accountant: str | None = None,
+              label: str | None = None, unit: str = "image", runs_dir: str | None = None,
+              over_budget: bool = False, note: str | None = None) -> "Spending":
+        """Record a use before it starts (0 steps counted yet): which images it trains on (and evaluates
+        on), under which mechanism. Raises (and records nothing) when the ledger cannot be written."""
+        if kind not in KINDS:
+            raise LedgerError(f"unknown use {kind!r}. Fix: one of {KINDS}")
+        if private and not insecure and (noise_multiplier is None or sample_rate is None or delta is None):
+            raise LedgerError(f"run {run_id}: a private run's entry needs σ, q and δ. Fix: pass the privacy plan")
+        self.check()
+        now = time.time()
+        with self._connect(write=True) as db:
+            if db.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone():
+                raise LedgerError(f"run {run_id} is in the ledger already. Fix: use a new run id")
+            key = self._dataset(db, dataset, data_dir, name)
+            train_ids = self._register(db, train)
+            test_ids = self._register(db, test) if test is not None and len(test.sha256) else np.zeros(0, np.int64)
+            db.execute(
+                "INSERT INTO runs (run_id, kind, dataset_key, private, insecure, noise_multiplier, sample_rate, steps,"
+                " steps_taken, planned_steps, delta, accountant, epsilon, status, label, unit, runs_dir, n_train,"
+                " n_test, over_budget, note, pid, started_at, updated_at)"
+                " VALUES (?,?,?,?,?,?,?,0,NULL,?,?,?,NULL,'running',?,?,?,?,?,?,?,?,?,?)",
+                (run_id, kind, key, int(private), int(insecure), noise_multiplier if private else None,
+                 sample_rate if private else None, planned_steps, delta if private else None,
+                 accountant if private else None, _text(label), unit, _text(runs_dir), len(train_ids),
+                 len(test_ids), int(over_budget), _text(note), os.getpid(), now, now))
+            db.executemany("INSERT OR IGNORE INTO run_images VALUES (?, ?, 'train')",
+                           [(run_id, int(i)) for i in np.unique(train_ids)])
+            db.executemany("INSERT OR IGNORE INTO run_images VALUES (?, ?, 'test')",
+                           [(run_id, int(i)) for i in np.unique(test_ids)])
+            db.executemany("INSERT OR IGNORE INTO dataset_images VALUES (?, ?)",
+                           [(key, int(i)) for i in np.unique(np.concatenate([train_ids, test_ids]))])
+        return Spending(self, run_id, planned_steps or 0, private and not insecure)
+
+    def reserve(self, run_id: str, steps: int) -> None:
+        """Count `steps` for a running use (written before they are taken)."""
+        with self._connect(write=True) as db:
+            cur = db.execute("UPDATE runs SET steps = MAX(steps, ?), updated_at = ? WHERE run_id = ?",
+                             (int(steps), time.time(), run_id))
+            if cur.rowcount != 1:
+                raise LedgerError(f"run {run_id} is not in the ledger {self.path}")
+
+    def finish(self, run_id: str, status: str, steps_taken: int, epsilon: float | None = None,
+               note: str | None = None) -> None:
+        """The exact count once known (never less than was taken: Opacus' own record)."""
+        with self._connect(write=True) as db:
+            cur = db.execute("UPDATE runs SET status = ?, steps = ?, steps_taken = ?, epsilon = ?, "
+                             "note = COALESCE(?, note), updated_at = ? WHERE run_id = ?",
+                             (status, int(steps_taken), int(steps_taken), epsilon, _text(note), time.time(), run_id))
+            if cur.rowcount != 1:
+                raise LedgerError(f"run {run_id} is not in the ledger {self.path}")
+
+    def record_use(self, run_id: str, *, kind: str, train, dataset: str, data_dir: str | None = None,
+                   label: str | None = None, note: str | None = None, runs_dir: str | None = None) -> None:
+        """A use with no guarantee (an audit's non-private shadow models, say), recorded in one go."""
+        spending = self.begin(run_id, train=train, dataset=dataset, data_dir=data_dir, kind=kind, private=False,
+                              label=label, note=note, runs_dir=runs_dir, planned_steps=1)
+        spending.ensure(1)
+        self.finish(run_id, "recorded", 1, note=note)
+
+    def set_budget(self, key: str, epsilon: float | None, delta: float | None = None) -> None:
+        """The largest ε (at δ) the data set's owner allows for any one of its images; None removes it."""
         if epsilon is not None and not (epsilon > 0 and math.isfinite(epsilon)):
             raise LedgerError(f"budget ε must be a positive number, got {epsilon}. Fix: e.g. 4")
         if delta is not None and not 0 < delta < 1:
             raise LedgerError(f"budget δ must be in (0, 1), got {delta}. Fix: e.g. 1e-5")
-        key = self.resolve(dataset_key)
-        with self._connect() as db:
+        key = self.resolve(key)
+        with self._connect(write=True) as db:
             db.execute("UPDATE datasets SET budget_epsilon = ?, budget_delta = ? WHERE key = ?", (epsilon, delta, key))
 
     # -- reading ---------------------------------------------------------------------------------------
     def datasets(self) -> list[dict[str, Any]]:
         with self._connect() as db:
-            return [dict(r) for r in db.execute("SELECT * FROM datasets ORDER BY first_seen")]
+            rows = db.execute("SELECT d.*, (SELECT COUNT(*) FROM dataset_images di WHERE di.dataset_key = d.key) "
+                              "AS n_images FROM datasets d ORDER BY first_seen").fetchall()
+        return [dict(r) for r in rows]
 
     def resolve(self, key_or_name: str) -> str:
-        """A data set's key from its key, a key prefix or (part of) its name; errors name the choices."""
+        """A data set's key from its key or (part of) its name; errors name the choices."""
         rows = self.datasets()
         hits = [r for r in rows if r["key"] == key_or_name] or \
-            [r for r in rows if r["key"].startswith(key_or_name) or key_or_name.lower() in r["name"].lower()]
+            [r for r in rows if key_or_name.lower() in r["key"].lower() or key_or_name.lower() in r["name"].lower()]
         if len(hits) != 1:
-            have = "; ".join(f"{r['key'][:12]} = {r['name']}" for r in rows) or "none yet"
+            have = "; ".join(r["name"] for r in rows) or "none yet"
             what = "no data set" if not hits else f"{len(hits)} data sets"
             raise LedgerError(f"{what} in the ledger match {key_or_name!r}. Fix: use one of: {have}")
         return hits[0]["key"]
 
     def entries(self, dataset_key: str | None = None) -> list[Entry]:
-        q, args = "SELECT * FROM entries", ()
-        if dataset_key is not None:
-            q, args = q + " WHERE dataset_key = ?", (dataset_key,)
+        """Uses, oldest first: of one data set (those that used any of its images), or all."""
         with self._connect() as db:
-            rows = db.execute(q + " ORDER BY recorded_at", args).fetchall()
-        return [Entry(**{**dict(r), "private": bool(r["private"])}) for r in rows]
+            if dataset_key is None:
+                rows = db.execute("SELECT * FROM runs ORDER BY started_at").fetchall()
+            else:
+                rows = db.execute(
+                    "SELECT * FROM runs WHERE run_id IN (SELECT DISTINCT ri.run_id FROM run_images ri JOIN "
+                    "dataset_images di ON di.image_id = ri.image_id WHERE di.dataset_key = ?) OR dataset_key = ? "
+                    "ORDER BY started_at", (dataset_key, dataset_key)).fetchall()
+        return [_entry(r) for r in rows]
 
-    def summary(self, dataset_key: str, entries: list[Entry] | None = None) -> DatasetSummary:
-        key = self.resolve(dataset_key)
-        ds = next(r for r in self.datasets() if r["key"] == key)
-        entries = self.entries(key) if entries is None else entries
-        spent = [e for e in entries if e.private and e.steps > 0]
-        deltas = [e.delta for e in spent]
-        delta = ds["budget_delta"] or (min(deltas) if deltas else None)
-        events = [(e.noise_multiplier, e.sample_rate, e.steps) for e in spent]
-        void = [e.run_id for e in entries if not e.private and e.steps > 0]
-        return DatasetSummary(
-            key=key, name=ds["name"], runs=len(entries), private_runs=len([e for e in entries if e.private]),
-            non_private_runs=void, delta=delta,
-            epsilon_rdp=compose(events, delta, "rdp") if spent else None,
-            epsilon_pld=compose(events, delta, "pld") if spent else None,
-            basic_epsilon=sum(e.epsilon for e in spent) if spent else None,
-            basic_delta=sum(deltas) if spent else None, budget_epsilon=ds["budget_epsilon"], entries=entries)
+    def entry(self, run_id: str) -> Entry | None:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return _entry(row) if row else None
+
+    def run_image_ids(self, run_id: str, role: str = "train") -> np.ndarray:
+        with self._connect() as db:
+            rows = db.execute("SELECT image_id FROM run_images WHERE run_id = ? AND role = ?", (run_id, role)).fetchall()
+        return np.unique(np.array([r[0] for r in rows], dtype=np.int64))
+
+    def _uses(self, db: sqlite3.Connection, image_ids: Sequence[int] | None, dataset: str | None):
+        """{image_id: (train run ids, evaluated)} for the given images or a data set's images."""
+        if dataset is not None:
+            img_rows = db.execute("SELECT image_id FROM dataset_images WHERE dataset_key = ?", (dataset,)).fetchall()
+            ids = [r[0] for r in img_rows]
+        else:
+            ids = [int(i) for i in image_ids]
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS q_images (id INTEGER PRIMARY KEY)")
+        db.execute("DELETE FROM q_images")
+        db.executemany("INSERT OR IGNORE INTO q_images VALUES (?)", [(i,) for i in ids])
+        uses: dict[int, tuple[set[str], bool]] = {i: (set(), False) for i in ids}
+        for image_id, run_id, role in db.execute(
+                "SELECT ri.image_id, ri.run_id, ri.role FROM run_images ri JOIN q_images q ON q.id = ri.image_id"):
+            runs, ev = uses[image_id]
+            if role == "train":
+                runs.add(run_id)
+            else:
+                uses[image_id] = (runs, True)
+        db.execute("DELETE FROM q_images")
+        return uses
+
+    def _compose_cached(self, events: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
+        sig = ";".join(f"{s!r},{q!r},{t}" for s, q, t in sorted(events))
+        with self._connect() as db:
+            row = db.execute("SELECT epsilon FROM compose_cache WHERE signature=? AND delta=? AND accountant=?",
+                             (sig, delta, accountant)).fetchone()
+        if row is not None:
+            return float(row[0])
+        eps = compose(events, delta, accountant)
+        try:
+            with self._connect(write=True) as db:
+                db.execute("INSERT OR REPLACE INTO compose_cache VALUES (?, ?, ?, ?)", (sig, delta, accountant, eps))
+        except sqlite3.Error:  # a read-only ledger still answers, uncached
+            pass
+        return eps
+
+    def _exposure(self, uses: dict[int, tuple[set[str], bool]], runs: dict[str, Entry], delta: float,
+                  extra: Sequence[tuple[float, float, int]] = (), extra_void: bool = False) -> Exposure:
+        """Per image: compose the mechanisms of the runs that trained on it (+ a planned one)."""
+        image_ids = np.array(sorted(uses), dtype=np.int64)
+        eps_rdp = np.zeros(len(image_ids))
+        eps_pld = np.zeros(len(image_ids))
+        n_runs = np.zeros(len(image_ids), dtype=np.int64)
+        evaluated = np.zeros(len(image_ids), dtype=bool)
+        memo: dict[frozenset, tuple[float, float]] = {}
+        void_runs: set[str] = set()
+        for k, image_id in enumerate(image_ids):
+            run_ids, ev = uses[int(image_id)]
+            live = frozenset(r for r in run_ids if r in runs and runs[r].steps > 0)
+            evaluated[k] = ev
+            n_runs[k] = len(live) + len(extra) + (1 if extra_void else 0)
+            if live not in memo:
+                voiding = [r for r in live if runs[r].voids]
+                if voiding or extra_void:
+                    void_runs.update(voiding)
+                    memo[live] = (math.inf, math.inf)
+                else:
+                    events = [runs[r].event for r in live] + list(extra)
+                    memo[live] = (self._compose_cached(events, delta, "rdp") if events else 0.0,
+                                  self._compose_cached(events, delta, "pld") if events else 0.0)
+            eps_rdp[k], eps_pld[k] = memo[live]
+        return Exposure(image_ids=image_ids, epsilon=np.minimum(eps_rdp, eps_pld), epsilon_rdp=eps_rdp,
+                        epsilon_pld=eps_pld, runs_per_image=n_runs, evaluated=evaluated, delta=delta,
+                        void_runs=sorted(void_runs))
+
+    def _runs(self) -> dict[str, Entry]:
+        return {e.run_id: e for e in self.entries()}
+
+    def _delta(self, ds: dict[str, Any] | None, runs: list[Entry], fallback: float = 1e-5) -> float:
+        if ds is not None and ds.get("budget_delta"):
+            return float(ds["budget_delta"])
+        deltas = [e.delta for e in runs if e.guaranteed and e.delta]
+        return min(deltas) if deltas else fallback
+
+    def summary(self, key_or_name: str) -> DatasetSummary:
+        """The data set's per-image ε (every run that trained on each of its images, from any data set)."""
+        key = self.resolve(key_or_name)
+        ds = next(d for d in self.datasets() if d["key"] == key)
+        runs = self._runs()
+        with self._connect() as db:
+            uses = self._uses(db, None, key)
+        used = sorted({r for rs, _ in uses.values() for r in rs} | {e.run_id for e in runs.values()
+                                                                     if e.dataset_key == key})
+        involved = [runs[r] for r in used if r in runs]
+        exposure = self._exposure(uses, runs, self._delta(ds, involved))
+        return DatasetSummary(key=key, name=ds["name"], n_images=len(uses),
+                              n_trained=int((exposure.runs_per_image > 0).sum()), runs=involved, exposure=exposure,
+                              budget_epsilon=ds["budget_epsilon"], budget_delta=ds["budget_delta"])
 
     def summaries(self) -> list[DatasetSummary]:
         return [self.summary(d["key"]) for d in self.datasets()]
 
-    def cumulative(self, dataset_key: str, accountant: str = "rdp") -> list[dict[str, Any]]:
-        """Composed ε after each entry in order (for the chart): [{run_id, epsilon, basic}]."""
-        s = self.summary(dataset_key)
-        out, events, basic, void = [], [], 0.0, False
-        for e in s.entries:
-            if e.private and e.steps > 0:
-                events.append((e.noise_multiplier, e.sample_rate, e.steps))
-                basic += e.epsilon or 0.0
-            elif not e.private and e.steps > 0:
-                void = True
-            eps = math.inf if void else (compose(events, s.delta, accountant) if events else 0.0)
-            out.append({"run_id": e.run_id, "label": e.label, "private": e.private, "epsilon": eps,
-                        "basic": math.inf if void else basic, "recorded_at": e.recorded_at})
+    def exposure_of(self, image_ids: Sequence[int], delta: float, runs: Sequence[str] | None = None,
+                    extra: Sequence[tuple[float, float, int]] = (), extra_void: bool = False) -> Exposure:
+        """Per-image ε of given images over all runs (or only `runs`: e.g. a model's lineage), plus a planned one."""
+        all_runs = self._runs()
+        if runs is not None:
+            all_runs = {r: e for r, e in all_runs.items() if r in set(runs)}
+        with self._connect() as db:
+            uses = self._uses(db, image_ids, None)
+        return self._exposure(uses, all_runs, delta, extra=extra, extra_void=extra_void)
+
+    def verdict(self, train_ids, *, dataset: str, data_dir: str | None, noise_multiplier: float | None,
+                sample_rate: float | None, steps: int, delta: float, insecure: bool = False) -> Verdict:
+        """What a planned run (σ, q, T; σ None = non-private) would do to its images, against every budget
+        set on a data set holding any of them (and on its own data set). Read-only."""
+        matches, n_known = self.lookup(train_ids)
+        known = sorted({i for m in matches for i in m})
+        own_key = dataset_key(dataset, data_dir)
+        datasets = {d["key"]: d for d in self.datasets()}
+        with self._connect() as db:
+            holders: dict[str, set[int]] = {}
+            if known:
+                uses_ds = db.execute("SELECT dataset_key, image_id FROM dataset_images WHERE image_id IN (%s)"
+                                     % ",".join(str(int(i)) for i in known)).fetchall()
+                for k, i in uses_ds:
+                    holders.setdefault(k, set()).add(int(i))
+        budgets = {k: d for k, d in datasets.items() if d["budget_epsilon"] is not None
+                   and (k in holders or k == own_key)}
+        d_ = min([float(d["budget_delta"]) for d in budgets.values() if d["budget_delta"]] or [delta])
+        void = noise_multiplier is None or insecure
+        extra = [] if void else [(float(noise_multiplier), float(sample_rate), int(steps))]
+        now = self.exposure_of(known, d_)
+        after = self.exposure_of(known, d_, extra=extra, extra_void=void)
+        fresh = sum(1 for m in matches if not m)
+        fresh_after = math.inf if void else (compose(extra, d_, "rdp") if steps else 0.0)
+        if fresh and not void and steps:
+            fresh_after = min(fresh_after, compose(extra, d_, "pld"))
+        current = max(now.max_epsilon, 0.0)
+        worst_after = max(after.max_epsilon, fresh_after if fresh else 0.0)
+        binding, exceeds, budget = None, False, None
+        for k, d in budgets.items():
+            ids = holders.get(k, set())
+            mask = np.isin(after.image_ids, list(ids)) if ids else np.zeros(len(after.image_ids), bool)
+            top = float(after.epsilon[mask].max()) if mask.any() else 0.0
+            if k == own_key and fresh:
+                top = max(top, fresh_after)
+            if top > d["budget_epsilon"] and (binding is None or not exceeds):
+                binding, exceeds, budget = k, True, float(d["budget_epsilon"])
+            elif binding is None:
+                binding, budget = k, float(d["budget_epsilon"])
+        name = datasets[binding]["name"] if binding else dataset_name(dataset, data_dir)
+        seen = f"{n_known:,} of its {len(matches):,} images have been used before"
+        if budget is None:
+            msg = (f"{name}: no budget set. {seen}; the most-exposed of them is at ε = {_f(current)} now and "
+                   f"would be at {_f(worst_after)} after this run (per image, at δ = {d_:g}).")
+        elif exceeds:
+            msg = (f"{name}: this run would take its most-exposed image from ε = {_f(current)} to {_f(worst_after)}, "
+                   f"past the budget of {budget:g} (per image, at δ = {d_:g}; {seen}). Fix: plan this run with a "
+                   "smaller ε or on other images, raise the budget on the Privacy budget page if the data's owner "
+                   "agrees, or pass --allow-over-budget (recorded in the ledger).")
+        else:
+            msg = (f"{name}: most-exposed image ε = {_f(current)} → {_f(worst_after)} of a budget of {budget:g} "
+                   f"(per image, at δ = {d_:g}; {seen}).")
+        return Verdict(current=current, after=worst_after, budget=budget, budget_dataset=name if budget else None,
+                       exceeds=exceeds, message=msg, n_images=len(matches), n_known=n_known)
+
+    def cumulative(self, key_or_name: str) -> list[dict[str, Any]]:
+        """The most-exposed image's ε after each use in order (for the chart)."""
+        s = self.summary(key_or_name)
+        with self._connect() as db:
+            uses = self._uses(db, None, s.key)
+        out = []
+        for k in range(1, len(s.runs) + 1):
+            upto = {e.run_id: e for e in s.runs[:k]}
+            ex = self._exposure(uses, upto, s.delta)
+            basic = 0.0
+            for e in s.runs[:k]:
+                if e.guaranteed and e.steps and e.epsilon is not None:
+                    basic += e.epsilon
+                elif e.voids:
+                    basic = math.inf
+            e = s.runs[k - 1]
+            out.append({"run_id": e.run_id, "label": e.label, "private": e.guaranteed, "kind": e.kind,
+                        "epsilon": ex.max_epsilon, "basic": basic, "recorded_at": e.started_at})
         return out
 
-    def would_exceed(self, dataset_key: str, noise_multiplier: float | None, sample_rate: float, steps: int,
-                     delta: float) -> Verdict:
-        """Whether one more run (σ, q, T; σ None = non-private) would take the data set past its budget."""
-        s = self.summary(dataset_key)
-        current = s.epsilon
-        if noise_multiplier is None:
-            after = math.inf
-        else:
-            events = [(e.noise_multiplier, e.sample_rate, e.steps) for e in s.entries if e.private and e.steps > 0]
-            events.append((noise_multiplier, sample_rate, steps))
-            d = s.delta or delta
-            after = math.inf if s.void else min(compose(events, d, "rdp"), compose(events, d, "pld"))
-        budget = s.budget_epsilon
-        exceeds = budget is not None and after > budget
-        if budget is None:
-            msg = f"{s.name}: no budget set; {current:.3g} spent so far, {after:.3g} after this run."
-        elif exceeds:
-            msg = (f"{s.name}: this run would take the data set's total ε from {current:.3g} to {after:.3g}, past "
-                   f"its budget of {budget:g}. Fix: plan this run with a smaller ε, or raise the budget "
-                   "on the Privacy budget page if the data's owner agrees.")
-        else:
-            msg = f"{s.name}: total ε {current:.3g} → {after:.3g} of a budget of {budget:g}."
-        return Verdict(s.key, current, after, budget, exceeds, msg)
+
+def _f(v: float) -> str:
+    return "∞" if math.isinf(v) else f"{v:.3g}"
 
 
-def backfill(runs_dir: str | Path, store=None) -> list[str]:
-    """Record the stored runs the ledger does not know yet (e.g. runs made before the ledger existed), from
-    their cards; returns the run ids added. Runs without a card (queued, failed before training) are skipped."""
+def _entry(r: sqlite3.Row) -> Entry:
+    d = dict(r)
+    return Entry(**{**d, "private": bool(d["private"]), "insecure": bool(d["insecure"]),
+                    "over_budget": bool(d["over_budget"])})
+
+
+class Spending:
+    """A running use's hold on the ledger: steps are counted here before the optimizer takes them.
+
+    Private runs reserve in chunks (≈2 % of the plan), so a killed run is over-counted by less than one
+    chunk and the ledger is written ~50 times per run, not every step; a failed write raises, and the
+    step it guarded is not taken.
+    """
+
+    def __init__(self, ledger: Ledger, run_id: str, planned_steps: int, private: bool):
+        self.ledger, self.run_id, self.planned = ledger, run_id, max(int(planned_steps), 0)
+        self.chunk = max(1, math.ceil(self.planned / 50)) if private else max(self.planned, 1)
+        self.reserved = 0
+
+    def ensure(self, step: int) -> None:
+        """Before step number `step` (1-based) is taken: make sure the ledger counts it."""
+        if step <= self.reserved:
+            return
+        target = max(step, min(self.reserved + self.chunk, max(self.planned, step)))
+        self.ledger.reserve(self.run_id, target)
+        self.reserved = target
+
+    def finish(self, status: str, steps_taken: int, epsilon: float | None = None, note: str | None = None) -> None:
+        self.ledger.finish(self.run_id, status, steps_taken, epsilon, note)
+
+
+__all__ = ["BudgetExceeded", "DatasetSummary", "Entry", "Exposure", "LEDGER_ENV", "Ledger", "LedgerCorrupt",
+           "LedgerError", "Spending", "Verdict", "compose", "dataset_key", "default_ledger_path"]
+
+
+def backfill(runs_dir: str | Path, ledger: Ledger | None = None, store=None) -> list[str]:
+    """Record the stored runs of a runs folder that the ledger does not know (made before it existed, or
+    before it was per machine), from their cards and configs; returns the run ids added. Runs without a
+    card (queued, or failed before training) are skipped: nothing of theirs can be reconstructed."""
     from .data import load_dataset
     from .store import RunStore
 
     store = store or RunStore(runs_dir)
-    ledger = Ledger(runs_dir)
-    known = {e.run_id for e in ledger.entries()}
-    keys: dict[tuple, str] = {}
+    ledger = ledger or Ledger()
     added = []
+    loaded: dict[tuple, Any] = {}
     for rec in store.list_runs():
-        if rec.run_id in known or not (store.run_dir(rec.run_id) / "card.json").is_file():
+        if ledger.entry(rec.run_id) is not None or not (store.run_dir(rec.run_id) / "card.json").is_file():
             continue
         card = store.card(rec.run_id)
         cfg = rec.config
         split = (cfg.dataset, cfg.data_dir, cfg.seed, cfg.test_fraction, cfg.medmnist_size)
-        if split not in keys:
-            splits = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, test_fraction=cfg.test_fraction,
-                                  medmnist_size=cfg.medmnist_size, cache_dir=cfg.cache_dir)
-            keys[split] = ledger.identify(splits, cfg.dataset, cfg.data_dir)[0]
+        if split not in loaded:
+            loaded[split] = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, test_fraction=cfg.test_fraction,
+                                         medmnist_size=cfg.medmnist_size, cache_dir=cfg.cache_dir)
+        splits = loaded[split]
+        skipped = (card.get("dataset") or {}).get("skipped_unreadable") or {}
+        parts = []
+        for images, key in ((splits.train, "train"), (splits.test, "test")):
+            bad = {s[0] for s in skipped.get(key, [])}
+            parts.append(images.subset([i for i in range(len(images)) if images.source(i) not in bad]))
         privacy = card.get("privacy") or {"private": False, "steps": card.get("steps") or 0}
-        label = f"{cfg.backbone}, " + (f"ε={cfg.epsilon:g}" if cfg.private else "non-private")
-        ledger.record(rec.run_id, keys[split], privacy, card.get("status", rec.status), label=label)
+        private = bool(privacy.get("private"))
+        insecure = bool(privacy.get("insecure_reproducible_noise"))
+        steps = int(privacy.get("steps") or 0)
+        label = f"{cfg.backbone}, " + (f"ε={cfg.epsilon:g}" if cfg.private else "non-private") + " (backfilled)"
+        spending = ledger.begin(
+            rec.run_id, train=ledger.identify(parts[0]), test=ledger.identify(parts[1]), dataset=cfg.dataset,
+            data_dir=cfg.data_dir, kind="backfill", private=private, insecure=insecure,
+            noise_multiplier=privacy.get("noise_multiplier"), sample_rate=privacy.get("sample_rate"),
+            planned_steps=steps, delta=privacy.get("delta"), accountant=privacy.get("accountant"), label=label,
+            runs_dir=str(store.root), note="recorded afterwards from the run's card")
+        spending.ensure(steps) if steps else None
+        ledger.finish(rec.run_id, card.get("status", rec.status), steps,
+                      privacy.get("epsilon") if private and not insecure else None)
         added.append(rec.run_id)
     return added
 
 
-def record_training(runs_dir: str | Path, run_id: str, splits: DataSplits, dataset: str, data_dir: str | None,
-                    privacy: dict[str, Any], status: str, label: str | None = None) -> Entry:
-    """The trainer's hook: identify the training split and record the run's spending."""
-    ledger = Ledger(runs_dir)
-    key, _ = ledger.identify(splits, dataset, data_dir)
-    return ledger.record(run_id, key, privacy, status, label)
-
-
-__all__ = ["LEDGER_FILE", "DatasetSummary", "Entry", "Ledger", "LedgerError", "Verdict", "backfill", "compose",
-           "content_hash", "record_training"]
+__all__ += ["backfill"]

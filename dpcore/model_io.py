@@ -12,10 +12,15 @@ from safetensors.torch import save_model as _st_save_model
 
 
 def save_model(model: torch.nn.Module, path: Path, class_names: list[str], data_config: dict[str, Any],
-               run_id: str) -> None:
-    """Weights plus the class names and preprocessing config as safetensors string metadata."""
+               run_id: str, lineage: list[dict[str, Any]] | None = None) -> None:
+    """Weights plus the class names, preprocessing config and lineage (which trainings on which images,
+    `dpcore.privacy.lineage`) as safetensors string metadata."""
+    from .privacy.lineage import METADATA_KEY, to_metadata
+
     meta = {"class_names": json.dumps(class_names), "data_config": json.dumps(data_config, default=list),
             "run_id": run_id, "format": "dpcore-run-v1"}
+    if lineage is not None:
+        meta[METADATA_KEY] = to_metadata(lineage)
     tmp = Path(path).with_suffix(".tmp")
     _st_save_model(model, str(tmp), metadata=meta)
     tmp.replace(path)
@@ -24,8 +29,10 @@ def save_model(model: torch.nn.Module, path: Path, class_names: list[str], data_
 def read_metadata(path: Path) -> dict[str, Any]:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
+    from .privacy.lineage import from_metadata
+
     return {"class_names": json.loads(meta["class_names"]), "data_config": json.loads(meta["data_config"]),
-            "run_id": meta.get("run_id")}
+            "run_id": meta.get("run_id"), "lineage": from_metadata(meta)}
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:

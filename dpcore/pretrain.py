@@ -5,9 +5,11 @@ declares public, and save it (without its classifier) for DP fine-tuning on priv
         --image-size 64 --epochs 5 --out ham_tiny.safetensors
     python -m dpcore train --dataset folder --data-dir ../shared/data/chest_xray --pretrained ham_tiny.safetensors ...
 
-The pretraining images get NO privacy protection: the weights may reveal them. Only the data of the
-later DP run are protected, and the ε of that run is unaffected by the pretraining (the weights are a
-fixed public starting point, chosen before the private data are touched).
+The pretraining images get NO privacy protection: the weights may reveal them. The privacy ledger
+records the pretraining as a non-private use of its images (their ε is ∞), and refuses images it knows
+from a private run unless ``force_public`` (``--force-public``) says the data really are public. A later
+DP run is unaffected when it trains on other images; when it shares images with the pretraining, its
+guarantee is void for them (the weights carry their lineage: ``dpcore.privacy.lineage``).
 
 Output: ``OUT.safetensors`` holds the backbone's state dict (keys of the Opacus-compatible model that
 ``models.create_model`` builds) minus the classifier head, so it loads for any number of classes
@@ -57,10 +59,11 @@ def _sha256(path: Path) -> str:
 
 def pretrain(dataset: str, out: str | Path, *, data_dir: str | None = None, backbone: str = "tiny_cnn",
              image_size: int | None = None, epochs: int = 5, public: str | None = None,
-             listener: Listener | None = None, **options: Any) -> PretrainResult:
+             listener: Listener | None = None, force_public: bool = False, **options: Any) -> PretrainResult:
     """Train ``backbone`` non-privately on ``dataset`` (declared public) and write its weights without
     the classifier to ``out`` (a .safetensors path) plus the sidecar ``out.json``.
 
+    ``force_public``: pretrain even on images the ledger knows from private runs (recorded as such).
     ``options``: any other run-config field (batch_size, lr, optimizer, seed, device, augmult, augment,
     ema_decay, weight_standardization, lr_schedule, warmup_fraction, medmnist_size, ...). The run is made
     in a temporary store and discarded; its test metrics (on the data set's own test split) are kept
@@ -81,12 +84,18 @@ def pretrain(dataset: str, out: str | Path, *, data_dir: str | None = None, back
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dpcore-pretrain-") as tmp:
         store = RunStore(Path(tmp) / "runs")
-        result = train(config, store, listener=listener)
+        result = train(config, store, listener=listener, kind="pretrain", force_public=force_public)
         if result.status != "done":
             raise RuntimeError(f"pretraining ended with status {result.status}")
+        from safetensors import safe_open
         from safetensors.torch import load_file, save_file
 
-        state = load_file(str(store.run_dir(result.run_id) / "model.safetensors"))
+        from .privacy.lineage import METADATA_KEY
+
+        run_file = store.run_dir(result.run_id) / "model.safetensors"
+        state = load_file(str(run_file))
+        with safe_open(str(run_file), framework="pt") as fh:
+            lineage_meta = (fh.metadata() or {}).get(METADATA_KEY)
     card = result.card
     created = models.create_model(backbone, len(card["dataset"]["class_names"]), image_size=image_size)
     head = models.factory._classifier_prefix(created.model)
@@ -105,8 +114,10 @@ def pretrain(dataset: str, out: str | Path, *, data_dir: str | None = None, back
         "versions": {k: card["versions"].get(k) for k in ("torch", "opacus", "timm")},
     }
     tmp_out = out.with_name(out.name + ".tmp")
-    save_file(backbone_state, str(tmp_out), metadata={
-        "format": FORMAT, "backbone": backbone, "pretraining": json.dumps(facts, default=list)})
+    meta = {"format": FORMAT, "backbone": backbone, "pretraining": json.dumps(facts, default=list)}
+    if lineage_meta:
+        meta[METADATA_KEY] = lineage_meta
+    save_file(backbone_state, str(tmp_out), metadata=meta)
     tmp_out.replace(out)
     side = sidecar_path(out)
     side.write_text(json.dumps({**facts, "weights_file": out.name, "sha256": _sha256(out)}, indent=2, default=list))

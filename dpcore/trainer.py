@@ -6,6 +6,7 @@ failed, cancelled) in the run store before returning or re-raising.
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 import traceback
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import models
 
 from . import accounting, augment, features, grad_modes
-from .card import build_card
+from .card import build_card, release_facts
 from .config import RunConfig
 from .data import load_dataset, materialize
 from .ema import EMA
@@ -32,6 +33,7 @@ from .events import Event, Listener, fan_out
 from .metrics import classification_metrics
 from .model_io import save_model
 from .preprocess import Normalizer, make_to_uint8
+from .privacy.randomness import SecretRandomness
 from .schedule import LRSchedule
 from .store import BufferedEventWriter, RunStore
 
@@ -93,38 +95,69 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
     return accounting.sampling_plan(n_train, batch_size, 1).steps_per_epoch
 
 
-def privatize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_set, *, batch_size: int,
-              noise_multiplier: float, clip_norm: float, grad_sample_mode: str = "hooks"):
+def privatize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_set, *, batch_size: int | None = None,
+              sample_rate: float | None = None, noise_multiplier: float, clip_norm: float,
+              grad_sample_mode: str = "hooks", randomness: SecretRandomness | None = None,
+              before_noise=None):
     """Opacus' DP-SGD pieces: per-example gradients, clipping to C, Gaussian noise σ·C, Poisson sampling.
 
-    The loader samples each example independently with q = 1/ceil(n/batch_size), which is the q the
-    accountant is given. The engine is kept for its record of (σ, q, steps) actually taken.
+    The loader samples each example independently with q (default 1/ceil(n/batch_size), the q the
+    accountant is given), for exactly 1/q logical steps per epoch. Noise and sampling masks come from
+    `randomness` (secret, OS-seeded: `dpcore.privacy.randomness`), never from torch's global generator,
+    which the user's seed drives. `before_noise()` runs before every noise draw (the trainer counts the
+    step in the privacy ledger there: if that fails, the step is not taken). The engine is kept for its
+    record of (σ, q, steps) actually taken.
     """
+    n = len(train_set)
+    if sample_rate is None:
+        if batch_size is None:
+            raise TypeError("privatize needs batch_size or sample_rate")
+        sample_rate = accounting.sampling_plan(n, batch_size, 1).sample_rate
+    randomness = randomness or SecretRandomness(next(model.parameters()).device)
     engine = PrivacyEngine(accountant="rdp")
-    loader = DataLoader(train_set, batch_size=batch_size, shuffle=False,
-                        collate_fn=collate_rows if isinstance(train_set, BatchedTensorDataset) else None)
+    loader = DPDataLoader(train_set, sample_rate=sample_rate, generator=randomness.sampling,
+                          collate_fn=collate_rows if isinstance(train_set, BatchedTensorDataset) else None)
+    loader.batch_sampler.steps = max(1, round(1 / sample_rate))  # int(1/q) loses a step for some q (1/93)
+    expected_batch_size = int(n * sample_rate)  # Opacus' own normalisation: the expected, not the actual, batch
     if grad_sample_mode == "bk":
-        return (engine, *_privatize_bookkeeping(engine, model, optimizer, loader, noise_multiplier, clip_norm))
-    if grad_modes.uses_wrapped_criterion(grad_sample_mode):
+        module, dp_optimizer, criterion = grad_modes.make_bookkeeping(
+            model, optimizer, torch.nn.CrossEntropyLoss(), noise_multiplier=noise_multiplier, clip_norm=clip_norm,
+            expected_batch_size=expected_batch_size)
+    elif grad_modes.uses_wrapped_criterion(grad_sample_mode):
         raise ConfigError("grad_sample_mode", f"{grad_sample_mode!r} is not wired into the trainer",
                           "use hooks, functorch or bk")
-    model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-        max_grad_norm=clip_norm, poisson_sampling=True, grad_sample_mode=grad_sample_mode)
-    return engine, model, optimizer, loader, torch.nn.CrossEntropyLoss()
+    else:
+        module = engine._prepare_model(model, batch_first=True, max_grad_norm=clip_norm, loss_reduction="mean",
+                                       grad_sample_mode=grad_sample_mode)
+        module.forbid_grad_accumulation()
+        dp_optimizer = engine._prepare_optimizer(
+            optimizer=optimizer, noise_multiplier=noise_multiplier, max_grad_norm=clip_norm,
+            expected_batch_size=expected_batch_size, loss_reduction="mean", noise_generator=randomness.noise,
+            distributed=False, clipping="flat", grad_sample_mode=grad_sample_mode)
+        criterion = torch.nn.CrossEntropyLoss()
+    accountant_hook = engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate)
+
+    def after_noisy_step(opt) -> None:  # the accountant's record, then fresh OS entropy for the next step
+        accountant_hook(opt)
+        randomness.reseed()
+
+    dp_optimizer.attach_step_hook(after_noisy_step)
+    randomness.attach(dp_optimizer, loader)
+    if before_noise is not None:
+        _guard_noise(dp_optimizer, before_noise)
+    return engine, module, dp_optimizer, loader, criterion
 
 
-def _privatize_bookkeeping(engine: PrivacyEngine, model, optimizer, loader, noise_multiplier: float,
-                           clip_norm: float):
-    """The same pieces as ``make_private`` (Poisson loader, q = 1/len(loader), expected batch n·q,
-    accountant hook on every real step), with book-keeping clipping in place of Opacus' hooks."""
-    dp_loader = DPDataLoader.from_data_loader(loader, distributed=False)
-    sample_rate = 1 / len(dp_loader)
-    module, dp_optimizer, criterion = grad_modes.make_bookkeeping(
-        model, optimizer, torch.nn.CrossEntropyLoss(), noise_multiplier=noise_multiplier, clip_norm=clip_norm,
-        expected_batch_size=int(len(dp_loader.dataset) * sample_rate))
-    dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
-    return module, dp_optimizer, dp_loader, criterion
+def _guard_noise(optimizer, before_noise) -> None:
+    """Call `before_noise()` before each of the optimizer's noise draws; if it raises, no noise is drawn and
+    the step is not taken (Opacus adds noise in `add_noise`, then scales, then steps)."""
+    add_noise = optimizer.add_noise
+
+    def guarded() -> None:
+        before_noise()
+        add_noise()
+
+    optimizer.add_noise = guarded
 
 
 def train(
@@ -133,8 +166,15 @@ def train(
     listener: Listener | None = None,
     cancel: threading.Event | None = None,
     run_id: str | None = None,
+    *,
+    kind: str = "train",
+    force_public: bool = False,
 ) -> TrainResult:
-    """Train one run end to end and store it. Re-raises the error of a failed run after recording it."""
+    """Train one run end to end and store it. Re-raises the error of a failed run after recording it.
+
+    ``kind="pretrain"`` marks a non-private run on data declared public (`dpcore.pretrain`): it is
+    refused when the ledger knows any of its images from a private run, unless ``force_public``.
+    """
     run_id = run_id or store.create_run(config)
     cancel = cancel or threading.Event()
     emit = fan_out(BufferedEventWriter(store), listener)
@@ -142,30 +182,67 @@ def train(
     store.set_status(run_id, "running")
     emit(Event("started", run_id, message=f"{config.dataset} / {config.backbone} / "
                + (f"ε={config.epsilon:g}" if config.private else "non-private")))
-    run = _Run(config, store, run_id, emit, cancel, t0)
+    run = _Run(config, emit, cancel, t0, run_id=run_id, store=store, kind=kind, force_public=force_public)
     try:
         return run.execute()
     except KeyboardInterrupt:
-        store.set_status(run_id, "cancelled", error="interrupted (Ctrl-C) before the run finished")
-        run.record_in_ledger("cancelled")
-        emit(Event("cancelled", run_id, elapsed=time.time() - t0, message="interrupted"))
+        run.fail("cancelled", "interrupted (Ctrl-C) before the run finished")
         raise
     except BaseException as exc:
-        message = f"{type(exc).__name__}: {exc}"
-        store.set_status(run_id, "failed", error=message + "\n" + traceback.format_exc(limit=8))
-        run.record_in_ledger("failed")
-        emit(Event("failed", run_id, elapsed=time.time() - t0, message=message))
+        run.fail("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=8))
         raise
+
+
+def fit_arrays(config: RunConfig, model: torch.nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, *,
+               spending, normalize: torch.nn.Module | None = None, device: torch.device | str = "cpu",
+               mechanism: tuple[float, float, int] | None = None, physical_batch: int | None = None,
+               head_only: bool = False, cancel: threading.Event | None = None,
+               created_weights: dict | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train `model` on in-memory (x, y) with exactly the run recipe of `config` — the same loop as `train`:
+    DP-SGD or not, augmult, augmentation policy, EMA, lr schedule, weight standardisation, scope — and
+    return the trained plain module (EMA weights when ema_decay is set, as a run saves) and what ran.
+
+    For replaying a run's mechanism on other data (the membership audit): ``mechanism = (σ, q, T)``
+    fixes the noise, the Poisson rate and the steps (else they are planned from the config as `train`
+    does). ``spending`` is the ledger hold that counts the steps (`Ledger.begin`): no noisy step is taken
+    without one. Nothing is stored.
+    """
+    run = _Run(config, lambda event: None, cancel or threading.Event(), time.time(), run_id="fit")
+    run.device = torch.device(device)
+    run.created = None
+    run.created_weights = created_weights or {}
+    run.K = config.augmult
+    run.policy = augment.resolve_policy(config.augment, config.augmult, config.dataset, config.data_dir)
+    run.physical_batch = physical_batch or config.max_physical_batch_size
+    run.head_only = head_only
+    run.model = model.to(run.device)
+    run.normalize = (normalize or torch.nn.Identity()).to(run.device)
+    run.train_set = BatchedTensorDataset(train_x, train_y)
+    run.n_train, run.n_test = len(train_y), 0
+    run.spending = spending
+    run._configure(mechanism)
+    try:
+        run._loop()
+    except Cancelled:
+        raise
+    trained = run._final_model()
+    trained.zero_grad(set_to_none=True)
+    trained.eval()
+    info = run._privacy_spent() if config.private else {"private": False, "steps": run.step}
+    info.update(sample_rate=run.sample_rate, steps=run.step, expected_batch_size=run.n_train * run.sample_rate)
+    return trained, info
 
 
 class _Run:
     """The state of one run while it trains; split out of `train` so each phase reads on its own."""
 
-    def __init__(self, config: RunConfig, store: RunStore, run_id: str, emit: Listener,
-                 cancel: threading.Event, t0: float):
+    def __init__(self, config: RunConfig, emit: Listener, cancel: threading.Event, t0: float, *,
+                 run_id: str, store: RunStore | None = None, kind: str = "train", force_public: bool = False):
         self.config, self.store, self.run_id, self.emit, self.cancel, self.t0 = (
             config, store, run_id, emit, cancel, t0)
+        self.kind, self.force_public = kind, force_public
         self.step = 0
+        self.noise_draws = 0  # noise additions actually made (counted after the ledger accepted each)
         self.last_metrics: dict[str, Any] | None = None
         self.last_probs: np.ndarray | None = None
         self.eval_history: list[dict[str, Any]] = []
@@ -173,11 +250,21 @@ class _Run:
         self.metrics_ema: dict[str, Any] | None = None  # ... and of the EMA weights (when ema_decay is set)
         self.ema: EMA | None = None
         self.grad_sample_mode: str | None = None
+        self.head_only = False
+        self.spending = None  # the ledger's hold: counts steps before they are taken
+        self.engine = None
+        self.splits = None
+        self.lineage = None
+        self.verdict = None
+        self.group = None
+        self.created_weights: dict = {}
 
     # -- setup -----------------------------------------------------------------------------
     def execute(self) -> TrainResult:
         cfg = self.config
         cfg.check_paths()
+        # The user's seed fixes what may be public: initialisation, augmentation draws, splits. The DP noise
+        # and the Poisson sampling never use these generators (dpcore.privacy.randomness).
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.device = resolve_device(cfg.device)
@@ -189,6 +276,7 @@ class _Run:
         created = models.create_model(cfg.backbone, self.n_classes, pretrained=cfg.pretrained,
                                       image_size=cfg.image_size, weight_standardization=cfg.weight_standardization)
         self.created = created
+        self.created_weights = created.weights
         self.trainable = models.set_trainable(created.model, cfg.scope, cfg.trainable_blocks)
         # Augmentation multiplicity: each example becomes K augmented views (rows i·K .. i·K+K-1); the
         # physical batch bounds rows (memory), so it holds max_physical_batch_size // K examples.
@@ -200,15 +288,8 @@ class _Run:
             self._prepare_features()
         else:
             self._prepare_images()
-        sampling = accounting.sampling_plan(self.n_train, cfg.batch_size, cfg.epochs)
-        self.spe, self.total_steps, self.sample_rate = sampling.steps_per_epoch, sampling.steps, sampling.sample_rate
-        self.eval_steps = _eval_schedule(self.spe, cfg.epochs, cfg.evals_per_epoch)
-        self.optimizer = _make_optimizer(cfg, [p for p in self.model.parameters() if p.requires_grad])
-        self.criterion = torch.nn.CrossEntropyLoss()
-
-        if cfg.private:
-            self._setup_private()
-        self._setup_recipe()
+        self._configure()
+        self._open_ledger()  # before any step: a run that cannot record its spending takes none
         self.emit(Event("plan", self.run_id, total_steps=self.total_steps, elapsed=self.elapsed(),
                         data=self.plan_summary()))
         status = "done"
@@ -217,6 +298,24 @@ class _Run:
         except Cancelled:
             status = "cancelled"
         return self._finish(status)
+
+    def _configure(self, mechanism: tuple[float, float, int] | None = None) -> None:
+        """The sampling plan (q, T), the evaluation schedule, the optimizer, DP-SGD and the recipe."""
+        cfg = self.config
+        if mechanism is None:
+            sampling = accounting.sampling_plan(self.n_train, cfg.batch_size, cfg.epochs)
+            self.spe, self.total_steps, self.sample_rate = sampling.steps_per_epoch, sampling.steps, sampling.sample_rate
+            sigma = None
+        else:
+            sigma, self.sample_rate, self.total_steps = float(mechanism[0]), float(mechanism[1]), int(mechanism[2])
+            self.spe = max(1, round(1 / self.sample_rate))
+        self.epochs = math.ceil(self.total_steps / self.spe)
+        self.eval_steps = _eval_schedule(self.spe, self.epochs, cfg.evals_per_epoch) if self.n_test else set()
+        self.optimizer = _make_optimizer(cfg, [p for p in self.model.parameters() if p.requires_grad])
+        self.criterion = torch.nn.CrossEntropyLoss()
+        if cfg.private:
+            self._setup_private(sigma)
+        self._setup_recipe()
 
     def _prepare_images(self) -> None:
         """Full / bias scope: decode every image once to uint8; the whole model runs in each step."""
@@ -233,7 +332,8 @@ class _Run:
         self.normalize = Normalizer.from_config(created.data_config).to(self.device)
         self.train_set = BatchedTensorDataset(train_m.images, train_m.labels)
         self.test_x, self.test_y = test_m.images, test_m.labels
-        self.test_kept = test_m.kept  # indices into splits.test (unreadable files may have been skipped)
+        self.train_kept = train_m.kept  # indices into splits.train / .test (unreadable files may have been skipped)
+        self.test_kept = test_m.kept
 
     def _prepare_features(self) -> None:
         """Head scope: the frozen backbone's features, computed once and cached; DP-SGD trains the head alone.
@@ -261,6 +361,11 @@ class _Run:
         self.train_set = BatchedTensorDataset(feats.train_x, feats.train_y)
         self.test_x, self.test_y = feats.test_x, feats.test_y
         self.test_kept = feats.test_kept
+        skipped_train = {src for src, *_ in feats.skipped.get("train", [])}
+        self.train_kept = [i for i in range(len(splits.train)) if splits.train.source(i) not in skipped_train]
+        if len(self.train_kept) != self.n_train:
+            raise RuntimeError(f"cached features hold {self.n_train} training rows but {len(self.train_kept)} "
+                               "images are readable: delete the feature cache and run again")
         # Per-example gradients of a linear head are small, so bigger physical batches are safe and faster.
         n_out = sum(p.numel() for p in self.model.parameters())
         self.physical_batch = max(cfg.max_physical_batch_size, min(8192, int(32e6 // max(n_out, 1))))
@@ -275,12 +380,13 @@ class _Run:
         for w in self.warnings:
             self.log("warning: " + w)
 
-    def _setup_private(self) -> None:
+    def _setup_private(self, sigma: float | None = None) -> None:
         cfg = self.config
         # The fastest per-example clipping mode measured correct for this backbone and device
         # (bench/grad_modes.json). Not allowed: "ew" (torch's ExpandedWeights refuses the gradient
         # accumulation of virtual steps) and "ghost" (a second backward pass; bk does the same in one).
-        self.grad_sample_mode = "hooks" if self.features is not None else grad_modes.choose_grad_sample_mode(
+        head = self.head_only or getattr(self, "features", None) is not None
+        self.grad_sample_mode = "hooks" if head else grad_modes.choose_grad_sample_mode(
             cfg.backbone, self.device, allowed=TRAINER_MODES)
         if self.grad_sample_mode == "bk":
             from .bookkeeping import UnsupportedModel, check_supported
@@ -289,15 +395,20 @@ class _Run:
             except UnsupportedModel as exc:  # e.g. a layer type without a rule: Opacus' hooks handle it
                 self.log(f"book-keeping cannot clip this model ({exc.problem}); using hooks")
                 self.grad_sample_mode = "hooks"
-        self.log(f"calibrating σ for ε={cfg.epsilon:g}, δ={cfg.delta:g}, q={self.sample_rate:.5f}, "
-                 f"T={self.total_steps} ({cfg.accountant.upper()})")
-        self.privacy_plan = accounting.plan(cfg.epsilon, cfg.delta, self.sample_rate, self.total_steps,
-                                            cfg.accountant)
-        model, optimizer = self.model, self.optimizer
-        self.engine, self.model, self.optimizer, self.loader, self.criterion = privatize(
-            model, optimizer, self.train_set, batch_size=cfg.batch_size,
-            noise_multiplier=self.privacy_plan.noise_multiplier, clip_norm=cfg.clip_norm,
-            grad_sample_mode=self.grad_sample_mode)
+        if sigma is None:
+            self.log(f"calibrating σ for ε={cfg.epsilon:g}, δ={cfg.delta:g}, q={self.sample_rate:.5f}, "
+                     f"T={self.total_steps} ({cfg.accountant.upper()})")
+            self.privacy_plan = accounting.plan(cfg.epsilon, cfg.delta, self.sample_rate, self.total_steps,
+                                                cfg.accountant)
+        else:  # a given mechanism (the audit replaying a run): its ε from the accountant
+            self.privacy_plan = accounting.PrivacyPlan(
+                cfg.accountant, sigma, self.sample_rate, self.total_steps, cfg.delta,
+                accounting.epsilon(sigma, self.sample_rate, self.total_steps, cfg.delta, cfg.accountant))
+        # Secret: seeded from the OS, reseeded every noisy step, never written anywhere. Only the explicit
+        # debug mode derives it from the user's seed, and such a run carries no guarantee.
+        self.randomness = SecretRandomness(
+            self.device, insecure_seed=cfg.seed if cfg.insecure_reproducible_noise else None)
+        self._privatize(self.grad_sample_mode)
         if self.grad_sample_mode == "bk" and self.K > 1:
             if hasattr(self.model, "views_per_example"):  # book-keeping averages the K views before clipping
                 self.model.views_per_example = self.K
@@ -305,17 +416,109 @@ class _Run:
                 self.log("book-keeping here cannot average augmented views before clipping; using hooks")
                 if hasattr(self.model, "remove_hooks"):
                     self.model.remove_hooks()
+                self.model = self._plain_model
+                self.optimizer = _make_optimizer(cfg, [p for p in self.model.parameters() if p.requires_grad])
                 self.grad_sample_mode = "hooks"
-                self.optimizer = _make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-                self.engine, self.model, self.optimizer, self.loader, self.criterion = privatize(
-                    model, self.optimizer, self.train_set, batch_size=cfg.batch_size,
-                    noise_multiplier=self.privacy_plan.noise_multiplier, clip_norm=cfg.clip_norm,
-                    grad_sample_mode="hooks")
+                self._privatize("hooks")
         if abs(self.loader.sample_rate - self.sample_rate) > 1e-12:
             raise RuntimeError(f"Opacus samples at q={self.loader.sample_rate}, the plan assumed {self.sample_rate}")
         self.eps_tracker = accounting.EpsilonTracker(self.privacy_plan.noise_multiplier, self.sample_rate,
                                                      cfg.delta, cfg.accountant)
         self.eps_steps = set(accounting.checkpoint_steps(self.total_steps, 40)) | set(self.eval_steps)
+
+    def _privatize(self, mode: str) -> None:
+        self._plain_model = self.model
+        self.engine, self.model, self.optimizer, self.loader, self.criterion = privatize(
+            self.model, self.optimizer, self.train_set, sample_rate=self.sample_rate,
+            noise_multiplier=self.privacy_plan.noise_multiplier, clip_norm=self.config.clip_norm,
+            grad_sample_mode=mode, randomness=self.randomness, before_noise=self._before_noise)
+
+    def _before_noise(self) -> None:
+        """Fail closed: the ledger counts this step before its noise is drawn, or the step is not taken."""
+        if self.spending is None:
+            raise RuntimeError("no privacy-ledger entry for this run: refusing to take a noisy step")
+        self.spending.ensure(self.step + 1)
+        self.noise_draws += 1
+
+    # -- the privacy ledger, before the first step ----------------------------------------
+    def _open_ledger(self) -> None:
+        """Identify the images, state the lineage guarantee, check the budget, write the entry.
+
+        Everything here happens before the first step; any failure (unwritable, corrupt or locked
+        ledger, unreadable image, a budget that would be exceeded) ends the run with nothing spent.
+        """
+        from .ledger import BudgetExceeded, Ledger, LedgerError
+        from .privacy import lineage
+        from .data.groups import train_groups
+
+        cfg = self.config
+        ledger = Ledger()
+        self.ledger = ledger
+        train_images = self.splits.train.subset(self.train_kept)
+        test_images = self.splits.test.subset(self.test_kept)
+        self.log(f"privacy ledger {ledger.path}: identifying {len(train_images)} training and "
+                 f"{len(test_images)} test images by content")
+        ids_train = ledger.identify(train_images)
+        ids_test = ledger.identify(test_images)
+        private = cfg.private and not cfg.insecure_reproducible_noise
+        sigma = self.privacy_plan.noise_multiplier if cfg.private else None
+        if self.kind == "pretrain":
+            self._check_public(ledger, ids_train)
+        self.lineage = lineage.assess(self.created_weights, ledger=ledger, train_ids=ids_train,
+                                      mechanism=(sigma, self.sample_rate, self.total_steps) if private else None,
+                                      delta=cfg.delta, accountant=cfg.accountant)
+        self.log(self.lineage.sentence)
+        self.group = train_groups(self.splits, cfg.dataset)
+        verdict = ledger.verdict(ids_train, dataset=cfg.dataset, data_dir=cfg.data_dir,
+                                 noise_multiplier=sigma if private else None, sample_rate=self.sample_rate,
+                                 steps=self.total_steps, delta=cfg.delta)
+        self.verdict = verdict
+        self.log("privacy budget: " + verdict.message)
+        if verdict.exceeds and not cfg.allow_over_budget:
+            raise BudgetExceeded(verdict.message)
+        if verdict.exceeds:
+            self.log("WARNING: launched past the privacy budget with --allow-over-budget; the ledger records it")
+        try:
+            self.spending = ledger.begin(
+                self.run_id, train=ids_train, test=ids_test, dataset=cfg.dataset, data_dir=cfg.data_dir,
+                kind=self.kind, private=cfg.private, insecure=cfg.insecure_reproducible_noise,
+                noise_multiplier=sigma, sample_rate=self.sample_rate, planned_steps=self.total_steps,
+                delta=cfg.delta if cfg.private else None, accountant=cfg.accountant if cfg.private else None,
+                label=self._label(), unit="image", runs_dir=str(self.store.root) if self.store else None,
+                over_budget=verdict.exceeds)
+        except LedgerError:
+            raise
+        except Exception as exc:  # sqlite, disk full, permissions: say what it means for the run
+            raise LedgerError(f"the privacy ledger {ledger.path} could not record this run ({type(exc).__name__}: "
+                              f"{exc}), so it takes no step. Fix: free disk space or make the file writable "
+                              f"(or point {'DPCORE_LEDGER'} at a writable path)") from exc
+
+    def _check_public(self, ledger, ids_train) -> None:
+        """`pretrain` declares its data public: refuse images the ledger knows from private training."""
+        from .ledger import LedgerError
+
+        matches, n_known = ledger.lookup(ids_train)
+        known = sorted({i for m in matches for i in m})
+        if not known:
+            return
+        users = {e.run_id for e in ledger.entries()
+                 if e.guaranteed and np.isin(ledger.run_image_ids(e.run_id), known).any()}
+        if users and not self.force_public:
+            raise LedgerError(
+                f"{n_known:,} of these {len(matches):,} images were trained on privately before (run(s) "
+                f"{', '.join(sorted(users)[:5])}{'…' if len(users) > 5 else ''}): declaring them public would void "
+                "those runs' guarantees. Fix: pretrain on data that are public, or pass --force-public to record "
+                "this as a non-private use of those images (their ε becomes ∞ in the ledger)")
+        if users:
+            self.log(f"WARNING: --force-public: {n_known} images known from private runs are used without DP; "
+                     "the ledger voids their guarantee")
+
+    def _label(self) -> str:
+        cfg = self.config
+        what = ("pretraining (declared public)" if self.kind == "pretrain" else
+                "replayable noise: no guarantee" if cfg.insecure_reproducible_noise else
+                f"ε={cfg.epsilon:g}" if cfg.private else "non-private")
+        return f"{cfg.backbone}, {what}"
 
     def _setup_recipe(self) -> None:
         """EMA of the weights and the lr schedule (both act once per real optimizer step)."""
@@ -341,7 +544,7 @@ class _Run:
             "ema_decay": cfg.ema_decay,
             "ema_warmup": "decay_t = min(decay, (1+t)/(10+t))" if cfg.ema_decay is not None else None,
             "weight_standardization": cfg.weight_standardization,
-            "weight_standardized_convs": self.created.weights.get("weight_standardized_convs", 0),
+            "weight_standardized_convs": self.created_weights.get("weight_standardized_convs", 0),
             "lr_schedule": cfg.lr_schedule, "warmup_fraction": cfg.warmup_fraction,
             "scope": cfg.scope, "trainable_blocks": cfg.trainable_blocks if cfg.scope == "last-k" else None,
             "privacy_note": ("augmented views of one example are averaged before clipping, so each example "
@@ -354,7 +557,12 @@ class _Run:
         cfg = self.config
         out = {"n_train": self.n_train, "n_test": self.n_test, "steps_per_epoch": self.spe,
                "total_steps": self.total_steps, "class_names": self.splits.class_names,
-               "device": str(self.device), "trainable_params": self.trainable, "recipe": self.recipe_info()}
+               "device": str(self.device), "trainable_params": self.trainable, "recipe": self.recipe_info(),
+               "privacy_unit": "image", "lineage": self.lineage.to_dict() if self.lineage else None,
+               "budget": self.verdict.message if self.verdict else None}
+        if self.group is not None and cfg.private:
+            from .privacy.group_privacy import group_summary
+            out["group_privacy"] = group_summary(self.privacy_plan.epsilon, cfg.delta, self.group)
         if self.features is not None:
             out["features"] = self.features_info()
         if cfg.private:
@@ -367,12 +575,14 @@ class _Run:
     def _loop(self) -> None:
         # A linear head on cached features is far too small to split across threads: on 2 cores its
         # ops run ~100x slower with torch's default thread pool than with one thread (measured).
-        small = self.features is not None and self.device.type == "cpu"
+        small = (self.head_only or getattr(self, "features", None) is not None) and self.device.type == "cpu"
         threads = torch.get_num_threads()
         if small:
             torch.set_num_threads(1)
         try:
-            for epoch in range(self.config.epochs):
+            for epoch in range(self.epochs):
+                if self.step >= self.total_steps:
+                    break
                 if self.config.private:
                     self._private_epoch(epoch)
                 else:
@@ -382,7 +592,6 @@ class _Run:
                 torch.set_num_threads(threads)
 
     def _private_epoch(self, epoch: int) -> None:
-        losses: list[tuple[float, int]] = []
         stepped = []
         previous_hook = self.optimizer.step_hook
 
@@ -399,22 +608,25 @@ class _Run:
                 self.model.train()
                 self.optimizer.zero_grad(set_to_none=True)
                 out = self.model(self._inputs(x))
+                # The loss of a private Poisson batch is never read out: it is a statistic of private
+                # examples that ε does not cover (only the noisy model and test-split figures are released).
                 loss = self.criterion(out, augment.expand_views(y.to(self.device), self.K))
                 loss.backward()
                 if self.K > 1 and self.grad_sample_mode != "bk":
                     self._average_views(len(y))
-                if len(y):
-                    losses.append((float(loss.detach()), len(y)))
                 self.optimizer.step()
                 if stepped:
                     stepped.clear()
-                    self._after_step(epoch, losses)
-                    losses = []
+                    self._after_step(epoch, None)
+                    if self.step >= self.total_steps:
+                        break
 
     def _nonprivate_epoch(self, epoch: int) -> None:
         cfg = self.config
         order = torch.randperm(self.n_train)
         for start in range(0, self.n_train, cfg.batch_size):
+            if self.step >= self.total_steps:
+                break
             idx = order[start:start + cfg.batch_size]
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
@@ -426,6 +638,9 @@ class _Run:
                 loss = self.criterion(out, augment.expand_views(y.to(self.device), self.K))
                 (loss * (len(chunk) / len(idx))).backward()  # gradient of the mean over the logical batch
                 losses.append((float(loss.detach()), len(chunk)))
+            if self.spending is None:
+                raise RuntimeError("no privacy-ledger entry for this run: refusing to train")
+            self.spending.ensure(self.step + 1)  # a non-private step voids its images: counted before it is taken
             self.optimizer.step()
             self._after_step(epoch, losses)
 
@@ -446,13 +661,16 @@ class _Run:
     def _average_views(self, n: int) -> None:
         average_views(self.model, n, self.K)
 
-    def _after_step(self, epoch: int, losses: list[tuple[float, int]]) -> None:
+    def _after_step(self, epoch: int, losses: list[tuple[float, int]] | None) -> None:
+        """`losses`: the training-batch losses of a non-private step (None for DP steps: never released)."""
         self.step += 1
         if self.ema is not None:
             self.ema.update()
         self.lr_schedule.apply(self.step)  # the lr of the next real step
-        n = sum(k for _, k in losses)
-        loss = sum(v * k for v, k in losses) / n if n else None
+        loss = None
+        if losses:
+            n = sum(k for _, k in losses)
+            loss = sum(v * k for v, k in losses) / n if n else None
         eps = None
         if self.config.private and (self.eps_tracker.cheap or self.step in self.eps_steps):
             eps = self.eps_tracker(self.step)
@@ -485,6 +703,7 @@ class _Run:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
+        """Metrics on the test split (not the private training data: what is released beside the model)."""
         self.model.eval()
         probs, losses = [], 0.0
         for start in range(0, self.n_test, self.physical_batch):
@@ -499,67 +718,115 @@ class _Run:
         return metrics
 
     # -- the end ---------------------------------------------------------------------------
+    def _final_model(self) -> torch.nn.Module:
+        """The module that is released: the EMA weights when ema_decay is set, standardised weights baked."""
+        raw_model = self._inner_model()
+        if self.ema is not None:  # the saved model is the EMA one (post-processing of the DP iterates)
+            self.ema.copy_to()
+        if self.config.weight_standardization:  # plain convs holding the standardised weights: same function
+            models.factory.bake_weight_standardization(raw_model)
+        return raw_model
+
+    def _steps_counted(self) -> int:
+        """Noisy steps taken (Opacus' record; the guard's count of noise draws if that is larger)."""
+        history = self.engine.accountant.history if self.engine is not None else []
+        return max(sum(n for _, _, n in history), self.noise_draws)
+
     def _finish(self, status: str) -> TrainResult:
         cfg = self.config
         privacy = self._privacy_spent()
+        # The exact count first: until this succeeds the ledger holds the (larger) reserved count.
+        self._finish_ledger(status, privacy)
         if status == "done" and (self.last_metrics is None or self.eval_history[-1]["step"] != self.step):
             self.last_metrics = self.evaluate_all()
+        self._final_model()
         # The head path trains a sub-module of created.model in place: the full model (frozen backbone +
         # trained head) is saved, so reloading and predicting work exactly as for any other run.
-        raw_model = self.created.model if self.features is not None else (
-            self.model._module if cfg.private else self.model)
-        if self.ema is not None:  # the saved model is the EMA one (post-processing of the DP iterates)
-            self.ema.copy_to()
-        if cfg.weight_standardization:  # plain convs holding the standardised weights: same function
-            models.factory.bake_weight_standardization(raw_model)
-        save_model(raw_model, self.store.run_dir(self.run_id) / "model.safetensors", self.splits.class_names,
-                   self.created.data_config, self.run_id)
+        saved = self.created.model if self.features is not None else self._inner_model()
+        run_dir = self.store.run_dir(self.run_id)
+        guarantee = self.lineage.to_dict() if self.lineage else None
+        lineage_out = self._lineage_out(privacy)
+        save_model(saved, run_dir / "model.safetensors", self.splits.class_names, self.created.data_config,
+                   self.run_id, lineage=lineage_out)
         if self.last_probs is not None:  # test-split predictions, for the confusion matrix, ROC and gallery
-            np.savez(self.store.run_dir(self.run_id) / "test_predictions.npz", probs=self.last_probs,
-                     labels=self.test_y.numpy(), test_index=np.asarray(self.test_kept, dtype=np.int64))
+            tmp = run_dir / "test_predictions.tmp.npz"
+            np.savez(tmp, probs=self.last_probs, labels=self.test_y.numpy(),
+                     test_index=np.asarray(self.test_kept, dtype=np.int64))
+            tmp.replace(run_dir / "test_predictions.npz")
         card = build_card(
             run_id=self.run_id, config=cfg, status=status, splits=self.splits, n_train=self.n_train,
             n_test=self.n_test, skipped=self.skipped, created=self.created, trainable=self.trainable,
             privacy=privacy, metrics=self.last_metrics, eval_history=self.eval_history,
             device=str(self.device), duration=self.elapsed(), warnings=self.warnings,
             recipe=self.recipe_info(), metrics_raw=self.metrics_raw, metrics_ema=self.metrics_ema,
+            lineage=guarantee, lineage_chain=lineage_out, group=self.group,
         )
         if self.features is not None:
             card["model"]["features"] = self.features_info()
         self.store.write_json(self.run_id, "card.json", card)
         self.store.record_results(self.run_id, self.last_metrics, privacy)
         self.store.set_status(self.run_id, status)
-        self.record_in_ledger(status, privacy)
         self.emit(Event("finished" if status == "done" else "cancelled", self.run_id, step=self.step,
                         total_steps=self.total_steps, epoch=self.step / self.spe,
                         epsilon=privacy.get("epsilon"), metrics=self.last_metrics, elapsed=self.elapsed(),
                         eta=0.0, data={"card": card}))
         return TrainResult(self.run_id, status, card)
 
-    def record_in_ledger(self, status: str, privacy: dict[str, Any] | None = None) -> None:
-        """Every run that touched the training data spends privacy: record it in the data set's ledger
-        (failed and cancelled runs too, with the noisy steps Opacus actually took)."""
-        if getattr(self, "splits", None) is None:
-            return  # failed before the data were read: nothing was spent
-        cfg = self.config
-        try:
-            if privacy is None:
-                if cfg.private:
-                    history = self.engine.accountant.history if getattr(self, "engine", None) is not None else []
-                    steps = sum(n for _, _, n in history)
-                    privacy = {"private": True, "steps": steps, "noise_multiplier": history[0][0] if history else None,
-                               "sample_rate": history[0][1] if history else None, "delta": cfg.delta,
-                               "accountant": cfg.accountant, "epsilon": accounting.epsilon(
-                                   history[0][0], history[0][1], steps, cfg.delta, cfg.accountant) if history else 0.0}
-                else:
-                    privacy = {"private": False, "steps": self.step}
-            from .ledger import record_training
+    def _lineage_out(self, privacy: dict[str, Any]) -> list[dict[str, Any]]:
+        """The lineage the saved weights carry: their ancestors' and this run's own record."""
+        from .privacy import lineage
 
-            record_training(self.store.root, self.run_id, self.splits, cfg.dataset, cfg.data_dir, privacy, status,
-                            label=f"{cfg.backbone}, " + (f"ε={cfg.epsilon:g}" if cfg.private else "non-private"))
-        except Exception as exc:  # noqa: BLE001 - the run's own result must survive a ledger problem; say so loudly
-            self.emit(Event("log", self.run_id, message=f"WARNING: the privacy ledger could not record this run "
-                            f"({type(exc).__name__}: {exc}); its spending is in its card"))
+        record = lineage.run_record(
+            run_id=self.run_id, ledger_id=self.ledger.ledger_id, kind=self.kind, config=self.config,
+            privacy=privacy, n_train=self.n_train, dataset_name=self.ledger_dataset_name(),
+            guarantee=self.lineage)
+        return (self.lineage.chain if self.lineage else []) + [record]
+
+    def ledger_dataset_name(self) -> str:
+        from .ledger import dataset_name
+
+        return dataset_name(self.config.dataset, self.config.data_dir)
+
+    def _finish_ledger(self, status: str, privacy: dict[str, Any] | None) -> None:
+        if self.spending is None:
+            return
+        steps = self._steps_counted() if self.config.private else self.step
+        eps = privacy.get("epsilon") if privacy and privacy.get("private") and \
+            not self.config.insecure_reproducible_noise else None
+        try:
+            self.spending.finish(status, steps, eps)
+        except Exception as exc:  # noqa: BLE001 - the reserved count (≥ steps taken) stays in the ledger
+            self.log(f"WARNING: the privacy ledger could not store this run's final step count ({type(exc).__name__}: "
+                     f"{exc}); it keeps the reserved count of {self.spending.reserved} steps (≥ the {steps} taken)")
+
+    def fail(self, status: str, message: str, trace: str = "") -> None:
+        """Record a failed or interrupted run. Each part is tried on its own (a full disk can break any of
+        them); the ledger part comes first and needs nothing the others need."""
+        problems = []
+        try:
+            privacy = self._privacy_spent() if self.config.private and self.engine is not None else None
+        except Exception:  # noqa: BLE001
+            privacy = None
+        try:
+            self._finish_ledger(status, privacy)
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"ledger: {exc}")
+        if self.store is not None:
+            try:
+                self.store.set_status(self.run_id, status, error=message + ("\n" + trace if trace else ""))
+            except Exception as exc:  # noqa: BLE001
+                problems.append(f"run store: {type(exc).__name__}: {exc}")
+        try:
+            self.emit(Event("failed" if status == "failed" else "cancelled", self.run_id, elapsed=self.elapsed(),
+                            message=message))
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"events: {type(exc).__name__}: {exc}")
+        if problems:
+            import sys
+
+            print(f"dpcore: run {self.run_id} ended ({message}); recording it also failed: " + "; ".join(problems)
+                  + (f". The privacy ledger holds {self.spending.reserved} reserved steps for it."
+                     if self.spending is not None else ""), file=sys.stderr)
 
     def _privacy_spent(self) -> dict[str, Any]:
         """The guarantee for what was actually trained, from Opacus' own record of (σ, q, steps)."""
@@ -580,12 +847,16 @@ class _Run:
                 "planned_steps": self.total_steps, "planned_epsilon": self.privacy_plan.epsilon,
                 "target_epsilon": cfg.epsilon, "clip_norm": cfg.clip_norm,
                 "expected_batch_size": self.n_train * self.sample_rate, "poisson_sampling": True,
-                "grad_sample_mode": self.grad_sample_mode}
+                "grad_sample_mode": self.grad_sample_mode,
+                "noise_randomness": ("REPLAYABLE from the user's seed (--insecure-reproducible-noise): no guarantee"
+                                     if cfg.insecure_reproducible_noise else
+                                     "secret: OS-seeded, reseeded every noisy step, never stored"),
+                "insecure_reproducible_noise": bool(cfg.insecure_reproducible_noise)}
 
     def features_info(self) -> dict[str, Any]:
         """What the card says about the cached-features path: that it was used, and where the cache is."""
         f = self.features
-        return {"used": True, "key": f.key, "cache_file": str(f.path), "cache_hit": f.hit, "dim": f.dim,
+        return {"used": True, "cache_file": str(f.path), "cache_hit": f.hit, "dim": f.dim,
                 "extractor": "forward_head(forward_features(x), pre_logits=True), eval mode, no grad",
                 "physical_batch_size": self.physical_batch}
 

@@ -373,6 +373,14 @@ def create_model(
         weights = _load_file(model, spec, str(pretrained), adapt=False)
     if source == "file":
         weights["provenance"] = weights_provenance(str(pretrained), meta)
+        from dpcore.privacy.lineage import from_metadata
+
+        try:
+            weights["lineage"] = from_metadata(meta)
+        except ValueError as e:
+            raise WeightsError(f"weights file {str(pretrained)!r}: {e}. Fix: use the file as DP Explorer wrote it") from e
+        if weights["lineage"] is None and meta.get("run_id"):
+            weights["legacy_run"] = meta["run_id"]  # a run's weights from before lineage was recorded
     if weight_standardization:
         weights["weight_standardized_convs"] = apply_weight_standardization(model)
     return CreatedModel(model=model, spec=spec, data_config=data_config, weights=weights)
