@@ -26,6 +26,8 @@ def add_commands(subparsers, add_runs_dir) -> dict:
     p.add_argument("--rerun", action="store_true", help="train arms again even when a finished run exists")
     p.add_argument("--experiments-dir", default=None, help="folder of experiment files (default: experiments/)")
     p.add_argument("--quiet", action="store_true", help="no progress lines, only the table")
+    p.add_argument("--allow-over-budget", action="store_true",
+                   help="train arms even if they take an image past a data set's privacy budget (recorded)")
     return {"experiment": _cmd_experiment}
 
 
@@ -105,6 +107,7 @@ def _cmd_experiment(args) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the trainer reports warnings as events and in the card
             comp = ex.run_experiment(exp, store, data_root=args.data_root, only=args.only, rerun=args.rerun,
+                                     allow_over_budget=args.allow_over_budget,
                                      listener=listener, on_arm=on_arm)
     else:
         comp = ex.comparison(exp, store)

@@ -699,12 +699,13 @@ def run_experiment(name_or_exp: str | Experiment, store, *, data_root: str | Pat
                    only: Sequence[str] | str | None = None, rerun: bool = False, listener: Listener | None = None,
                    cancel: threading.Event | None = None, on_arm: Callable[[str, Any], None] | None = None,
                    train_fn=None, pretrain_fn=None, online: bool | None = None,
-                   directory: str | Path | None = None) -> Comparison:
+                   directory: str | Path | None = None, allow_over_budget: bool = False) -> Comparison:
     """Train the experiment's arms (those without a finished run of this version, unless `rerun`) in turn.
 
     Every arm is an ordinary stored run, tagged with the experiment's name, version and arm label. A failed
     arm is recorded and the others still run; `cancel` stops the current arm and skips the rest.
-    Returns the comparison table read back from the store.
+    Returns the comparison table read back from the store. An arm that would take an image past a privacy
+    budget is refused by the trainer (recorded as failed) unless ``allow_over_budget``.
     """
     from .sweep import run_sweep
 
@@ -713,6 +714,8 @@ def run_experiment(name_or_exp: str | Experiment, store, *, data_root: str | Pat
     if arms and exp.uses_pretrain(arms):
         ensure_pretrained(exp, store.root, data_root, listener, pretrain_fn)
     configs = [exp.config(a, data_root, store.root) for a in arms]
+    if allow_over_budget:
+        configs = [c.replace(allow_over_budget=True) for c in configs]
     for cfg in configs:
         cfg.check_paths()
     run_ids, train_configs, label_of = [], [], {}

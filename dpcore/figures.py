@@ -75,11 +75,13 @@ def training_figures(events: list[Event], target_epsilon: float | None = None) -
 
     loss = go.Figure()
     steps = [e for e in events if e.kind == "step" and _finite(e.loss)]
-    loss.add_trace(go.Scatter(x=[e.step for e in steps], y=[float(e.loss) for e in steps], mode="lines",
-                              name="train loss"))
+    if steps:  # non-private runs only: a DP run never releases the loss of its private batches
+        loss.add_trace(go.Scatter(x=[e.step for e in steps], y=[float(e.loss) for e in steps], mode="lines",
+                                  name="training-batch loss (non-private run)"))
     xs, ys = _eval_series(events, "loss")
-    loss.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name="test loss"))
-    loss.update_layout(title="Loss", xaxis_title="step", yaxis_title="cross-entropy", **_LAYOUT)
+    loss.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name="test-split loss"))
+    loss.update_layout(title="Loss on the test split" if not steps else "Loss", xaxis_title="step",
+                       yaxis_title="cross-entropy", **_LAYOUT)
     if not any(len(t.x) for t in loss.data):
         _empty_note(loss, "no steps yet")
 

@@ -536,12 +536,14 @@ class Ledger:
                 raise LedgerError(f"run {run_id} is not in the ledger {self.path}")
 
     def record_use(self, run_id: str, *, kind: str, train, dataset: str, data_dir: str | None = None,
-                   label: str | None = None, note: str | None = None, runs_dir: str | None = None) -> None:
-        """A use with no guarantee (an audit's non-private shadow models, say), recorded in one go."""
+                   label: str | None = None, note: str | None = None, runs_dir: str | None = None) -> "RecordedUse":
+        """A use with no guarantee (an audit: its shadow models and its statistics), recorded before it starts;
+        every image in `train` is void from then on. Returns the hold to pass to what it trains."""
         spending = self.begin(run_id, train=train, dataset=dataset, data_dir=data_dir, kind=kind, private=False,
                               label=label, note=note, runs_dir=runs_dir, planned_steps=1)
         spending.ensure(1)
         self.finish(run_id, "recorded", 1, note=note)
+        return RecordedUse(run_id)
 
     def set_budget(self, key: str, epsilon: float | None, delta: float | None = None) -> None:
         """The largest ε (at δ) the data set's owner allows for any one of its images; None removes it."""
@@ -781,6 +783,22 @@ def _entry(r: sqlite3.Row) -> Entry:
                     "over_budget": bool(d["over_budget"])})
 
 
+class RecordedUse:
+    """The hold of a use already recorded as carrying no guarantee (`Ledger.record_use`): its images are
+    void whatever the number of steps, so the steps of the models it trains need no further writes."""
+
+    reserved = math.inf
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def ensure(self, step: int) -> None:
+        return None
+
+    def finish(self, *args, **kwargs) -> None:
+        return None
+
+
 class Spending:
     """A running use's hold on the ledger: steps are counted here before the optimizer takes them.
 
@@ -807,7 +825,7 @@ class Spending:
 
 
 __all__ = ["BudgetExceeded", "DatasetSummary", "Entry", "Exposure", "LEDGER_ENV", "Ledger", "LedgerCorrupt",
-           "LedgerError", "Spending", "Verdict", "compose", "dataset_key", "default_ledger_path"]
+           "LedgerError", "RecordedUse", "Spending", "Verdict", "compose", "dataset_key", "default_ledger_path"]
 
 
 def backfill(runs_dir: str | Path, ledger: Ledger | None = None, store=None) -> list[str]:

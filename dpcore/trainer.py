@@ -607,13 +607,16 @@ class _Run:
                 self._check_cancel()
                 self.model.train()
                 self.optimizer.zero_grad(set_to_none=True)
-                out = self.model(self._inputs(x))
-                # The loss of a private Poisson batch is never read out: it is a statistic of private
-                # examples that ε does not cover (only the noisy model and test-split figures are released).
-                loss = self.criterion(out, augment.expand_views(y.to(self.device), self.K))
-                loss.backward()
-                if self.K > 1 and self.grad_sample_mode != "bk":
-                    self._average_views(len(y))
+                if len(y) == 0 and self.grad_sample_mode != "bk":
+                    self._empty_batch()
+                else:
+                    out = self.model(self._inputs(x))
+                    # The loss of a private Poisson batch is never read out: it is a statistic of private
+                    # examples that ε does not cover (only the noisy model and test-split figures are released).
+                    loss = self.criterion(out, augment.expand_views(y.to(self.device), self.K))
+                    loss.backward()
+                    if self.K > 1 and self.grad_sample_mode != "bk":
+                        self._average_views(len(y))
                 self.optimizer.step()
                 if stepped:
                     stepped.clear()
@@ -643,6 +646,14 @@ class _Run:
             self.spending.ensure(self.step + 1)  # a non-private step voids its images: counted before it is taken
             self.optimizer.step()
             self._after_step(epoch, losses)
+
+    def _empty_batch(self) -> None:
+        """An empty Poisson batch (each example left out, which happens): zero per-example gradients, so the
+        step is noise only, as the accountant assumes. No forward pass: some layers (the functorch fallback
+        of weight-standardised convs) cannot run on zero rows."""
+        for p in self.model.parameters():
+            if p.requires_grad:
+                p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
 
     def _check_cancel(self) -> None:
         if self.cancel.is_set():

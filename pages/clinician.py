@@ -9,7 +9,7 @@ from dpcore.errors import DPCoreError
 from dpcore.predict import load_run
 from dpcore.saliency import saliency
 from dpcore.uploads import MAX_UPLOAD_BYTES, UploadError, decode_upload
-from pages.common import fmt_eps, fmt_pct, runs_dir, store
+from pages.common import fmt_pct, privacy_headline, runs_dir, show_guarantee, store
 
 NOTICE = ("**Research use only — not a medical device; not a clinical diagnosis.** The output must be interpreted "
           "by a qualified healthcare professional. For research, educational and demonstration purposes only.")
@@ -59,10 +59,8 @@ with st.expander("Model card", expanded=True):
                 f"**Date trained:** {str(card.get('date', ''))[:10]}")
     c2.markdown(f"**Test accuracy:** {fmt_pct(card.get('test_accuracy'))}  \n"
                 f"**Test ROC-AUC:** {'—' if card.get('test_roc_auc') is None else format(card['test_roc_auc'], '.3f')}  \n"
-                f"**Privacy:** ε = {fmt_eps(card.get('epsilon'))}, "
-                f"δ = {'—' if card.get('delta') is None else format(card['delta'], '.0e')}"
-                + (f" ({str(card.get('accountant')).upper()})" if card.get("accountant") else ""))
-    st.info(card.get("guarantee", ""))
+                f"**Privacy:** {privacy_headline(card)}")
+    show_guarantee(card)
     for w in card.get("warnings") or []:
         st.caption(f"⚠ {w}")
 

@@ -149,8 +149,8 @@ def _panel_body(run_id: str) -> str:
     if view.status == "done":
         card = store().card(run_id)
         st.success(f"Finished: test accuracy {fmt_pct(card.get('test_accuracy'))}, "
-                   f"ROC-AUC {fmt_num(card.get('test_roc_auc'))}, ε spent {fmt_eps(card.get('epsilon'))}.  \n"
-                   f"{card.get('guarantee', '')}")
+                   f"ROC-AUC {fmt_num(card.get('test_roc_auc'))}. Privacy: {privacy_headline(card)}.")
+        show_guarantee(card)
     elif view.status == "failed":
         failed = view.latest("failed")
         st.error(f"The run failed: {failed.message if failed else view.error}")
@@ -171,6 +171,32 @@ def _panel_body(run_id: str) -> str:
         with st.expander("Log"):
             st.text("\n".join(ev.message or "" for ev in logs[-30:]))
     return view.status
+
+
+# -- the guarantee of a stored run, as its card states it --------------------------------------
+def privacy_headline(card: dict) -> str:
+    """ε, δ and the unit in one line; the ε is the one the card guarantees (composed over the lineage)."""
+    p = card.get("privacy") or {}
+    if not p.get("private"):
+        return "none — trained without differential privacy"
+    if not p.get("guarantee_holds", True):
+        return "**none** — see below"
+    eps = p.get("guarantee_epsilon") or card.get("epsilon")
+    return (f"ε = {fmt_eps(eps)}, δ = {'—' if card.get('delta') is None else format(card['delta'], '.0e')} "
+            f"per image (adding or removing one image; {str(card.get('accountant')).upper()} accountant)")
+
+
+def show_guarantee(card: dict) -> None:
+    """The card's sentence, then what the lineage and the largest patient / lesion change about it."""
+    p = card.get("privacy") or {}
+    text = card.get("guarantee", "")
+    (st.error if text.startswith("NO DP") else st.info)(text)
+    lin = card.get("lineage") or {}
+    if lin.get("composed_over_ancestors") and not lin.get("void") and lin.get("sentence"):
+        st.warning(f"**Lineage:** {lin['sentence']}", icon="🧬")
+    group = p.get("group")
+    if group and group.get("largest", 1) > 1:
+        st.warning(f"**Patients and lesions:** {group['sentence']}", icon="👥")
 
 
 # -- formatting ---------------------------------------------------------------------------------

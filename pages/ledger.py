@@ -1,17 +1,21 @@
-"""Privacy budget: per data set, every run's spending composed by the accountant, against a budget."""
+"""Privacy budget: the ε each image has spent over every run on this machine, against a data set's budget."""
 import math
+import sqlite3
 
 import pandas as pd
 import streamlit as st
 
+from dpcore.errors import DPCoreError
 from dpcore.ledger import Ledger, LedgerError
-from dpcore.ledger_figures import ledger_figure
-from pages.common import fmt_time, runs_dir
+from dpcore.ledger_figures import image_epsilon_figure, ledger_figure
+from pages.common import fmt_time
 
 st.title("💰 Privacy budget")
-st.caption("Every run on a data set spends privacy: tuning runs, failed and cancelled runs included. The ledger keeps "
-           "one entry per run under the data set's identity (a content hash of its training split) and composes them "
-           "all with the accountant. Deleting a run does not delete its entry. The same from a terminal: "
+st.caption("Every use of an image spends privacy — tuning runs, failed and killed runs, another seed's split, a "
+           "resized copy in another folder. The machine's ledger identifies each image by its content and records "
+           "which runs trained on it; **an image's ε composes every run that included it** (dp-accounting, RDP and "
+           "PLD; per image the tighter). Deleting a run keeps its record. The unit is one image; a patient with "
+           "several images is protected less (group privacy, see the Train page). From a terminal: "
            "`python -m dpcore ledger`.")
 
 
@@ -19,30 +23,57 @@ def _f(v, digits: int = 4) -> str:
     return "—" if v is None else ("∞" if math.isinf(v) else f"{v:.{digits}g}")
 
 
-ledger = Ledger(runs_dir())
-sets = ledger.datasets()
+@st.cache_data(show_spinner="Composing every image's runs…", max_entries=16)
+def _summary(path: str, key: str, stamp: tuple):
+    s = Ledger(path).summary(key)
+    return s, Ledger(path).cumulative(key)
+
+
+try:
+    ledger = Ledger()
+    sets = ledger.datasets()
+except (DPCoreError, OSError, sqlite3.Error) as exc:
+    st.error(f"The privacy ledger cannot be read: {exc}")
+    st.stop()
+st.caption(f"Ledger: `{ledger.path}`")
 if not sets:
-    st.info("No runs yet: every training run adds its data set here.")
+    st.info("No runs yet: every training run records its images here before its first step.")
     st.stop()
 
 key = st.selectbox("Data set", [d["key"] for d in sets], key="ledger_ds",
-                   format_func=lambda k: next(f"{d['name']} · {k[:8]}" for d in sets if d["key"] == k))
-s = ledger.summary(key)
-if s.void:
-    st.error(f"**No DP guarantee holds for this data set any more.** Non-private run(s) "
-             f"{', '.join(s.non_private_runs)} trained on these images without clipping or noise, so whatever "
-             "else was released from them, the composed ε is ∞.")
+                   format_func=lambda k: next(f"{d['name']} · {d['n_images']:,} images" for d in sets
+                                              if d["key"] == k))
+s, points = _summary(str(ledger.path), key, ledger.stamp())
+info = s.to_dict()
+if s.n_void:
+    voiding = [r for r in s.runs if r.voids]
+    st.error(f"**No DP guarantee holds for {s.n_void:,} of these images.** They were used without one by "
+             + ", ".join(f"{r.run_id} ({r.kind}: {r.label or 'non-private'})" for r in voiding[:4])
+             + (" …" if len(voiding) > 4 else "") + ": whatever else was released from them, their ε is ∞.")
 cols = st.columns(4)
-cols[0].metric("Runs", s.runs, help=f"{s.private_runs} private, {len(s.non_private_runs)} non-private")
-cols[1].metric("Total ε (accountant)", _f(s.epsilon),
-               help=f"RDP {_f(s.epsilon_rdp)}, PLD {_f(s.epsilon_pld)}; the smaller is valid, at δ = {_f(s.delta, 3)}")
-cols[2].metric("Basic composition", _f(s.basic_epsilon), help=f"Σ ε over runs, at Σ δ = {_f(s.basic_delta, 3)}")
-cols[3].metric("Remaining of budget", _f(s.remaining) if s.budget_epsilon is not None else "no budget")
+cols[0].metric("Most-exposed image: ε", _f(s.epsilon),
+               help=f"RDP {_f(s.epsilon_of('rdp'))}, PLD {_f(s.epsilon_of('pld'))}, at δ = {_f(s.delta, 3)}; per image "
+                    "the smaller of the two (both are valid upper bounds)")
+cols[1].metric("Median image: ε", _f(info["epsilon_median"]))
+cols[2].metric("Images trained on", f"{s.n_trained:,} of {s.n_images:,}",
+               help="the others were only evaluated (test splits) or not used yet")
+cols[3].metric("Remaining of budget", (_f(s.remaining) if not s.void else "none (void)")
+               if s.budget_epsilon is not None else "no budget")
+
+st.plotly_chart(image_epsilon_figure(s.exposure.histogram(), s.budget_epsilon, title=f"ε spent per image — {s.name}"),
+                key="ledger_hist")
+st.caption("Images that were trained on by the same runs share one ε, so the bars are few. A second run on a "
+           "subset raises the ε of the images it shares and leaves the others where they were. Composition is "
+           "much tighter than adding ε's: two runs at ε = 1 compose to about 1.3–1.4, not 2.")
+if info["n_evaluated_and_trained"]:
+    st.warning(f"{info['n_evaluated_and_trained']:,} images trained on were also in some run's test split: that "
+               "run's test metrics were released without DP and are not covered by their ε.")
 
 with st.form("ledger_budget"):
-    budget = st.number_input("Total ε budget for this data set (0 = none)", 0.0, 1000.0,
+    budget = st.number_input("Largest ε any one image of this data set may reach (0 = no budget)", 0.0, 1000.0,
                              value=float(s.budget_epsilon or 0.0), step=0.5, key="ledger_budget_eps",
-                             help="The Train page warns before a launch that would take the total past it.")
+                             help="Launches (app, CLI, sweeps, experiments, queued jobs) that would take an image "
+                                  "past it are refused unless overridden; the override is recorded.")
     if st.form_submit_button("Save budget"):
         try:
             ledger.set_budget(key, budget or None)
@@ -51,10 +82,16 @@ with st.form("ledger_budget"):
         except LedgerError as exc:
             st.error(str(exc))
 
-st.plotly_chart(ledger_figure(ledger.cumulative(key), s.budget_epsilon, title=s.name), key="ledger_chart")
-st.caption("Composed: dp-accounting composes every run's Poisson-sampled Gaussian mechanism (σ, q, T) at one δ — "
-           "much tighter than adding the runs' ε (basic composition), which is always a valid upper bound too.")
-rows = [{"run": e.run_id, "what": e.label, "status": e.status, "private": e.private,
-         "σ": e.noise_multiplier, "q": e.sample_rate, "steps T": e.steps, "δ": e.delta, "ε of the run": e.epsilon,
-         "recorded": fmt_time(e.recorded_at)} for e in s.entries]
+with st.expander("The most-exposed image's ε after each use", expanded=False):
+    st.plotly_chart(ledger_figure(points, s.budget_epsilon, title=s.name), key="ledger_chart")
+    st.caption("Composed: the accountant composes every run's Poisson-sampled Gaussian mechanism (σ, q, T) at one δ "
+               "for the images they share — tighter than adding the runs' ε (basic composition), which is a valid "
+               "upper bound too.")
+rows = [{"use": e.run_id, "kind": e.kind, "what": e.label, "status": e.shown_status,
+         "guarantee": "DP-SGD" if e.guaranteed else "none (voids its images)", "images": e.n_train,
+         "σ": e.noise_multiplier, "q": e.sample_rate, "steps counted": e.steps, "δ": e.delta,
+         "ε of the run alone": e.epsilon, "over budget": "yes (allowed)" if e.over_budget else "",
+         "recorded": fmt_time(e.started_at)} for e in s.runs]
 st.dataframe(pd.DataFrame(rows), hide_index=True, key="ledger_table")
+st.caption("A run still marked running whose process is gone shows as *interrupted*: the ledger counts the steps it "
+           "had reserved, at least the steps it took.")

@@ -31,7 +31,7 @@ classes = list(preds.class_names)
 cols = st.columns(4)
 cols[0].metric("Test accuracy", fmt_pct(card.get("test_accuracy")))
 cols[1].metric("Test ROC-AUC", "—" if card.get("test_roc_auc") is None else f"{card['test_roc_auc']:.3f}")
-cols[2].metric("ε spent", fmt_eps(card.get("epsilon")))
+cols[2].metric("ε per image", fmt_eps((card.get("privacy") or {}).get("guarantee_epsilon") or card.get("epsilon")))
 cols[3].metric("Test images", f"{len(preds.labels):,}")
 
 left, right = st.columns(2)

@@ -11,7 +11,8 @@ from dpcore.card import guarantee_sentence
 from dpcore.config import SCOPES, PrivacyWarning, RunConfig
 from dpcore.data import DATASETS, load_dataset
 from dpcore.errors import ConfigError, DPCoreError
-from dpcore.ledger import Ledger
+from dpcore.ledger import Ledger, LedgerCorrupt
+from dpcore.preflight import preflight
 from dpcore.schedule import LR_SCHEDULES
 from pages.common import (
     job_panel,
@@ -33,36 +34,50 @@ def train_size(dataset: str, data_dir: str | None, seed: int, test_fraction: flo
                             medmnist_size=medmnist_size).train)
 
 
-@st.cache_data(show_spinner="Identifying the data set for the privacy ledger…")
-def ledger_key(root: str, dataset: str, data_dir: str | None, seed: int, test_fraction: float,
-               medmnist_size: int) -> str:
-    splits = load_dataset(dataset, data_dir, seed=seed, test_fraction=test_fraction, medmnist_size=medmnist_size)
-    return Ledger(root).identify(splits, dataset, data_dir)[0]
+@st.cache_data(show_spinner="Checking the privacy ledger and the starting weights' lineage…", max_entries=32)
+def _preflight(config_json: str, stamp: tuple):
+    """The launch screen's facts, recomputed only when the plan or the ledger (`stamp`) changes."""
+    return preflight(RunConfig.from_json(config_json))
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
-def _verdict(root: str, key: str, sigma: float | None, q: float, steps: int, delta: float, stamp: int):
-    """The ledger's verdict, recomputed only when the ledger file changes (`stamp`) or the plan does."""
-    return Ledger(root).would_exceed(key, sigma, q, steps, delta)
+def guarantee_panel(config: RunConfig) -> RunConfig | None:
+    """What this run would promise (unit, lineage, largest patient/lesion, budget), before launch.
 
-
-def budget_check(config: RunConfig, sigma: float | None, q: float, steps: int) -> None:
-    """Warn before a launch that would take the data set's total ε (all its runs, composed) past its budget."""
+    Returns the config to launch (with the budget override when the user ticks it), or None when the run
+    could not start: the trainer refuses the same cases (fail closed)."""
     try:
-        key = ledger_key(runs_dir(), config.dataset, config.data_dir, config.seed, config.test_fraction,
-                         config.medmnist_size)
-        ledger = Ledger(runs_dir())
-        verdict = _verdict(runs_dir(), key, sigma, q, steps, config.delta, ledger.path.stat().st_mtime_ns)
-    except (DPCoreError, OSError, sqlite3.Error) as exc:  # the ledger must never block a launch; say why it is silent
-        st.caption(f"Privacy budget: the ledger could not be checked ({type(exc).__name__}: {exc}).")
-        return
+        ledger = Ledger()
+        pf = _preflight(config.to_json(), ledger.stamp())
+    except LedgerCorrupt as exc:
+        st.error(f"**The privacy ledger is damaged, so no run can start** (none could record its spending). {exc}")
+        return None
+    except (DPCoreError, OSError, sqlite3.Error) as exc:
+        st.error(f"**The privacy ledger cannot be checked** ({type(exc).__name__}: {exc}); a run that cannot record "
+                 "its spending takes no step, so this one would fail at once.")
+        return None
+    unit = "Privacy unit: **one image** — the guarantee is for adding or removing one image from the training data."
+    st.markdown(unit)
+    lin = pf.lineage
+    if lin is not None and lin.void:
+        st.error(f"**No DP guarantee.** {lin.sentence}", icon="⛔")
+    elif lin is not None and lin.composed:
+        st.warning(f"**Lineage:** {lin.sentence}", icon="🧬")
+    elif lin is not None:
+        st.caption(lin.sentence)
+    if pf.group_summary is not None and pf.group is not None and pf.group.largest > 1:
+        st.warning(f"**Patients and lesions:** {pf.group_summary['sentence']}", icon="👥")
+    verdict = pf.verdict
     if verdict.exceeds:
-        st.warning(f"**Privacy budget:** {verdict.message}", icon="⚠️")
-    elif sigma is None and verdict.current > 0:
+        st.error(f"**Privacy budget:** {verdict.message}", icon="⚠️")
+        if not st.checkbox("Launch past the budget anyway (the ledger records the override)", key="tr_over"):
+            return None
+        return config.replace(allow_over_budget=True)
+    if not config.private and verdict.current > 0:
         st.warning("**Privacy budget:** a non-private run on these images voids every DP guarantee already given "
-                   "on them (their total ε becomes ∞).", icon="⚠️")
+                   "on them (their ε becomes ∞).", icon="⚠️")
     elif verdict.budget is not None or verdict.current > 0:
-        st.caption(f"Privacy budget: {verdict.message}")
+        st.caption(f"Privacy budget (per image, most-exposed image): {verdict.message}")
+    return config
 
 
 @st.cache_data(show_spinner="Calibrating the noise σ for this plan…")
@@ -199,14 +214,16 @@ if config is not None:
         st.plotly_chart(figures.epsilon_curve_figure({config.accountant.upper(): curve}, target=config.epsilon,
                                                      title="ε spent vs training step (planned)"), key="plan-curve")
         st.caption(guarantee_sentence({"private": True, "epsilon": plan["epsilon"], "delta": config.delta,
-                                       "accountant": config.accountant, "steps": total}, "image"))
+                                       "accountant": config.accountant, "steps": total}, "image")
+                   + " Only the noisy model and its test-split results are released: no training loss, no "
+                     "statistic of the training images.")
     else:
         cols[3].metric("Noise σ", "0")
         cols[4].metric("ε", "∞")
         st.caption("A non-private run promises nothing about privacy; it is the accuracy ceiling to compare with.")
-    budget_check(config, plan["noise_multiplier"] if config.private else None, q, total)
-    if st.button("Launch", type="primary", key="launch"):
-        job = manager().submit(config, label=f"{dataset} / {backbone} / "
+    launch = guarantee_panel(config)
+    if st.button("Launch", type="primary", key="launch", disabled=launch is None):
+        job = manager().submit(launch, label=f"{dataset} / {backbone} / "
                                + (f"ε={config.epsilon:g}" if config.private else "non-private"))
         watch(job.run_id)
         st.rerun()

@@ -12,3 +12,24 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True, scope="session")
+def session_ledger(tmp_path_factory):
+    """Tests never touch the machine's own privacy ledger (~/.dpcore): the whole session writes to a
+    temporary one. A test that checks ledger contents takes `fresh_ledger` (its own, empty)."""
+    path = tmp_path_factory.mktemp("ledger") / "ledger.sqlite"
+    old = os.environ.get("DPCORE_LEDGER")
+    os.environ["DPCORE_LEDGER"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("DPCORE_LEDGER", None)
+    else:
+        os.environ["DPCORE_LEDGER"] = old
+
+
+@pytest.fixture
+def fresh_ledger(tmp_path, monkeypatch):
+    path = tmp_path / "ledger" / "ledger.sqlite"
+    monkeypatch.setenv("DPCORE_LEDGER", str(path))
+    return path

@@ -1,0 +1,97 @@
+"""What a run would promise, before it is launched: its plan, its guarantee over its weights' lineage, what
+image-level DP gives the largest patient or lesion, and what it would do to the privacy budget.
+
+The Train page and the CLI show this before anything trains; the trainer computes the same things again
+from what it really loads (and refuses a launch past a budget there, whoever launched it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import accounting
+from .config import RunConfig
+
+
+@dataclass(frozen=True)
+class Preflight:
+    n_train: int
+    n_test: int
+    steps_per_epoch: int
+    total_steps: int
+    sample_rate: float
+    noise_multiplier: float | None
+    planned_epsilon: float | None
+    lineage: Any  # dpcore.privacy.lineage.LineageGuarantee
+    verdict: Any  # dpcore.ledger.Verdict
+    group: Any  # dpcore.data.groups.GroupInfo | None
+    group_summary: dict[str, Any] | None
+    unit: str = "image"
+
+    @property
+    def guarantee_epsilon(self) -> float | None:
+        """ε for the training images over the whole lineage (None: non-private; inf: void)."""
+        return self.lineage.epsilon if self.lineage is not None else self.planned_epsilon
+
+
+def weights_of(pretrained: str, backbone: str) -> dict[str, Any]:
+    """The starting weights' description (source, lineage) without building the model."""
+    if pretrained in (None, "", "none"):
+        return {"source": "none", "name": None}
+    if pretrained == "hub":
+        import models
+
+        return {"source": "hub", "name": models.get_spec(backbone).timm_name}
+    from models.factory import _file_metadata, _sha256
+    from pathlib import Path
+
+    from .privacy.lineage import from_metadata
+
+    meta = _file_metadata(pretrained)
+    out: dict[str, Any] = {"source": "file", "name": pretrained, "lineage": from_metadata(meta)}
+    if Path(pretrained).is_file():
+        out["sha256"] = _sha256(Path(pretrained))
+    if out["lineage"] is None and meta.get("run_id"):
+        out["legacy_run"] = meta["run_id"]
+    return out
+
+
+def preflight(config: RunConfig, ledger=None, splits=None) -> Preflight:
+    """Everything the launch screen states about a planned run (reads the data set; identifies its images
+    by content, which is cached; writes nothing)."""
+    from .data import load_dataset
+    from .data.groups import train_groups
+    from .ledger import Ledger
+    from .privacy import lineage as lineage_mod
+    from .privacy.group_privacy import group_summary
+
+    config.check_paths()
+    ledger = ledger or Ledger()
+    splits = splits or load_dataset(config.dataset, config.data_dir, seed=config.seed,
+                                    test_fraction=config.test_fraction, cache_dir=config.cache_dir,
+                                    medmnist_size=config.medmnist_size)
+    n_train, n_test = len(splits.train), len(splits.test)
+    sampling = accounting.sampling_plan(n_train, config.batch_size, config.epochs)
+    sigma = eps = None
+    private = config.private and not config.insecure_reproducible_noise
+    if config.private:
+        plan = accounting.plan(config.epsilon, config.delta, sampling.sample_rate, sampling.steps, config.accountant)
+        sigma, eps = plan.noise_multiplier, plan.epsilon
+    ids = ledger.identify(splits.train)
+    guarantee = lineage_mod.assess(
+        weights_of(config.pretrained, config.backbone), ledger=ledger, train_ids=ids,
+        mechanism=(sigma, sampling.sample_rate, sampling.steps) if private else None, delta=config.delta,
+        accountant=config.accountant)
+    verdict = ledger.verdict(ids, dataset=config.dataset, data_dir=config.data_dir,
+                             noise_multiplier=sigma if private else None, sample_rate=sampling.sample_rate,
+                             steps=sampling.steps, delta=config.delta)
+    group = train_groups(splits, config.dataset)
+    summary = None
+    if group is not None and private and guarantee.epsilon is not None:
+        summary = group_summary(guarantee.epsilon, config.delta, group)
+    return Preflight(n_train=n_train, n_test=n_test, steps_per_epoch=sampling.steps_per_epoch,
+                     total_steps=sampling.steps, sample_rate=sampling.sample_rate, noise_multiplier=sigma,
+                     planned_epsilon=eps, lineage=guarantee, verdict=verdict, group=group, group_summary=summary)
+
+
+__all__ = ["Preflight", "preflight", "weights_of"]
