@@ -1,39 +1,58 @@
-"""Membership-inference audit of a run's training recipe: loss threshold (Yeom et al. 2018) and LiRA
-(Carlini et al. 2022, "Membership Inference Attacks From First Principles").
+"""Membership-inference audit of a run's training mechanism: loss threshold (Yeom et al. 2018) and LiRA
+(Carlini et al. 2022), with a valid one-run lower bound on ε (Steinke, Nasr & Jagielski 2023,
+"Privacy Auditing with One (1) Training Run", NeurIPS 2023).
 
 What is audited, and why
 ------------------------
-A stored run was trained on its whole train split, so its own model gives an attacker members (the
-train split) and non-members (the test split) of very different sizes and, for the LiRA shadows, a
-training-set size the shadows cannot match without overlapping. The clean, standard audit is of the
-*recipe*: the candidate pool is the run's train ∪ test split; a fresh **target** model is trained with
-the run's recipe on a random half of the pool (so membership is known and balanced), and **S shadow
-models** are trained with the same recipe on random halves chosen so that every candidate is IN for
-exactly half of the shadows. The report is "audit of this run's training recipe".
+The run's own model was trained on its whole train split, so its membership is not random and no
+statistical bound can be drawn from it. The audit therefore replays the run's *mechanism* on fresh
+models: the candidates are the run's train ∪ test images (or a random subset), and
 
-Same recipe means: the run's backbone, scope, initial weights, optimizer and learning rate, and its
-privacy parameters (σ, q, T, C) exactly as its card records them, so each audited model carries the
-run's claimed ε (the accountant depends on σ, q, T and δ only). With half the data the expected batch
-q·n is half as large; the number of steps, epochs and the guarantee are unchanged. A non-private run is
-replayed with the same q (batch ≈ q·n, shuffled) and T. For a head-only run (`scope="head"`) every model
-trains the head on the cached frozen-backbone features (`dpcore.features`), so an audit takes seconds to
-minutes on a CPU; full fine-tuning is replayed on images (fine for `tiny_cnn`; slow for large backbones
-without a GPU — `scope="head"` audits the head-only proxy of the same privacy parameters instead).
+* a **target** model is trained on the candidates each included **independently with probability 1/2**
+  (so membership is random, as the one-run theorem requires: not an exact half);
+* **S shadow models** are trained on random halves chosen independently of the target's draw (each
+  candidate IN for half of them: Carlini et al.'s scheme), which only the LiRA scores use.
 
-Attacks (higher score = "member"):
+Every model is trained by the trainer's own loop, `dpcore.trainer.fit_arrays`, with the run's stored
+config — augmult and augmentation policy, EMA, lr schedule, warm-up, optimizer, weight standardisation,
+scope — and, for a private run, exactly its card's (σ, q, T) (and C from the config): each audited
+model is the run's mechanism, with the same ε (the accountant depends on σ, q, T and δ only). A
+non-private run is replayed at its q for its T steps. ``scope="head"`` audits the head-only proxy (the
+same mechanism on cached frozen-backbone features; no augmentation there) in seconds on a CPU.
+
+Attacks (higher score = "member"); their AUC and TPR at low FPR are descriptive statistics, not bounds:
 * loss: score = −loss of the target on the candidate's true label (Yeom et al.);
 * LiRA online: per-candidate Gaussians of φ = log(p/(1−p)) of the true class over the shadows where
   it was IN and where it was OUT (a variance shared by all candidates, as Carlini et al. advise for few
   shadows); score = log N(φ_target; IN) − log N(φ_target; OUT);
 * LiRA offline: only the OUT Gaussian; score = (φ_target − μ_out)/σ_out.
 
-The empirical ε lower bound: an (ε, δ)-DP training algorithm makes every membership test obey
-TPR ≤ e^ε·FPR + δ and 1−FPR ≤ e^ε·(1−TPR) + δ. The rates are estimated from finitely many candidates,
-so the bound uses Clopper-Pearson limits (a lower limit of TPR and an upper limit of FPR, each at
-1−α/2, jointly 1−α = 95 %). Picking the best threshold on the same candidates would bias it upwards,
-so the threshold is chosen on one random half of the candidates and the bound is evaluated on the
-other: ``epsilon_lb`` is then a valid 95 % lower bound. The un-split maximum over all thresholds is
-reported too (``epsilon_lb_all_thresholds``, optimistic) with the point estimate (not a bound).
+The ε lower bound (the only figure called a bound)
+-------------------------------------------------
+All m candidates are canaries of one training run, so they are not independent trials and a
+Clopper-Pearson interval on their rates is not valid. Steinke et al.'s theorem is: let S ∈ {−1, +1}^m
+have independent uniform coordinates (candidate i is trained on iff S_i = +1), let the training
+algorithm be (ε, δ)-DP with respect to changing one S_i, and let T = A(model) ∈ {−1, 0, +1}^m be any
+guesses computed from the trained model with ‖T‖₁ = r; let W = #{i : T_i = S_i} be the correct ones.
+With f(v) = P[Binomial(r, e^ε/(1+e^ε)) ≥ v], for every v
+
+    P[W ≥ v] ≤ f(v) + 2·m·δ · max_{i=1..m} (f(v − i) − f(v)) / i
+
+(for δ = 0 this is the binomial tail f(v)). The attacker here ranks the candidates by an attack's score,
+guesses "in" for the k₊ highest and "out" for the k₋ lowest and abstains on the rest (r = k₊ + k₋; ties
+broken at random); v is its number of correct guesses, and the bound is the largest ε whose p-value (the
+right-hand side) stays ≤ β, at δ = the run's δ. When 2mδ ≤ 1 the right-hand side increases with ε and
+decreases with v, so that ε is exceeded by the true ε with probability ≤ β; the audit caps m at 1/(2δ).
+
+Multiplicity: the attacks (3) and the (k₊, k₋) choices (`GUESS_GRID`, fractions of m, 6 of them) are
+fixed before any score is seen, each bound is computed at β = 0.05 / (3 × 6) (Bonferroni), and the
+maximum over all 18 is reported: a valid 95 % lower bound on the ε of the audited mechanism (at the
+run's δ), whatever choice happens to give it.
+
+The privacy ledger: the audit trains S + 1 models on the candidate images with no guarantee covering its
+own statistics, so it is a non-private use of them. Before anything is trained it is recorded in the
+ledger (`Ledger.record_use`, kind "audit"), which voids those images' per-image ε; if that fails the
+audit trains nothing. Its figures are covered by no DP guarantee.
 
 Audits are written to ``<run dir>/audit.json``; ``start_audit`` runs one on a daemon thread and keeps
 ``<run dir>/audit_progress.json`` up to date for the app to poll.
@@ -49,28 +68,39 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
+from scipy import special, stats
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from . import accounting
 from .config import RunConfig
 from .errors import DPCoreError
 from .store import RunStore
 
 AUDIT_FILE = "audit.json"
 PROGRESS_FILE = "audit_progress.json"
-AUDIT_VERSION = 1
+AUDIT_VERSION = 2
 ATTACKS = ("loss", "lira_online", "lira_offline")
 ATTACK_LABELS = {"loss": "Loss threshold (Yeom)", "lira_online": "LiRA online (IN+OUT)",
                  "lira_offline": "LiRA offline (OUT only)"}
 FPR_POINTS = (0.01, 0.001)
 MAX_CURVE_POINTS = 400
+CONFIDENCE = 0.95
+# (k₊, k₋) as fractions of the m candidates: "in" for the k₊ highest scores, "out" for the k₋ lowest.
+# Fixed in advance (never chosen from the scores), so the Bonferroni correction below covers the choice.
+GUESS_GRID: tuple[tuple[float, float], ...] = (
+    (0.01, 0.0), (0.05, 0.0), (0.1, 0.0), (0.05, 0.05), (0.15, 0.15), (0.5, 0.5))
+METHOD = "one-run audit (Steinke, Nasr & Jagielski 2023, 'Privacy Auditing with One (1) Training Run')"
+THEOREM = ("P[W ≥ v] ≤ f(v) + 2·m·δ·max_{i=1..m} (f(v−i) − f(v))/i, f(v) = P[Binomial(r, e^ε/(1+e^ε)) ≥ v], "
+           "for m candidates each trained on independently with probability 1/2, r guesses, W correct")
+LEDGER_STATEMENT = ("The audit is recorded in the privacy ledger as a non-private use of the candidate images: "
+                    "it trains the target and shadow models on them with no guarantee covering its statistics, "
+                    "which voids their per-image ε (∞ in the ledger). Its figures — AUC, TPR and the ε lower "
+                    "bound — are covered by no differential-privacy guarantee.")
 
 Progress = Callable[[int, int, str], None]
 
@@ -79,142 +109,154 @@ class AuditCancelled(DPCoreError):
     pass
 
 
-# -- the recipe ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Recipe:
-    """How each audited model trains: DP-SGD (σ, q, T, C) or the non-private loop (q, T), and the optimizer."""
-
-    private: bool
-    sample_rate: float
-    steps: int
-    noise_multiplier: float | None = None
-    clip_norm: float = 1.0
-    optimizer: str = "adam"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    delta: float = 1e-5
-    accountant: str = "rdp"
-    physical_batch: int = 128
-    grad_sample_mode: str = "hooks"
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return max(1, round(1 / self.sample_rate))
-
-    def epsilon(self) -> float | None:
-        if not self.private:
-            return None
-        return accounting.epsilon(self.noise_multiplier, self.sample_rate, self.steps, self.delta, self.accountant)
-
-    @classmethod
-    def from_run(cls, config: RunConfig, card: dict[str, Any], physical_batch: int | None = None,
-                 grad_sample_mode: str = "hooks") -> Recipe:
-        p = card.get("privacy") or {}
-        common = dict(optimizer=config.optimizer, lr=config.lr, momentum=config.momentum,
-                      weight_decay=config.weight_decay, delta=config.delta, accountant=config.accountant,
-                      physical_batch=physical_batch or config.max_physical_batch_size,
-                      grad_sample_mode=grad_sample_mode)
-        if config.private:
-            if p.get("noise_multiplier") is None:
-                raise DPCoreError("the run's card has no noise multiplier; only finished runs can be audited")
-            return cls(private=True, sample_rate=float(p["sample_rate"]), steps=int(p["steps"]),
-                       noise_multiplier=float(p["noise_multiplier"]), clip_norm=float(p.get("clip_norm") or 1.0),
-                       **common)
-        plan = accounting.sampling_plan(int(card["dataset"]["n_train"]), config.batch_size, config.epochs)
-        return cls(private=False, sample_rate=plan.sample_rate, steps=int(p.get("steps") or plan.steps), **common)
+# -- the one-run bound (Steinke, Nasr & Jagielski 2023) -----------------------------------------
+def _check_m_delta(m: int, delta: float) -> None:
+    """The bound's p-value is monotone in ε and v (hence a valid test) only when 2·m·δ ≤ 1."""
+    if not 0 <= delta < 1:
+        raise DPCoreError(f"δ must be in [0, 1) for the one-run bound, got {delta}")
+    if 2 * m * delta > 1:
+        raise DPCoreError(f"{m} candidates at δ={delta:g}: the one-run bound needs 2·m·δ ≤ 1. "
+                          f"Fix: audit at most {math.floor(1 / (2 * delta))} candidates (--pool-size)")
 
 
-def _make_optimizer(r: Recipe, params) -> torch.optim.Optimizer:
-    if r.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay)
-    if r.optimizer == "adam":
-        return torch.optim.Adam(params, lr=r.lr, weight_decay=r.weight_decay)
-    return torch.optim.AdamW(params, lr=r.lr, weight_decay=r.weight_decay)
+def one_run_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
+    """Steinke et al.'s bound on P[W ≥ v] (module docstring) if the mechanism were (ε, δ)-DP: the p-value of
+    v correct guesses out of r among m canaries."""
+    if not 0 <= v <= r <= m:
+        raise ValueError(f"need 0 ≤ v ≤ r ≤ m, got v={v}, r={r}, m={m}")
+    return float(_p_values(m, r, np.array([v]), np.array([float(epsilon)]), delta)[0])
 
 
-def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, *, seed: int,
-        normalize: torch.nn.Module | None = None, device: torch.device | str = "cpu",
-        cancel: threading.Event | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Train `model` on (x, y) with the recipe: the trainer's DP-SGD pieces (`trainer.privatize`: Opacus,
-    Poisson sampling, clipping to C, noise σ·C) for T real steps, or shuffled batches for T steps.
-
-    Returns the trained plain module and what was actually run (q, steps, expected batch).
-    """
-    from opacus.utils.batch_memory_manager import BatchMemoryManager
-
-    from .trainer import BatchedTensorDataset, privatize
-
-    device = torch.device(device)
-    normalize = (normalize or torch.nn.Identity()).to(device)
-    torch.manual_seed(seed)
-    n = len(y)
-    k = recipe.steps_per_epoch
-    batch = max(1, math.ceil(n / k))  # expected batch q·n with q = 1/k, as in the run
-    model = model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _make_optimizer(recipe, params)
-    criterion = torch.nn.CrossEntropyLoss()
-    taken = 0
-    if recipe.private:
-        data = BatchedTensorDataset(x, y)
-        engine, pmodel, optimizer, loader, criterion = privatize(
-            model, optimizer, data, batch_size=batch, noise_multiplier=recipe.noise_multiplier,
-            clip_norm=recipe.clip_norm, grad_sample_mode=recipe.grad_sample_mode)
-        q = float(loader.sample_rate)
-        stepped: list[bool] = []
-        previous = optimizer.step_hook
-
-        def on_step(opt) -> None:
-            if previous is not None:
-                previous(opt)
-            stepped.append(True)
-
-        optimizer.attach_step_hook(on_step)
-        while taken < recipe.steps:
-            with BatchMemoryManager(data_loader=loader, max_physical_batch_size=recipe.physical_batch,
-                                    optimizer=optimizer) as physical:
-                for xb, yb in physical:
-                    if cancel is not None and cancel.is_set():
-                        raise AuditCancelled("audit cancelled")
-                    pmodel.train()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = criterion(pmodel(normalize(xb.to(device))), yb.to(device))
-                    loss.backward()
-                    optimizer.step()
-                    if stepped:
-                        stepped.clear()
-                        taken += 1
-                        if taken >= recipe.steps:
-                            break
-        recorded = sum(s for _, _, s in engine.accountant.history)
-        if recorded != taken:
-            raise RuntimeError(f"Opacus counted {recorded} noisy steps, the audit loop {taken}")
-        trained = pmodel._module if hasattr(pmodel, "_module") else pmodel
-        trained.zero_grad(set_to_none=True)
-        info = {"sample_rate": q, "steps": taken, "expected_batch_size": n * q}
-    else:
-        while taken < recipe.steps:
-            order = torch.randperm(n)
-            for start in range(0, n, batch):
-                if taken >= recipe.steps:
-                    break
-                if cancel is not None and cancel.is_set():
-                    raise AuditCancelled("audit cancelled")
-                idx = order[start:start + batch]
-                model.train()
-                optimizer.zero_grad(set_to_none=True)
-                for chunk in idx.split(recipe.physical_batch):
-                    loss = criterion(model(normalize(x[chunk].to(device))), y[chunk].to(device))
-                    (loss * (len(chunk) / len(idx))).backward()
-                optimizer.step()
-                taken += 1
-        trained = model
-        info = {"sample_rate": 1 / math.ceil(n / batch), "steps": taken, "batch_size": batch}
-    trained.eval()
-    return trained, info
+def _p_values(m: int, r: int, v: np.ndarray, eps: np.ndarray, delta: float) -> np.ndarray:
+    """`one_run_p_value` for arrays of (v, ε). The theorem's max runs over i = 1..m; for i > v its terms are
+    (1 − f(v))/i (f(v−i) = 1), at most the i = v term, so i = 1..max(v) is computed (i > v included: exact).
+    f(v−i) − f(v) = P[v−i ≤ Binomial ≤ v−1] is summed from the pmf, never a difference of tails."""
+    v = np.asarray(v, dtype=np.int64)
+    q = special.expit(np.asarray(eps, dtype=float))  # the accuracy of ε-DP randomized response
+    tail = stats.binom.sf(v - 1, r, q)  # f(v) = P[Binomial(r, q) ≥ v]
+    if delta > 0 and v.max(initial=0) > 0:
+        i = np.arange(1, int(v.max()) + 1)
+        pmf = stats.binom.pmf(v[:, None] - i[None, :], r, q[:, None])  # P[Binomial = v − i] (0 below 0)
+        alpha = (np.cumsum(pmf, axis=1) / i).max(axis=1)  # max_i (f(v−i) − f(v)) / i
+        tail = np.minimum(1.0, tail + 2 * m * delta * alpha)
+    return np.where(v == 0, 1.0, tail)
 
 
+def one_run_epsilons(m: int, r: int, v, delta: float, beta: float, tol: float = 1e-6) -> np.ndarray:
+    """For each v: the largest ε whose p-value stays ≤ β (0 when even ε = 0 is not rejected), a (1 − β) lower
+    bound on ε. Each term of the theorem's max, (1 − 2mδ/i)·f(v) + (2mδ/i)·f(v−i), increases with ε and
+    decreases with v when 2mδ ≤ 1, so the p-value does too; bisection finds the boundary and returns its
+    lower end (a rejected ε)."""
+    _check_m_delta(m, delta)
+    v = np.atleast_1d(np.asarray(v, dtype=np.int64))
+    if np.any((v < 0) | (v > r)) or r > m:
+        raise ValueError(f"need 0 ≤ v ≤ r ≤ m, got v in [{v.min()}, {v.max()}], r={r}, m={m}")
+    out = np.zeros(len(v))
+    live = _p_values(m, r, v, np.zeros(len(v)), delta) <= beta
+    if not live.any():
+        return out
+    vv = v[live]
+    lo, hi = np.zeros(len(vv)), np.ones(len(vv))
+    while True:  # bracket: double hi until it is not rejected (the p-value tends to 1 as ε grows)
+        grow = _p_values(m, r, vv, hi, delta) <= beta
+        if not grow.any() or hi.max() > 1e4:
+            break
+        lo, hi = np.where(grow, hi, lo), np.where(grow, 2 * hi, hi)
+    while (hi - lo).max() > tol:
+        mid = (lo + hi) / 2
+        ok = _p_values(m, r, vv, mid, delta) <= beta
+        lo, hi = np.where(ok, mid, lo), np.where(ok, hi, mid)
+    out[live] = lo
+    return out
+
+
+def one_run_epsilon(m: int, r: int, v: int, delta: float, beta: float) -> float:
+    """`one_run_epsilons` of a single v."""
+    return float(one_run_epsilons(m, r, [v], delta, beta)[0])
+
+
+def guess_counts(m: int, grid: tuple[tuple[float, float], ...] = GUESS_GRID) -> list[tuple[int, int]]:
+    """(k₊, k₋) of each grid point for m candidates (fractions of m, rounded up, k₊ + k₋ ≤ m)."""
+    out = []
+    for a, b in grid:
+        k_plus = min(m, math.ceil(a * m))
+        out.append((k_plus, min(m - k_plus, math.ceil(b * m))))
+    return out
+
+
+def correct_guesses(scores, member, pairs, rng: np.random.Generator) -> np.ndarray:
+    """(G, R) correct guesses: for each (k₊, k₋) in `pairs`, of the attacker who says "in" for the k₊ highest
+    scores and "out" for the k₋ lowest, abstaining on the rest (ties broken at random). Rows of 2-D
+    inputs are independent repetitions; one sort serves every pair."""
+    scores = np.nan_to_num(np.atleast_2d(np.asarray(scores, dtype=float)), nan=-np.inf)
+    member = np.atleast_2d(np.asarray(member, dtype=bool))
+    m = scores.shape[-1]
+    shuffled = rng.permuted(np.broadcast_to(np.arange(m), scores.shape), axis=-1)  # random order among ties
+    order = np.take_along_axis(shuffled, np.argsort(np.take_along_axis(scores, shuffled, -1), -1, kind="stable"), -1)
+    ranked = np.take_along_axis(member, order, axis=-1)  # membership by ascending score
+    ins_from_top = np.concatenate([np.zeros((len(ranked), 1), int), np.cumsum(ranked[:, ::-1], -1)], -1)
+    outs_from_bottom = np.concatenate([np.zeros((len(ranked), 1), int), np.cumsum(~ranked, -1)], -1)
+    return np.stack([ins_from_top[:, kp] + outs_from_bottom[:, km] for kp, km in pairs])
+
+
+def bonferroni_beta(n_attacks: int, n_guesses: int, confidence: float = CONFIDENCE) -> float:
+    """Each test's level so that all n_attacks × n_guesses bounds hold together with `confidence`."""
+    return (1 - confidence) / (n_attacks * n_guesses)
+
+
+def epsilon_bounds(scores: Mapping[str, Any], member, delta: float, *, grid=GUESS_GRID,
+                   confidence: float = CONFIDENCE, seed: int = 0) -> dict[str, Any]:
+    """The whole bound procedure: for every attack (a key of `scores`) and every grid point, v and the ε lower
+    bound at the Bonferroni β. Score arrays may be (m,) or (R, m) (R repetitions, vectorised); returns
+    'epsilon'/'correct': {attack: (G, R)}, 'best': (R,) — the maximum, valid jointly at `confidence`."""
+    member = np.atleast_2d(np.asarray(member, dtype=bool))
+    m = member.shape[-1]
+    _check_m_delta(m, delta)
+    pairs = guess_counts(m, grid)
+    beta = bonferroni_beta(len(scores), len(pairs), confidence)
+    rng = np.random.default_rng(seed)
+    eps_all, correct_all = {}, {}
+    for name, s in scores.items():
+        eps = np.zeros((len(pairs), len(member)))
+        correct = np.zeros((len(pairs), len(member)), dtype=np.int64)
+        counts = correct_guesses(s, member, pairs, rng)
+        for g, (kp, km) in enumerate(pairs):
+            v = counts[g]
+            seen, where = np.unique(v, return_inverse=True)
+            eps[g] = one_run_epsilons(m, kp + km, seen, float(delta), beta)[where.reshape(-1)]
+            correct[g] = v
+        eps_all[name], correct_all[name] = eps, correct
+    best = np.max(np.stack(list(eps_all.values())), axis=(0, 1))
+    return {"m": m, "delta": float(delta), "beta": beta, "confidence": confidence, "guesses": pairs,
+            "epsilon": eps_all, "correct": correct_all, "best": best}
+
+
+def bound_report(scores: Mapping[str, np.ndarray], member: np.ndarray, delta: float, *, seed: int = 0) -> dict:
+    """`epsilon_bounds` of one audit, as audit.json stores it: every (attack, k₊, k₋) with r, v and its bound,
+    each attack's maximum, the overall maximum, and the confidence and correction in words."""
+    res = epsilon_bounds(scores, member, delta, seed=seed)
+    n_a, n_g = len(scores), len(res["guesses"])
+    attacks = {}
+    for name in scores:
+        rows = [{"k_plus": kp, "k_minus": km, "guesses": kp + km, "correct": int(res["correct"][name][g, 0]),
+                 "epsilon_lb": float(res["epsilon"][name][g, 0])} for g, (kp, km) in enumerate(res["guesses"])]
+        top = max(rows, key=lambda row: row["epsilon_lb"])
+        attacks[name] = {"epsilon_lb": top["epsilon_lb"], "k_plus": top["k_plus"], "k_minus": top["k_minus"],
+                         "grid": rows}
+    best = max(attacks, key=lambda a: attacks[a]["epsilon_lb"])
+    return {
+        "method": METHOD, "theorem": THEOREM, "m": res["m"], "delta": res["delta"],
+        "confidence": CONFIDENCE, "beta": res["beta"], "n_tests": n_a * n_g,
+        "grid_fractions": [list(p) for p in GUESS_GRID],
+        "correction": (f"Bonferroni over {n_a} attacks × {n_g} guess counts (k₊, k₋) fixed in advance: each bound "
+                       f"at β = {1 - CONFIDENCE:g}/{n_a * n_g} = {res['beta']:.3g}, so all hold together with "
+                       f"{CONFIDENCE:.0%} confidence and so does their maximum"),
+        "attacks": attacks, "epsilon_lb": attacks[best]["epsilon_lb"], "attack": best,
+        "k_plus": attacks[best]["k_plus"], "k_minus": attacks[best]["k_minus"],
+    }
+
+
+# -- attacks ------------------------------------------------------------------------------------------
 @torch.no_grad()
 def confidences(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, normalize=None,
                 device: torch.device | str = "cpu", batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -233,12 +275,10 @@ def confidences(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, nor
     return torch.cat(phis).numpy(), torch.cat(losses).numpy()
 
 
-# -- attacks -------------------------------------------------------------------------------------
 def membership_matrix(n: int, shadows: int, rng: np.random.Generator) -> np.ndarray:
     """(S, n) bool: each candidate is IN for exactly ⌊S/2⌋ or ⌈S/2⌉ shadows, at random (Carlini et al.'s scheme)."""
     order = rng.random((shadows, n)).argsort(axis=0)
-    keep = order < shadows / 2
-    return keep
+    return order < shadows / 2
 
 
 def lira_scores(phi_target: np.ndarray, phi_shadow: np.ndarray, keep: np.ndarray,
@@ -269,78 +309,9 @@ def lira_scores(phi_target: np.ndarray, phi_shadow: np.ndarray, keep: np.ndarray
     return {"lira_online": online, "lira_offline": offline}
 
 
-# -- what the rates imply: ε lower bounds ------------------------------------------------------
-def epsilon_from_rates(tpr, fpr, delta: float = 0.0) -> np.ndarray:
-    """The ε that (TPR, FPR) of one test force on any (ε, δ)-DP mechanism (a point estimate, no sampling error):
-    max(log((TPR − δ)/FPR), log((1 − FPR − δ)/(1 − TPR)), 0)."""
-    tpr, fpr = np.asarray(tpr, dtype=float), np.asarray(fpr, dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        a = np.where((tpr - delta > 0) & (fpr > 0), np.log(np.clip(tpr - delta, 1e-300, None) / fpr),
-                     np.where(tpr - delta > 0, np.inf, 0.0))
-        b = np.where((1 - fpr - delta > 0) & (1 - tpr > 0),
-                     np.log(np.clip(1 - fpr - delta, 1e-300, None) / np.clip(1 - tpr, 1e-300, None)),
-                     np.where(1 - fpr - delta > 0, np.inf, 0.0))
-    return np.maximum(np.maximum(a, b), 0.0)
-
-
-def clopper_pearson(k, n, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """Two-sided (1 − alpha) Clopper-Pearson interval of a binomial rate k/n (each side at alpha/2)."""
-    k, n = np.asarray(k, dtype=float), np.asarray(n, dtype=float)
-    lo = np.where(k > 0, stats.beta.ppf(alpha / 2, np.maximum(k, 1e-12), n - k + 1), 0.0)
-    hi = np.where(k < n, stats.beta.ppf(1 - alpha / 2, k + 1, np.maximum(n - k, 1e-12)), 1.0)
-    return lo, hi
-
-
-def epsilon_lower_bound(tp, fp, n_pos: int, n_neg: int, delta: float = 0.0, confidence: float = 0.95) -> np.ndarray:
-    """A `confidence`-level lower bound on ε from counts (tp of n_pos members flagged, fp of n_neg non-members):
-    the DP inequalities at TPR's lower and FPR's upper Clopper-Pearson limits (each at 1 − α/2; jointly 1 − α)."""
-    alpha = 1 - confidence
-    tpr_lo, _ = clopper_pearson(tp, n_pos, alpha)
-    _, fpr_hi = clopper_pearson(fp, n_neg, alpha)
-    return epsilon_from_rates(tpr_lo, fpr_hi, delta)
-
-
-def _counts(scores: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """tp, fp of the tests 'score ≥ t' for each threshold t."""
-    pos, neg = np.sort(scores[labels]), np.sort(scores[~labels])
-    tp = len(pos) - np.searchsorted(pos, thresholds, side="left")
-    fp = len(neg) - np.searchsorted(neg, thresholds, side="left")
-    return tp, fp
-
-
-def empirical_epsilon(scores: np.ndarray, labels: np.ndarray, delta: float, *, confidence: float = 0.95,
-                      seed: int = 0) -> dict[str, Any]:
-    """ε lower bounds from one attack's scores: the valid one (threshold chosen on a random half, bound on
-    the other half), the optimistic maximum over all thresholds, and the point estimate."""
-    scores, labels = np.asarray(scores, dtype=float), np.asarray(labels, dtype=bool)
-    thr = np.unique(scores)
-    tp, fp = _counts(scores, labels, thr)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    all_lb = epsilon_lower_bound(tp, fp, n_pos, n_neg, delta, confidence)
-    point = epsilon_from_rates(tp / max(n_pos, 1), fp / max(n_neg, 1), delta)
-    finite_point = point[np.isfinite(point)]
-    # Selection / evaluation split, stratified by membership.
-    rng = np.random.default_rng(seed)
-    sel = np.zeros(len(scores), dtype=bool)
-    for cls in (True, False):
-        idx = np.flatnonzero(labels == cls)
-        sel[rng.permutation(idx)[: len(idx) // 2]] = True
-    ev = ~sel
-    s_tp, s_fp = _counts(scores[sel], labels[sel], thr)
-    s_lb = epsilon_lower_bound(s_tp, s_fp, int(labels[sel].sum()), int((~labels[sel]).sum()), delta, confidence)
-    best = int(np.argmax(s_lb))
-    e_tp, e_fp = _counts(scores[ev], labels[ev], thr[best:best + 1])
-    e_pos, e_neg = int(labels[ev].sum()), int((~labels[ev]).sum())
-    valid = float(epsilon_lower_bound(e_tp, e_fp, e_pos, e_neg, delta, confidence)[0]) if s_lb[best] > 0 else 0.0
-    return {"epsilon_lb": valid, "confidence": confidence,
-            "threshold": float(thr[best]), "eval_tpr": float(e_tp[0] / max(e_pos, 1)),
-            "eval_fpr": float(e_fp[0] / max(e_neg, 1)),
-            "epsilon_lb_all_thresholds": float(all_lb.max()) if len(all_lb) else 0.0,
-            "epsilon_point": float(finite_point.max()) if len(finite_point) else None}
-
-
-def attack_metrics(scores: np.ndarray, labels: np.ndarray, delta: float, seed: int = 0) -> dict[str, Any]:
-    """ROC-AUC, TPR at 1 % and 0.1 % FPR, the ROC curve (thinned) and the ε bounds of one attack."""
+def attack_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Descriptive statistics of one attack (no sampling error, not bounds): ROC-AUC, TPR at 1 % and 0.1 % FPR
+    and the ROC curve (thinned)."""
     scores, labels = np.asarray(scores, dtype=float), np.asarray(labels, dtype=bool)
     fpr, tpr, _ = roc_curve(labels, scores)
     out: dict[str, Any] = {"auc": float(roc_auc_score(labels, scores))}
@@ -348,7 +319,6 @@ def attack_metrics(scores: np.ndarray, labels: np.ndarray, delta: float, seed: i
         ok = fpr <= target
         out[f"tpr_at_{target:g}_fpr"] = float(tpr[ok].max()) if ok.any() else 0.0
     out["curve"] = _thin_curve(fpr, tpr)
-    out.update(empirical_epsilon(scores, labels, delta, seed=seed))
     return out
 
 
@@ -361,7 +331,7 @@ def _thin_curve(fpr: np.ndarray, tpr: np.ndarray, points: int = MAX_CURVE_POINTS
     return {"fpr": [round(float(v), 6) for v in fpr], "tpr": [round(float(v), 6) for v in tpr]}
 
 
-# -- the audit on arrays -------------------------------------------------------------------------
+# -- the audit on arrays ---------------------------------------------------------------------------
 @dataclass
 class AuditSettings:
     shadows: int = 8
@@ -371,63 +341,121 @@ class AuditSettings:
     device: str = "cpu"
 
 
-def audit_arrays(x: torch.Tensor, y: torch.Tensor, make_model: Callable[[int], torch.nn.Module], recipe: Recipe,
-                 settings: AuditSettings, *, normalize: torch.nn.Module | None = None,
-                 progress: Progress | None = None, cancel: threading.Event | None = None) -> dict[str, Any]:
-    """Train the target (random half, known membership) and S shadows (each candidate IN for half of them)
-    with `recipe` on the candidates (x, y); score every candidate with each attack. `make_model(seed)`
-    returns a fresh model to train."""
+def audit_arrays(x: torch.Tensor, y: torch.Tensor, make_model: Callable[[int], torch.nn.Module], config: RunConfig,
+                 settings: AuditSettings, *, spending, mechanism: tuple[float | None, float, int] | None = None,
+                 normalize: torch.nn.Module | None = None, physical_batch: int | None = None,
+                 head_only: bool = False, created_weights: dict | None = None, progress: Progress | None = None,
+                 cancel: threading.Event | None = None) -> dict[str, Any]:
+    """Train the target (each candidate in with probability 1/2) and S shadows (each candidate IN for half of
+    them) on the candidates (x, y) with `dpcore.trainer.fit_arrays(config, …, mechanism=mechanism)`, score
+    every candidate with each attack and bound ε. `make_model(seed)` returns a fresh model to train;
+    `spending` is the ledger hold every fit counts its steps on (the caller records the use first)."""
+    from . import trainer
+
     if settings.shadows < 2:
         raise DPCoreError("LiRA needs at least 2 shadow models (8 to 16 is usual)")
     n = len(y)
     if n < 20:
         raise DPCoreError(f"{n} candidates are too few for a membership audit")
+    _check_m_delta(n, config.delta)
     rng = np.random.default_rng(settings.seed)
-    target_in = np.zeros(n, dtype=bool)
-    target_in[rng.permutation(n)[: n // 2]] = True
-    keep = membership_matrix(n, settings.shadows, rng)
+    target_in = rng.random(n) < 0.5  # independent Bernoulli(1/2) draws: the one-run theorem's S
+    keep = membership_matrix(n, settings.shadows, rng)  # drawn independently of target_in
     total = settings.shadows + 1
     report = progress or (lambda done, tot, msg: None)
-    timings: list[float] = []
-    threads = torch.get_num_threads()
-    small = torch.device(settings.device).type == "cpu" and x.ndim == 2  # a head on features: 1 thread is fastest
-    if small:
-        torch.set_num_threads(1)
-    try:
-        phis, losses, infos = [], [], []
-        for m in range(total):
-            member = target_in if m == 0 else keep[m - 1]
-            report(m, total, "training the target model" if m == 0 else f"training shadow {m} of {settings.shadows}")
-            t = time.time()
-            idx = torch.as_tensor(np.flatnonzero(member))
-            model, info = fit(make_model(settings.seed * 1000 + m), x[idx], y[idx], recipe,
-                              seed=settings.seed * 1000 + m, normalize=normalize, device=settings.device,
-                              cancel=cancel)
-            phi, loss = confidences(model, x, y, normalize=normalize, device=settings.device)
-            phis.append(phi)
-            losses.append(loss)
-            infos.append(info)
-            timings.append(time.time() - t)
-    finally:
-        if small:
-            torch.set_num_threads(threads)
+    phis, losses, infos, timings = [], [], [], []
+    for k in range(total):
+        member = target_in if k == 0 else keep[k - 1]
+        report(k, total, "training the target model" if k == 0 else f"training shadow {k} of {settings.shadows}")
+        t = time.time()
+        seed = settings.seed * 1000 + k
+        torch.manual_seed(seed)  # the public randomness (init, augmentation, shuffling); DP noise is secret
+        idx = torch.as_tensor(np.flatnonzero(member))
+        try:
+            model, info = trainer.fit_arrays(
+                config, make_model(seed), x[idx], y[idx], spending=spending, normalize=normalize,
+                device=settings.device, mechanism=mechanism, physical_batch=physical_batch, head_only=head_only,
+                cancel=cancel, created_weights=created_weights)
+        except trainer.Cancelled as exc:
+            raise AuditCancelled("audit cancelled") from exc
+        if mechanism is not None and info["steps"] != int(mechanism[2]):
+            raise RuntimeError(f"model {k} took {info['steps']} steps, the run {mechanism[2]}: not the run's mechanism")
+        phi, loss = confidences(model, x, y, normalize=normalize, device=settings.device)
+        phis.append(phi)
+        losses.append(loss)
+        infos.append({key: info.get(key) for key in ("private", "epsilon", "delta", "noise_multiplier",
+                                                     "sample_rate", "steps", "expected_batch_size", "clip_norm")})
+        timings.append(time.time() - t)
     report(total, total, "scoring")
     phi_t, loss_t = phis[0], losses[0]
     scores = {"loss": -loss_t, **lira_scores(phi_t, np.stack(phis[1:]), keep, settings.fixed_variance)}
-    attacks = {name: attack_metrics(scores[name], target_in, recipe.delta, seed=settings.seed) for name in ATTACKS}
-    train_acc = float(np.mean(phi_t[target_in] > 0)) if n else None
+    attacks = {name: {**attack_metrics(scores[name], target_in), "descriptive": True} for name in ATTACKS}
+    bounds = bound_report({name: scores[name] for name in ATTACKS}, target_in, config.delta, seed=settings.seed)
+    for name in ATTACKS:
+        b = bounds["attacks"][name]
+        attacks[name].update(epsilon_lb=b["epsilon_lb"], k_plus=b["k_plus"], k_minus=b["k_minus"])
     return {
-        "attacks": attacks,
+        "attacks": attacks, "bound": bounds,
         "n_candidates": n, "n_members": int(target_in.sum()), "n_nonmembers": int((~target_in).sum()),
-        "target": {"train_accuracy_proxy": train_acc, "mean_loss_members": float(loss_t[target_in].mean()),
+        "membership": "each candidate in the target's training set independently with probability 1/2",
+        "target": {"train_accuracy_proxy": float(np.mean(phi_t[target_in] > 0)),
+                   "mean_loss_members": float(loss_t[target_in].mean()),
                    "mean_loss_nonmembers": float(loss_t[~target_in].mean()), **infos[0]},
+        "models": infos,
         "timings": {"per_model_s": [round(t, 3) for t in timings], "train_s": round(sum(timings), 3)},
     }
 
 
-# -- the audit of a stored run -------------------------------------------------------------------
-def _pool(store: RunStore, config: RunConfig, scope: str, device: torch.device, log: Callable[[str], None]):
-    """Candidates (train ∪ test of the run's data set), the model factory and the input normalisation."""
+# -- the audit of a stored run -------------------------------------------------------------------------
+def run_mechanism(config: RunConfig, card: dict[str, Any]) -> tuple[float | None, float, int]:
+    """(σ, q, T) of a finished private run as its card records them; (None, q, T) of a non-private one (its
+    q = 1/⌈n/batch⌉ and the steps it took), for `fit_arrays` to replay exactly."""
+    from . import accounting
+
+    p = card.get("privacy") or {}
+    if config.private:
+        if p.get("noise_multiplier") is None or p.get("sample_rate") is None or not p.get("steps"):
+            raise DPCoreError("the run's card records no (σ, q, T); only finished runs can be audited")
+        return float(p["noise_multiplier"]), float(p["sample_rate"]), int(p["steps"])
+    plan = accounting.sampling_plan(int(card["dataset"]["n_train"]), config.batch_size, config.epochs)
+    return None, plan.sample_rate, int(p.get("steps") or plan.steps)
+
+
+@dataclass
+class _Pool:
+    """The candidates (rows of x, y), where each came from (split and ImageList index), and how to train."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    is_train: np.ndarray
+    source_index: np.ndarray  # index into splits.train (is_train) or splits.test of each row
+    splits: Any
+    make_model: Callable[[int], torch.nn.Module]
+    normalize: torch.nn.Module
+    physical: int
+    fit_config: RunConfig
+    created_weights: dict
+    proxy_changes: dict[str, Any] | None
+
+    def take(self, rows: np.ndarray) -> None:
+        idx = torch.as_tensor(rows)
+        self.x, self.y = self.x[idx], self.y[idx]
+        self.is_train, self.source_index = self.is_train[rows], self.source_index[rows]
+
+
+def _proxy_config(config: RunConfig) -> tuple[RunConfig, dict[str, Any] | None]:
+    """The config the head-only proxy trains with: the run's, less what cached features cannot do."""
+    if config.scope == "head":
+        return config, None
+    changes = {"scope": "head", "augmult": 1, "augment": "none", "weight_standardization": False}
+    was = {k: getattr(config, k) for k in changes}
+    return config.replace(**changes), {"from": was, "to": changes,
+                                       "why": "a head on cached features of un-augmented images; the run's "
+                                              "weight standardisation is baked into the frozen backbone"}
+
+
+def _pool(store: RunStore, config: RunConfig, scope: str, device: torch.device, log: Callable[[str], None]) -> _Pool:
+    """Candidates (train ∪ test of the run's data set), the model factory, the normalisation and the config."""
     import models
 
     from . import features
@@ -439,9 +467,12 @@ def _pool(store: RunStore, config: RunConfig, scope: str, device: torch.device, 
     splits = load_dataset(config.dataset, config.data_dir, seed=config.seed, test_fraction=config.test_fraction,
                           cache_dir=config.cache_dir, medmnist_size=config.medmnist_size)
     created = models.create_model(config.backbone, len(splits.class_names), pretrained=config.pretrained,
-                                  image_size=config.image_size)
-    models.set_trainable(created.model, scope)
+                                  image_size=config.image_size, weight_standardization=config.weight_standardization)
     if scope == "head":
+        fit_config, proxy = _proxy_config(config)
+        if config.weight_standardization:  # the frozen backbone computes with standardised weights: bake them
+            models.factory.bake_weight_standardization(created.model)
+        models.set_trainable(created.model, "head")
         key = features.feature_key(
             dataset=config.dataset, data_dir=config.data_dir, seed=config.seed, test_fraction=config.test_fraction,
             medmnist_size=config.medmnist_size, skip_unreadable=config.skip_unreadable, splits=splits,
@@ -451,14 +482,18 @@ def _pool(store: RunStore, config: RunConfig, scope: str, device: torch.device, 
             key=key, cache_dir=features.default_cache_dir(store.root), splits=splits, model=created.model,
             data_config=created.data_config, device=device, skip_unreadable=config.skip_unreadable,
             batch_size=max(config.max_physical_batch_size, 64), log=log)
-        x = torch.cat([feats.train_x, feats.test_x])
-        y = torch.cat([feats.train_y, feats.test_y])
-        is_train = np.r_[np.ones(len(feats.train_y), bool), np.zeros(len(feats.test_y), bool)]
+        skipped = {src for src, *_ in feats.skipped.get("train", [])}
+        train_kept = [i for i in range(len(splits.train)) if splits.train.source(i) not in skipped]
+        if len(train_kept) != len(feats.train_y):
+            raise DPCoreError("the cached features do not match the readable training images: delete the feature "
+                              "cache and audit again")
+        x, y = torch.cat([feats.train_x, feats.test_x]), torch.cat([feats.train_y, feats.test_y])
+        kept = (train_kept, list(feats.test_kept))
         head = created.model.get_classifier()
         init = copy.deepcopy(head).cpu()
-        normalize = torch.nn.Identity()
+        normalize: torch.nn.Module = torch.nn.Identity()
         n_out = sum(p.numel() for p in head.parameters())
-        physical = max(config.max_physical_batch_size, min(8192, int(32e6 // max(n_out, 1))))
+        physical = max(config.max_physical_batch_size, min(8192, int(32e6 // max(n_out, 1))))  # as the trainer
 
         def make_model(seed: int) -> torch.nn.Module:
             torch.manual_seed(seed)
@@ -468,35 +503,100 @@ def _pool(store: RunStore, config: RunConfig, scope: str, device: torch.device, 
                     layer.reset_parameters()
             return m
     else:
+        fit_config, proxy = config, None
         to_uint8 = make_to_uint8(created.data_config)
         log(f"decoding {len(splits.train)} train + {len(splits.test)} test images")
         tr = materialize(splits.train, to_uint8, skip_unreadable=config.skip_unreadable)
         te = materialize(splits.test, to_uint8, skip_unreadable=config.skip_unreadable)
         x, y = torch.cat([tr.images, te.images]), torch.cat([tr.labels, te.labels])
-        is_train = np.r_[np.ones(len(tr.labels), bool), np.zeros(len(te.labels), bool)]
+        kept = (list(tr.kept), list(te.kept))
         init_state = copy.deepcopy(created.model.state_dict())
         template = created.model
         normalize = Normalizer.from_config(created.data_config)
         physical = config.max_physical_batch_size
 
         def make_model(seed: int) -> torch.nn.Module:
-            # Every model starts from the run's initial weights (pretrained, or its seeded random init);
-            # the classifier head is re-drawn per model.
+            # Every model starts from the run's initial weights (pretrained, or its seeded random init, weight
+            # standardisation included); the classifier head is re-drawn per model.
             m = copy.deepcopy(template)
             m.load_state_dict(init_state)
             torch.manual_seed(seed)
             for layer in m.get_classifier().modules():
                 if hasattr(layer, "reset_parameters"):
                     layer.reset_parameters()
-            models.set_trainable(m, scope)
+            models.set_trainable(m, config.scope, config.trainable_blocks)
             return m
-    return x, y, is_train, make_model, normalize, physical, splits.class_names
+    is_train = np.r_[np.ones(len(kept[0]), bool), np.zeros(len(kept[1]), bool)]
+    return _Pool(x=x, y=y, is_train=is_train, source_index=np.r_[kept[0], kept[1]].astype(np.int64),
+                 splits=splits, make_model=make_model, normalize=normalize, physical=physical,
+                 fit_config=fit_config, created_weights=created.weights, proxy_changes=proxy)
+
+
+def _choose_candidates(total: int, settings: AuditSettings, delta: float, log: Callable[[str], None]) -> np.ndarray:
+    """Rows of the pool to audit: all, or a random subset of `pool_size`, and at most 1/(2δ) (the bound's limit)."""
+    cap = math.floor(1 / (2 * delta)) if delta > 0 else total
+    n = min(total, settings.pool_size or total, cap)
+    if n < min(total, settings.pool_size or total):
+        log(f"auditing {n} of the candidates: the one-run bound needs 2·m·δ ≤ 1 (δ={delta:g})")
+    if n >= total:
+        return np.arange(total)
+    rng = np.random.default_rng(settings.seed + 7919)
+    return np.sort(rng.choice(total, n, replace=False))
+
+
+def _ledger_entry_id(ledger, run_id: str) -> str:
+    base = f"audit-{run_id}-{int(time.time())}"
+    entry, k = base, 1
+    while ledger.entry(entry) is not None:  # two audits of a run within a second
+        k += 1
+        entry = f"{base}-{k}"
+    return entry
+
+
+def record_audit_use(pool: _Pool, run_id: str, config: RunConfig, store: RunStore, n_models: int,
+                     log: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
+    """Record the audit in the privacy ledger before anything is trained: a non-private use of exactly the
+    candidate images, which voids their per-image ε. Returns the hold every fit counts on; a LedgerError
+    (or an unreadable image) propagates, and then nothing is trained."""
+    from .ledger import Ledger
+    from .privacy.fingerprint import Identities
+
+    ledger = Ledger()
+    parts = [(pool.splits.train, pool.source_index[pool.is_train]), (pool.splits.test, pool.source_index[~pool.is_train])]
+    log(f"privacy ledger {ledger.path}: identifying the {len(pool.y)} candidate images by content")
+    found = [ledger.identify(images.subset(rows)) for images, rows in parts if len(rows)]
+    ids = found[0] if len(found) == 1 else Identities(
+        [s for f in found for s in f.sha256], np.concatenate([f.fp for f in found]), found[0].fp_version)
+    entry = _ledger_entry_id(ledger, run_id)
+    note = (f"{n_models} models (target + shadows) trained on these {len(pool.y)} candidate images for a "
+            "membership audit; no guarantee covers the audit's statistics, so their per-image ε is void")
+    hold = ledger.record_use(entry, kind="audit", train=ids, dataset=config.dataset, data_dir=config.data_dir,
+                             label=f"membership audit of run {run_id}", note=note, runs_dir=str(store.root))
+    return hold, {"entry": entry, "path": str(ledger.path), "n_images": len(pool.y), "kind": "audit",
+                  "non_private_use": True, "statement": LEDGER_STATEMENT}
+
+
+def _recipe(fit_config: RunConfig, mechanism, proxy: dict[str, Any] | None, target: dict[str, Any]) -> dict[str, Any]:
+    """What every audited model was trained with, as audit.json records it."""
+    sigma, q, steps = mechanism
+    return {
+        "replayed_by": "dpcore.trainer.fit_arrays (the trainer's own loop)",
+        "config": fit_config.to_dict(),
+        "mechanism": {"noise_multiplier": sigma, "sample_rate": q, "steps": steps,
+                      "clip_norm": fit_config.clip_norm if sigma is not None else None,
+                      "epsilon": target.get("epsilon"), "delta": fit_config.delta if fit_config.private else None},
+        **{k: getattr(fit_config, k) for k in ("scope", "augmult", "augment", "ema_decay", "lr_schedule",
+                                               "warmup_fraction", "weight_standardization", "optimizer", "lr")},
+        "proxy": proxy,
+    }
 
 
 def audit_run(store: RunStore, run_id: str, settings: AuditSettings | None = None, *, scope: str | None = None,
               progress: Progress | None = None, cancel: threading.Event | None = None,
               log: Callable[[str], None] = lambda _: None, save: bool = True) -> dict[str, Any]:
-    """Audit a finished run's recipe (see the module docstring) and store the result as audit.json."""
+    """Audit a finished run's mechanism (see the module docstring) and store the result as audit.json."""
+    from .trainer import resolve_device
+
     settings = settings or AuditSettings()
     record = store.get_run(run_id)
     if record.status != "done":
@@ -506,54 +606,40 @@ def audit_run(store: RunStore, run_id: str, settings: AuditSettings | None = Non
     scope = scope or config.scope
     if scope not in ("head", config.scope):
         raise DPCoreError(f"audit scope {scope!r}: use the run's own scope ({config.scope}) or 'head'")
+    if settings.shadows < 2:
+        raise DPCoreError("LiRA needs at least 2 shadow models (8 to 16 is usual)")
+    mechanism = run_mechanism(config, card)
     t0 = time.time()
-    from .trainer import resolve_device
-
     device = resolve_device(settings.device)
-    x, y, is_train, make_model, normalize, physical, class_names = _pool(store, config, scope, device, log)
-    grad_mode = "hooks"
-    if config.private and scope != "head":
-        from . import grad_modes
-        from .trainer import TRAINER_MODES
-        grad_mode = grad_modes.choose_grad_sample_mode(config.backbone, device, allowed=TRAINER_MODES)
-        if grad_mode == "bk":
-            from .bookkeeping import UnsupportedModel, check_supported
-            try:
-                check_supported(make_model(0))
-            except UnsupportedModel:
-                grad_mode = "hooks"
-    recipe = Recipe.from_run(config, card, physical_batch=physical, grad_sample_mode=grad_mode)
-    pool_total = len(y)
-    rng = np.random.default_rng(settings.seed + 7919)
-    if settings.pool_size and settings.pool_size < pool_total:
-        chosen = np.sort(rng.choice(pool_total, settings.pool_size, replace=False))
-        x, y, is_train = x[torch.as_tensor(chosen)], y[torch.as_tensor(chosen)], is_train[chosen]
-    log(f"audit of {run_id}: {len(y)} candidates, target + {settings.shadows} shadows, scope {scope}, "
-        + (f"σ={recipe.noise_multiplier:.4f}, q={recipe.sample_rate:.5f}, T={recipe.steps}" if recipe.private
-           else f"non-private, q={recipe.sample_rate:.5f}, T={recipe.steps}"))
-    result = audit_arrays(x, y, make_model, recipe, dataclasses.replace(settings, device=str(device)),
-                          normalize=normalize, progress=progress, cancel=cancel)
-    claimed = card.get("epsilon")
-    audited_eps = recipe.epsilon()
-    q_run = result["target"]["sample_rate"]
-    if recipe.private and abs(q_run - recipe.sample_rate) > 1e-12:  # the half-size loader rounded q
-        audited_eps = accounting.epsilon(recipe.noise_multiplier, q_run, recipe.steps, recipe.delta,
-                                         recipe.accountant)
+    pool = _pool(store, config, scope, device, log)
+    pool_total = len(pool.y)
+    pool.take(_choose_candidates(pool_total, settings, config.delta, log))
+    sigma, q, steps = mechanism
+    log(f"audit of {run_id}: {len(pool.y)} candidates, target + {settings.shadows} shadows, scope {scope}, "
+        + (f"σ={sigma:.4f}, q={q:.5f}, T={steps}" if sigma is not None else f"non-private, q={q:.5f}, T={steps}"))
+    hold, ledger_info = record_audit_use(pool, run_id, config, store, settings.shadows + 1, log)
+    result = audit_arrays(pool.x, pool.y, pool.make_model, pool.fit_config,
+                          dataclasses.replace(settings, device=str(device)), spending=hold, mechanism=mechanism,
+                          normalize=pool.normalize, physical_batch=pool.physical, head_only=scope == "head",
+                          created_weights=pool.created_weights, progress=progress, cancel=cancel)
     payload = {
         "audit_version": AUDIT_VERSION,
         "run_id": run_id,
-        "what": "audit of this run's training recipe: a fresh target trained with the run's recipe on a random "
-                "half of train ∪ test (known membership), S shadows on random halves",
+        "what": "audit of this run's mechanism: a fresh target trained by the trainer's own loop with the run's "
+                "config and (σ, q, T) on the candidates (train ∪ test) each included with probability 1/2, "
+                "S shadows on random halves",
         "created_at": time.time(),
         "config": {**asdict(settings), "device": str(device), "scope": scope, "proxy": scope != config.scope,
-                   "pool_size": len(y), "pool_total": int(pool_total),
-                   "pool_from_train": int(is_train.sum()), "pool_from_test": int((~is_train).sum())},
-        "recipe": asdict(recipe),
-        "claimed_epsilon": claimed,
-        "audited_epsilon": audited_eps,
-        "delta": config.delta if config.private else None,
+                   "pool_size": len(pool.y), "pool_total": int(pool_total),
+                   "pool_from_train": int(pool.is_train.sum()), "pool_from_test": int((~pool.is_train).sum())},
+        "recipe": _recipe(pool.fit_config, mechanism, pool.proxy_changes, result["target"]),
+        "claimed_epsilon": card.get("epsilon"),
+        "audited_epsilon": result["target"].get("epsilon") if config.private else None,
+        "delta": config.delta,
         "private": config.private,
-        "dataset": config.dataset, "backbone": config.backbone, "class_names": class_names,
+        "ledger": ledger_info,
+        "guarantee": "none: " + LEDGER_STATEMENT,
+        "dataset": config.dataset, "backbone": config.backbone, "class_names": pool.splits.class_names,
         **result,
     }
     payload["timings"]["total_s"] = round(time.time() - t0, 3)
@@ -564,26 +650,30 @@ def audit_run(store: RunStore, run_id: str, settings: AuditSettings | None = Non
 
 
 def summary(audit: dict[str, Any]) -> dict[str, Any]:
-    """The headline: the strongest attack by AUC, and the largest valid ε lower bound of any attack."""
-    attacks = audit["attacks"]
+    """The headline: the strongest attack by AUC (descriptive) and the valid joint 95 % ε lower bound."""
+    attacks, bound = audit["attacks"], audit["bound"]
     best = max(attacks, key=lambda a: attacks[a]["auc"])
-    lb = max(attacks, key=lambda a: attacks[a]["epsilon_lb"])
+    audited = audit.get("audited_epsilon")
     return {"best_attack": best, "attack_auc": attacks[best]["auc"],
             "tpr_at_0.01_fpr": attacks[best]["tpr_at_0.01_fpr"],
-            "epsilon_lb": attacks[lb]["epsilon_lb"], "epsilon_lb_attack": lb,
-            "claimed_epsilon": audit.get("claimed_epsilon"),
-            "consistent": (audit.get("claimed_epsilon") is None
-                           or attacks[lb]["epsilon_lb"] <= (audit.get("audited_epsilon") or math.inf) + 1e-9)}
+            "epsilon_lb": bound["epsilon_lb"], "epsilon_lb_attack": bound["attack"],
+            "epsilon_lb_guesses": [bound["k_plus"], bound["k_minus"]],
+            "confidence": bound["confidence"], "beta": bound["beta"], "n_tests": bound["n_tests"],
+            "correction": bound["correction"],
+            "claimed_epsilon": audit.get("claimed_epsilon"), "audited_epsilon": audited,
+            "consistent": audited is None or bound["epsilon_lb"] <= audited + 1e-9}
 
 
 def read_audit(store: RunStore, run_id: str) -> dict[str, Any] | None:
+    """The stored audit.json of a run (None if absent, unreadable or of the old, invalid format)."""
     path = store.run_dir(run_id) / AUDIT_FILE
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        audit = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return audit if audit.get("audit_version", 1) >= AUDIT_VERSION else None
 
 
 def ordered_attacks(audit: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -594,24 +684,30 @@ def ordered_attacks(audit: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 def format_table(audit: dict[str, Any]) -> str:
     """The attack table of an audit, as text (CLI)."""
-    cfg = audit["config"]
+    cfg, bound, s = audit["config"], audit["bound"], audit["summary"]
     claimed = audit.get("claimed_epsilon")
-    lines = [f"== membership audit of run {audit['run_id']}'s training recipe ==",
-             (f"candidates {audit['n_candidates']} ({audit['n_members']} members of the audit target), "
-              f"{cfg['shadows']} shadows, scope {cfg['scope']}{' (head-only proxy)' if cfg.get('proxy') else ''}, "
-              f"seed {cfg['seed']}, {audit['timings']['total_s']:.1f} s"),
+    lines = [f"== membership audit of run {audit['run_id']}'s mechanism ==",
+             (f"candidates {audit['n_candidates']} (each in the audit target with probability 1/2: "
+              f"{audit['n_members']} were), {cfg['shadows']} shadows, scope {cfg['scope']}"
+              f"{' (head-only proxy)' if cfg.get('proxy') else ''}, seed {cfg['seed']}, "
+              f"{audit['timings']['total_s']:.1f} s"),
              "claimed ε: " + (f"{claimed:.4g} (δ={audit['delta']:g})" if claimed is not None else "none (non-private)"),
-             f"{'attack':<26} {'AUC':>6} {'TPR@1%':>8} {'TPR@0.1%':>9} {'ε_lb(95%)':>10} {'ε_lb all-thr':>12}"]
+             f"{'attack':<26} {'AUC':>6} {'TPR@1%':>8} {'TPR@0.1%':>9} {'ε ≥ (95% joint)':>16} {'(k₊, k₋)':>12}"]
     for name, a in ordered_attacks(audit):
         lines.append(f"{ATTACK_LABELS.get(name, name):<26} {a['auc']:>6.3f} {a['tpr_at_0.01_fpr']:>8.3f} "
-                     f"{a['tpr_at_0.001_fpr']:>9.3f} {a['epsilon_lb']:>10.3f} {a['epsilon_lb_all_thresholds']:>12.3f}")
-    s = audit["summary"]
+                     f"{a['tpr_at_0.001_fpr']:>9.3f} {a['epsilon_lb']:>16.3f} "
+                     f"{'(' + str(a['k_plus']) + ', ' + str(a['k_minus']) + ')':>12}")
+    lines.append("AUC and TPR are descriptive statistics of these candidates, not bounds.")
+    lines.append(f"ε lower bound: {bound['method']}, δ={bound['delta']:g}, {bound['confidence']:.0%} confidence "
+                 f"jointly: {bound['correction']}.")
     if claimed is not None:
         verdict = "consistent with" if s["consistent"] else "VIOLATES"
-        lines.append(f"empirical ε lower bound {s['epsilon_lb']:.3f} ({ATTACK_LABELS.get(s['epsilon_lb_attack'])}) "
-                     f"{verdict} the claimed ε = {claimed:.4g}")
+        lines.append(f"empirical ε ≥ {s['epsilon_lb']:.3f} ({ATTACK_LABELS.get(s['epsilon_lb_attack'])}, "
+                     f"k₊={s['epsilon_lb_guesses'][0]}, k₋={s['epsilon_lb_guesses'][1]}) {verdict} the claimed "
+                     f"ε = {claimed:.4g}")
     else:
-        lines.append(f"empirical ε lower bound {s['epsilon_lb']:.3f}: a non-private model claims nothing")
+        lines.append(f"empirical ε ≥ {s['epsilon_lb']:.3f} (95 %): a non-private model claims nothing")
+    lines.append("ledger: " + audit.get("ledger", {}).get("statement", LEDGER_STATEMENT))
     return "\n".join(lines)
 
 

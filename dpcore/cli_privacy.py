@@ -13,17 +13,21 @@ import warnings
 # -- audit ----------------------------------------------------------------------------------------
 def _add_audit(subparsers, add_runs_dir) -> None:
     p = subparsers.add_parser(
-        "audit", help="membership-inference audit of a run's training recipe (loss attack + LiRA)",
-        description="Trains a target with the run's recipe (same σ, q, T, C or non-private) on a random half of "
-                    "train ∪ test and S shadow models on random halves, runs the loss-threshold and LiRA attacks, "
-                    "and prints AUC, TPR at 1% / 0.1% FPR and the empirical ε lower bound (95%, Clopper-Pearson) "
-                    "next to the claimed ε. Stored as RUN_DIR/audit.json.")
+        "audit", help="membership-inference audit of a run's mechanism (loss attack + LiRA, one-run ε bound)",
+        description="Replays the run's mechanism with the trainer's own loop (its config and, if private, its "
+                    "(σ, q, T)): a target on the candidates (train ∪ test) each included with probability 1/2 and S "
+                    "shadow models on random halves; runs the loss-threshold and LiRA attacks and prints AUC and "
+                    "TPR at 1% / 0.1% FPR (descriptive) and the one-run ε lower bound (Steinke et al. 2023; 95% "
+                    "jointly, Bonferroni over 3 attacks × 6 guess counts) next to the claimed ε. The audit is "
+                    "recorded in the privacy ledger as a non-private use of the candidate images (their per-image "
+                    "ε becomes void). Stored as RUN_DIR/audit.json.")
     add_runs_dir(p)
     p.add_argument("--run", required=True, help="run id (see `runs --ids`)")
     p.add_argument("--shadows", type=int, default=8, help="shadow models S (default %(default)s; 8-16 usual)")
     p.add_argument("--seed", type=int, default=0, help="membership draws and model inits (default %(default)s)")
     p.add_argument("--pool-size", type=int, default=None,
-                   help="at most this many candidates (random subset of train ∪ test; default: all)")
+                   help="at most this many candidates (random subset of train ∪ test; default: all, and never more "
+                        "than 1/(2δ), which the one-run bound needs)")
     p.add_argument("--scope", default=None, choices=("head",),
                    help="head: audit the head-only proxy on cached features (default: the run's own scope)")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))

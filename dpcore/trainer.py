@@ -40,6 +40,9 @@ from .store import BufferedEventWriter, RunStore
 # Opacus' hooks on the first layer fire once per step with this torch warning (the input images need
 # no gradient); it is expected and says nothing about the run, so it is not shown to users.
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+# Opacus warns that its secure_mode (torchcsprng) is off; this trainer never uses Opacus' generators for the
+# noise or the sampling but its own OS-seeded ones (dpcore.privacy.randomness), so the warning does not apply.
+warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
 
 
 class _Rows:
@@ -205,8 +208,12 @@ def fit_arrays(config: RunConfig, model: torch.nn.Module, train_x: torch.Tensor,
     For replaying a run's mechanism on other data (the membership audit): ``mechanism = (σ, q, T)``
     fixes the noise, the Poisson rate and the steps (else they are planned from the config as `train`
     does). ``spending`` is the ledger hold that counts the steps (`Ledger.begin`): no noisy step is taken
-    without one. Nothing is stored.
+    without one. Nothing is stored. For a non-private config, ``mechanism = (None, q, T)`` replays the
+    non-private loop at rate q for T steps: logical batches of ⌊q·n⌋ examples (≥ 1/q of them an epoch, so
+    T is reached) instead of the config's batch size, which was planned for another n.
     """
+    if mechanism is not None and mechanism[0] is None and not config.private:
+        config = config.replace(batch_size=max(1, math.floor(len(train_y) * float(mechanism[1]))))
     run = _Run(config, lambda event: None, cancel or threading.Event(), time.time(), run_id="fit")
     run.device = torch.device(device)
     run.created = None
@@ -307,7 +314,8 @@ class _Run:
             self.spe, self.total_steps, self.sample_rate = sampling.steps_per_epoch, sampling.steps, sampling.sample_rate
             sigma = None
         else:
-            sigma, self.sample_rate, self.total_steps = float(mechanism[0]), float(mechanism[1]), int(mechanism[2])
+            sigma = None if mechanism[0] is None else float(mechanism[0])  # None: non-private (or calibrate σ)
+            self.sample_rate, self.total_steps = float(mechanism[1]), int(mechanism[2])
             self.spe = max(1, round(1 / self.sample_rate))
         self.epochs = math.ceil(self.total_steps / self.spe)
         self.eval_steps = _eval_schedule(self.spe, self.epochs, cfg.evals_per_epoch) if self.n_test else set()

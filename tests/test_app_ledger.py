@@ -1,6 +1,7 @@
 """The Privacy budget page and the Train page's budget warning, driven headless by AppTest."""
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -19,57 +20,71 @@ TINY = {"dataset": "digits", "backbone": "tiny_cnn", "image_size": 16, "epochs":
 @pytest.fixture(scope="module")
 def spent(tmp_path_factory):
     root = tmp_path_factory.mktemp("ledger_app")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DPCORE_LEDGER", str(root / "ledger.sqlite"))
     store = RunStore(root)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ids = [train(RunConfig(**TINY), store).run_id, train(RunConfig(**{**TINY, "epsilon": 1.0}), store).run_id]
+    mp.undo()
     return root, ids
 
 
-def test_page_renders_with_no_runs(tmp_path, monkeypatch):
+@pytest.fixture
+def its_ledger(spent, monkeypatch):
+    root, ids = spent
+    monkeypatch.setenv("DPCORE_LEDGER", str(root / "ledger.sqlite"))
+    return root, ids
+
+
+def test_page_renders_with_no_runs(tmp_path, monkeypatch, fresh_ledger):
     at = open_page("pages/ledger.py", tmp_path / "runs", monkeypatch)
     assert "Privacy budget" in texts(at) and "No runs yet" in texts(at)
 
 
-def test_page_shows_the_composed_total_and_saves_a_budget(spent, monkeypatch):
-    root, ids = spent
+def test_page_shows_epsilon_per_image_and_saves_a_budget(its_ledger, monkeypatch):
+    root, ids = its_ledger
     at = open_page("pages/ledger.py", root, monkeypatch)
-    s = Ledger(root).summaries()[0]
+    s = Ledger().summary("digits")
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Runs"] == "2"
-    assert metrics["Total ε (accountant)"] == f"{s.epsilon:.4g}"
-    assert metrics["Basic composition"] == f"{s.basic_epsilon:.4g}"
+    assert metrics["Most-exposed image: ε"] == f"{s.epsilon:.4g}"
+    assert metrics["Images trained on"] == "1,437 of 1,797"
     df = at.dataframe[0].value
-    assert list(df["run"]) == ids
-    assert len(at.get("plotly_chart")) == 1
+    assert list(df["use"]) == ids
+    charts = at.get("plotly_chart")
+    assert len(charts) == 2  # the per-image histogram, and the total after each use (in an expander)
+    hist = json.loads(charts[0].proto.spec)["data"][0]
+    assert hist["y"] == [360, 1437] and hist["x"][0].startswith("0 (not trained on)")
     at.number_input(key="ledger_budget_eps").set_value(2.0)
     at.button[0].click().run()  # the form's submit button
-    assert Ledger(root).summaries()[0].budget_epsilon == 2.0
-    Ledger(root).set_budget(s.key, None)
+    assert Ledger().summary("digits").budget_epsilon == 2.0
+    Ledger().set_budget("digits", None)
 
 
-def test_deleted_runs_stay_on_the_page(tmp_path, monkeypatch):
+def test_deleted_runs_stay_on_the_page(tmp_path, monkeypatch, fresh_ledger):
     store = RunStore(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_id = train(RunConfig(**TINY), store).run_id
     store.delete_run(run_id)
     at = open_page("pages/ledger.py", tmp_path, monkeypatch)
-    assert list(at.dataframe[0].value["run"]) == [run_id]
+    assert list(at.dataframe[0].value["use"]) == [run_id]
 
 
-def test_train_page_warns_before_a_launch_past_the_budget(spent, monkeypatch):
-    root, _ = spent
-    ledger = Ledger(root)
-    key = ledger.summaries()[0].key
-    ledger.set_budget(key, ledger.summary(key).epsilon + 0.01)  # any further run would exceed it
+def test_train_page_refuses_a_launch_past_the_budget_unless_overridden(its_ledger, monkeypatch):
+    root, _ = its_ledger
+    ledger = Ledger()
+    ledger.set_budget("digits", ledger.summary("digits").epsilon + 0.01)  # any further run would exceed it
     try:
         at = open_page("pages/train.py", root, monkeypatch)
-        warning = "\n".join(w.value for w in at.warning)
-        assert "Privacy budget" in warning and "past its budget" in warning
-        ledger.set_budget(key, 1000)
+        error = "\n".join(w.value for w in at.error)
+        assert "Privacy budget" in error and "past the budget" in error
+        assert at.button(key="launch").disabled
+        at.checkbox(key="tr_over").check().run()
+        assert not at.button(key="launch").disabled
+        ledger.set_budget("digits", 1000)
         at = open_page("pages/train.py", root, monkeypatch)
-        assert "past its budget" not in "\n".join(w.value for w in at.warning)
-        assert "of a budget of 1000" in texts(at)
+        assert "past the budget" not in "\n".join(w.value for w in at.error)
+        assert "of a budget of 1000" in texts(at) and "Privacy unit" in texts(at)
     finally:
-        ledger.set_budget(key, None)
+        ledger.set_budget("digits", None)
