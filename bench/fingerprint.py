@@ -178,59 +178,89 @@ def synthetic(bases) -> dict[tuple[str, str], list]:
         for t, make in TRANSFORMS.items():
             data = make(img)
             copy = Image.open(io.BytesIO(data))
-            if copy.width * copy.height < F.EXACT_ONLY_PIXELS:
+            if min(copy.size) < F.EXACT_ONLY_SIDE:
                 res.setdefault((set_name, t), []).append(None)  # made tiny: exact-only by rule
                 continue
             res.setdefault((set_name, t), []).append(int(F.hamming(F.identify_bytes(data)[1], fp0)))
     return res
 
 
-def tiny_copies() -> dict[str, tuple[int, int]]:
-    """Digits 8x8 under the exact-only rule: which copies still match (distance 0), out of how many."""
+def tiny_copies() -> dict[str, tuple[int, int, int]]:
+    """8x8 digits: copies that match under the exact-only rule, and the largest distance without it."""
     from sklearn.datasets import load_digits
 
     imgs = np.rint(load_digits().images[:50] * (255 / 16)).clip(0, 255).astype(np.uint8)
     ids = F.identify(ArrayImageList(imgs, np.zeros(len(imgs)), "digits"))
+    raw0 = F.hash_canonical(np.stack([F.canonical(Image.fromarray(a)) for a in imgs]))
     out = {}
-    for t in ["PNG (lossless re-encode)", "L -> RGB (PNG)", "16-bit grayscale PNG", "JPEG q90",
-              "resize 64x64 stretched, PNG"]:
-        ok = sum(int(F.hamming(F.identify_bytes(TRANSFORMS[t](Image.fromarray(a)))[1], ids.fp[i])) <= F.MAX_DISTANCE
-                 for i, a in enumerate(imgs))
-        out[t] = (ok, len(imgs))
+    for t in ["PNG (lossless re-encode)", "L -> RGB (PNG)", "16-bit grayscale PNG", "JPEG q90", "JPEG q75",
+              "resize 64x64 stretched, PNG", "resize short side 224, PNG"]:
+        ok, worst = 0, 0
+        for i, a in enumerate(imgs):
+            data = TRANSFORMS[t](Image.fromarray(a))
+            ok += int(F.hamming(F.identify_bytes(data)[1], ids.fp[i]) <= F.MAX_DISTANCE)
+            worst = max(worst, int(F.hamming(F.hash_canonical(F.canonical(Image.open(io.BytesIO(data)))), raw0[i])))
+        out[t] = (ok, len(imgs), worst)
     rgb = F.identify(ArrayImageList(np.repeat(imgs[..., None], 3, axis=-1), np.zeros(len(imgs)), "rgb"))
-    out["same array as (8,8,3) RGB"] = (int((F.hamming(rgb.fp, ids.fp) == 0).sum()), len(imgs))
+    out["same array as (8,8,3) RGB"] = (int((F.hamming(rgb.fp, ids.fp) == 0).sum()), len(imgs), 0)
     return out
+
+
+def tiny_sizes(data: Path, d: int) -> list[tuple]:
+    """Where near-matching stops working: PneumoniaMNIST shrunk to s x s (rule off). Per size: the nearest
+    distinct image, and the worst distance of upscaled / JPEG copies."""
+    z = np.load(data / "pneumoniamnist/pneumoniamnist.npz")
+    pm = np.concatenate([z["train_images"], z["val_images"], z["test_images"]])
+    make = {"x4 nearest": lambda im: _save(im.resize((im.width * 4, im.height * 4), Image.NEAREST), "PNG"),
+            "224 bicubic+JPEG75": lambda im: _save(im.resize((224, 224), Image.BICUBIC), "JPEG", quality=75),
+            "64 bilinear": lambda im: _save(im.resize((64, 64), Image.BILINEAR), "PNG"),
+            "JPEG q75": lambda im: _save(im, "JPEG", quality=75)}
+    raw = lambda im: F.hash_canonical(F.canonical(im))  # noqa: E731 - the fingerprint without the rule
+    rows = []
+    for side in (8, 12, 16, 20, 24, 28):
+        small = np.stack([np.asarray(Image.fromarray(a).resize((side, side), Image.BICUBIC)) for a in pm])
+        fp = np.stack([raw(Image.fromarray(a)) for a in small])
+        nn = nn_distinct(fp, [F.sha256_array(a) for a in small])
+        worst = {k: max(int(F.hamming(raw(Image.open(io.BytesIO(m(Image.fromarray(small[i]))))), fp[i]))
+                        for i in range(0, len(small), 59)) for k, m in make.items()}
+        rows.append((side, int(nn.min()), int((nn <= d).sum()), worst))
+    half = [int(F.hamming(raw(Image.fromarray(a).resize((14, 14), Image.BICUBIC)), raw(Image.fromarray(a))))
+            for a in pm[::10]]
+    return rows, half
 
 
 # -- 3./4. false matches and nearest-neighbour distances ----------------------------------------------
 
+SWEEP = (12, 16, 20, 24, 28, 32, 40)
+
+
 def within(name: str, ids: F.Identities, d: int, group=None, group_name="", labels=None) -> dict:
-    """Distinct-image pairs within d (near_matches), cross-checked against brute force."""
+    """Pairs within max(SWEEP, d) bits by near_matches (timed at d), split into exact duplicates and
+    distinct images, cross-checked against a brute-force nearest-neighbour search."""
     t = time.perf_counter()
-    pairs = F.near_matches(ids.fp, None, d)
+    F.near_matches(ids.fp, None, d)
     t_match = time.perf_counter() - t
+    pairs = F.near_matches(ids.fp, None, max(max(SWEEP), d))
     sha = np.asarray(ids.sha256)
-    exact = pairs[sha[pairs[:, 0]] == sha[pairs[:, 1]]] if len(pairs) else pairs
-    distinct = pairs[sha[pairs[:, 0]] != sha[pairs[:, 1]]] if len(pairs) else pairs
+    dist = F.hamming(ids.fp[pairs[:, 0]], ids.fp[pairs[:, 1]]) if len(pairs) else np.zeros(0, int)
+    exact = sha[pairs[:, 0]] == sha[pairs[:, 1]] if len(pairs) else np.zeros(0, bool)
     nn = nn_distinct(ids.fp, ids.sha256)
-    row = {"name": name, "n": len(sha), "exact_pairs": len(exact), "distinct_pairs": len(distinct),
-           "nn": nn, "t_match": t_match, "brute_distinct_within": int((nn <= d).sum())}
-    # brute force check: an image has a distinct neighbour within d iff near_matches found a pair with it
-    involved = np.unique(distinct.ravel()) if len(distinct) else np.zeros(0, int)
-    row["check"] = len(involved) == row["brute_distinct_within"]
-    if group is not None and len(distinct):
-        same = group[distinct[:, 0]] == group[distinct[:, 1]]
-        row["same_group_pairs"], row["other_group_pairs"] = int(same.sum()), int((~same).sum())
-        row["other_group_list"] = distinct[~same]
+    row = {"name": name, "n": len(sha), "pairs": pairs[~exact], "dist": dist[~exact], "exact_pairs": int(exact.sum()),
+           "nn": nn, "t_match": t_match, "group_name": group_name}
+    # brute-force check: an image has a distinct neighbour within d iff near_matches found a pair with it
+    close = row["pairs"][row["dist"] <= d]
+    row["check"] = len(np.unique(close.ravel())) == int((nn <= d).sum())
+    if group is not None:
+        row["same_group"] = group[row["pairs"][:, 0]] == group[row["pairs"][:, 1]]
         row["nn_other_group"] = nn_distinct(ids.fp, ids.sha256, group)
-    elif group is not None:
-        row["same_group_pairs"] = row["other_group_pairs"] = 0
-        row["other_group_list"] = distinct
-        row["nn_other_group"] = nn_distinct(ids.fp, ids.sha256, group)
-    if labels is not None and len(distinct):
-        row["label_disagree"] = int((labels[distinct[:, 0]] != labels[distinct[:, 1]]).sum())
-    row["group_name"] = group_name
+    if labels is not None:
+        row["label_disagree"] = labels[row["pairs"][:, 0]] != labels[row["pairs"][:, 1]]
     return row
+
+
+def distinct_within(r: dict, d: int, which=None) -> int:
+    keep = r["dist"] <= d
+    return int((keep & which).sum() if which is not None else keep.sum())
 
 
 def main(argv=None) -> int:
@@ -246,7 +276,7 @@ def main(argv=None) -> int:
         return 2
     t_all = time.perf_counter()
     print(f"fingerprint {F.FP_VERSION}: {F.NBYTES * 8} bits, MAX_DISTANCE {d}, exact-only below "
-          f"{F.EXACT_ONLY_PIXELS} pixels; data {data}\n")
+          f"a side of {F.EXACT_ONLY_SIDE} px; data {data}\n")
 
     # 1. real copies
     print("1. Real copies (original vs upstream-resized file of the same name): Hamming distance")
@@ -259,7 +289,7 @@ def main(argv=None) -> int:
     # 2. synthetic copies
     per_set = args.per_set or (6 if args.quick else 12)
     print(f"\n2. Synthetic copies of real images ({per_set} per set): max distance / missed (> {d}); "
-          f"'tiny' = the copy is under {F.EXACT_ONLY_PIXELS} px, exact-only by rule")
+          f"'tiny' = the copy has a side under {F.EXACT_ONLY_SIDE} px, exact-only by rule")
     res = synthetic(synthetic_bases(data, per_set))
     sets = list(dict.fromkeys(k[0] for k in res))
     short = {"CXR 224": "CXR224", "CXR full-res": "CXRfull", "HAM 200x150": "HAM200", "HAM 600x450": "HAM600",
@@ -278,9 +308,24 @@ def main(argv=None) -> int:
             cells.append(f"{max(real):>3} / {missed}" if real else "tiny")
         print(f"   {t:<36}" + "".join(f"{c:>12}" for c in cells))
     copy_d.append(np.array(synth_all))
-    print("   tiny images (8x8 digits, exact-only rule), copies that still match:")
-    for t, (ok, n) in tiny_copies().items():
-        print(f"     {t:<36} {ok}/{n}")
+    print(f"   tiny images (8x8 digits): copies that match with the exact-only rule / worst distance without it")
+    for t, (ok, n, worst) in tiny_copies().items():
+        print(f"     {t:<36} {ok:>2}/{n}   {worst:>4}")
+    print(f"   where near-matching stops working (rule off): PneumoniaMNIST shrunk to s x s; distinct images with a "
+          f"neighbour within {d}; worst copy distance")
+    tiny_rows, half = tiny_sizes(data, d)
+    print(f"     {'s':>3} {'NN min':>7} {'within d':>9}" + "".join(f"{k:>20}" for k in tiny_rows[0][3]))
+    for side, nnmin, close, worst in tiny_rows:
+        print(f"     {side:>3} {nnmin:>7} {close:>9}" + "".join(f"{v:>20}" for v in worst.values()))
+    print(f"     PneumoniaMNIST halved to 14x14 vs its 28x28 original (rule off): median {np.median(half):.0f}, "
+          f"max {max(half)} bits: a copy below 16 px loses the hash's band, so no rule could match it")
+    print("   decode path: identify_file (JPEG straight to luma) vs fingerprint(open_image(path)), the trainer's "
+          "decode:")
+    for name, pat in [("CXR 224", "chest_xray/test/*/*.jpeg"), ("CXR full-res", "chest_xray_fullres_sample/*/*/*"),
+                      ("HAM 200x150", "ham10000/images/*.jpg"), ("HAM 600x450", "ham10000_fullres_sample/images/*")]:
+        ps = sorted(glob.glob(str(data / pat)))[:100]
+        dd = [int(F.hamming(F.identify_file(p)[1], F.fingerprint(open_image(p)))) for p in ps]
+        print(f"     {name:<14} n={len(dd):>3} max distance {max(dd)}")
 
     # 3. false matches
     print(f"\n3. False matches: pairs of distinct images (different sha256) within {d} bits")
@@ -326,32 +371,58 @@ def main(argv=None) -> int:
     print(f"   {'set':<38}{'n':>7}{'exact-dup pairs':>17}{'distinct pairs':>16}   notes")
     for r in rows:
         note = ""
-        if "same_group_pairs" in r:
-            note = (f"same {r['group_name']}: {r['same_group_pairs']}, different {r['group_name']}: "
-                    f"{r['other_group_pairs']}")
+        if "same_group" in r:
+            note = (f"same {r['group_name']}: {distinct_within(r, d, r['same_group'])}, other {r['group_name']}: "
+                    f"{distinct_within(r, d, ~r['same_group'])}")
         if "label_disagree" in r:
-            comp = components(r["n"], F.near_matches(nr.fp, None, d))
-            note = (f"{r['label_disagree']} pairs of different digits; merged groups: {len(comp)}, "
-                    f"{sum(comp)} images, largest {comp[0] if comp else 0}")
+            comp = components(r["n"], r["pairs"][r["dist"] <= d])
+            note = (f"{distinct_within(r, d, r['label_disagree'])} pairs of different digits; merged into "
+                    f"{len(comp)} groups of {sum(comp)} images, largest {comp[0] if comp else 0}")
         if not r["check"]:
             note += "  BRUTE-FORCE MISMATCH"
-        print(f"   {r['name']:<38}{r['n']:>7}{r['exact_pairs']:>17}{r['distinct_pairs']:>16}   {note}")
-    for r in rows:
-        if r.get("other_group_list") is not None and len(r["other_group_list"]):
-            print(f"   {r['name']}: pairs of different {r['group_name']} within {d}:")
-            for i, j in r["other_group_list"]:
-                print(f"     {Path(ham_paths[i]).stem} ({lesion[i]}) ~ {Path(ham_paths[j]).stem} ({lesion[j]}): "
-                      f"{int(F.hamming(ids_ham.fp[i], ids_ham.fp[j]))} bits")
+        print(f"   {r['name']:<38}{r['n']:>7}{r['exact_pairs']:>17}{distinct_within(r, d):>16}   {note}")
+    ham_row = next((r for r in rows if r["name"] == "HAM10000"), None)
+    if ham_row is not None:
+        other = ham_row["pairs"][(ham_row["dist"] <= max(SWEEP)) & ~ham_row["same_group"]]
+        print(f"   HAM10000 pairs of different lesion_id within {max(SWEEP)} bits (r = pixel correlation of the "
+              f"canonical forms):")
+        for i, j in other:
+            r_pix = np.corrcoef(F.canonical(open_image(ham_paths[i])).ravel(),
+                                F.canonical(open_image(ham_paths[j])).ravel())[0, 1]
+            print(f"     {Path(ham_paths[i]).stem} ({lesion[i]}) ~ {Path(ham_paths[j]).stem} ({lesion[j]}): "
+                  f"{int(F.hamming(ids_ham.fp[i], ids_ham.fp[j]))} bits, r={r_pix:.3f}")
     cross = F.near_matches(pm_all.fp, ids_cxr.fp, d)
-    print(f"   PneumoniaMNIST vs chest_xray (its source X-rays, centre-cropped by MedMNIST): {len(cross)} pairs "
-          f"within {d} (a crop is not a copy for this fingerprint)")
+    cxr_split = np.array(["test" if "/test/" in p else "train" for p in cxr])
+    cxr_label = np.array([0 if "/NORMAL/" in p else 1 for p in cxr])
+    pm_label = np.concatenate([pm.train.labels, pm.val.labels, pm.test.labels])
+    consistent = sum(1 for i, j in cross if (cxr_split[j] == "test") == (split[i] == 2) and pm_label[i] == cxr_label[j])
+    print(f"   PneumoniaMNIST vs chest_xray (MedMNIST made it from these X-rays: centre crop + 28x28): "
+          f"{len(cross)} pairs within {d}, {consistent} with the matching split and label (true sources); "
+          f"the other ~{len(pm_all) - len(cross)} are not found (a crop is not a copy for this fingerprint)")
+    if ham_row is not None:
+        print(f"   unrelated sets: HAM10000 ~ chest_xray {len(F.near_matches(ids_ham.fp, ids_cxr.fp, d))} pairs, "
+              f"HAM10000 ~ PneumoniaMNIST {len(F.near_matches(ids_ham.fp, pm_all.fp, d))} pairs within {d}")
     split_dups = sum(1 for i, j in F.near_matches(pm_all.fp, None, 0) if split[i] != split[j])
     print(f"   PneumoniaMNIST exact-duplicate pairs across splits: {split_dups}")
+
+    print("\n   Threshold sweep: copies missed, and pairs of distinct images within the threshold")
+    allcopies = np.concatenate(copy_d)
+    cols = ["copies missed"] + [r["name"].split(" (")[0].replace(" train+test", "").replace(" train+val+test", "")
+                                for r in rows]
+    extra = []
+    if ham_row is not None:
+        extra = ["HAM same lesion", "HAM other lesion"]
+    print(f"   {'d':>4}" + "".join(f"{c[:22]:>24}" for c in cols + extra))
+    for t in sorted(set(SWEEP) | {d}):
+        cells = [f"{int((allcopies > t).sum())}/{len(allcopies)}"] + [str(distinct_within(r, t)) for r in rows]
+        if ham_row is not None:
+            cells += [str(distinct_within(ham_row, t, ham_row["same_group"])),
+                      str(distinct_within(ham_row, t, ~ham_row["same_group"]))]
+        print(f"   {t:>4}" + "".join(f"{c:>24}" for c in cells) + ("   <- MAX_DISTANCE" if t == d else ""))
 
     # 4. distributions
     print("\n4. Distances: nearest distinct image of each image vs true copies (counts per bin of bits)")
     print(f"   {'':<38}{hist_header()}")
-    allcopies = np.concatenate(copy_d)
     print(f"   {'true copies (1 + 2, all)':<38}{hist(allcopies)}")
     for r in rows:
         if "WITHOUT" in r["name"] or "rule" in r["name"]:
@@ -393,12 +464,12 @@ def main(argv=None) -> int:
 
     real_missed = int(sum((x > d).sum() for x in copy_d[:2]))
     n_real = int(sum(len(x) for x in copy_d[:2]))
-    ham_other = next((r["other_group_pairs"] for r in rows if r["name"] == "HAM10000"), None)
+    ham_other = None if ham_row is None else distinct_within(ham_row, d, ~ham_row["same_group"])
     print(f"\nfingerprint {F.FP_VERSION} MAX_DISTANCE {d}: missed real copies {real_missed}/{n_real} "
           f"(max {max(int(x.max()) for x in copy_d[:2])}), synthetic {synth_missed}/{synth_n} "
-          f"(max {max(synth_all)}); false pairs CXR {rows[0]['distinct_pairs']}"
+          f"(max {max(synth_all)}); false pairs CXR {distinct_within(rows[0], d)}"
           + (f", HAM other-lesion {ham_other}" if ham_other is not None else "")
-          + f", PneumoniaMNIST {next(r['distinct_pairs'] for r in rows if r['name'].startswith('Pneumonia'))}"
+          + f", PneumoniaMNIST {distinct_within(next(r for r in rows if r['name'].startswith('Pneumonia')), d)}"
           f"; identify CXR cold {t_cold:.1f} s cached {t_cached:.2f} s; near_matches {nq}x{nk} {t_nm:.2f} s")
     return 0
 

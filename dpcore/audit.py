@@ -95,8 +95,9 @@ CONFIDENCE = 0.95
 GUESS_GRID: tuple[tuple[float, float], ...] = (
     (0.01, 0.0), (0.05, 0.0), (0.1, 0.0), (0.05, 0.05), (0.15, 0.15), (0.5, 0.5))
 METHOD = "one-run audit (Steinke, Nasr & Jagielski 2023, 'Privacy Auditing with One (1) Training Run')"
-THEOREM = ("P[W ≥ v] ≤ f(v) + 2·m·δ·max_{i=1..m} (f(v−i) − f(v))/i, f(v) = P[Binomial(r, e^ε/(1+e^ε)) ≥ v], "
-           "for m candidates each trained on independently with probability 1/2, r guesses, W correct")
+THEOREM = ("P[W ≥ v] ≤ f(v) + 2·m·δ·max_{i=1..m} (f(v−i) − f(v))/i, "
+           "f(v) = P[Binomial(r, e^ε/(1+e^ε)) ≥ v], for m candidates each trained on independently with "
+           "probability 1/2, r guesses, W correct")
 LEDGER_STATEMENT = ("The audit is recorded in the privacy ledger as a non-private use of the candidate images: "
                     "it trains the target and shadow models on them with no guarantee covering its statistics, "
                     "which voids their per-image ε (∞ in the ledger). Its figures — AUC, TPR and the ε lower "
@@ -111,7 +112,7 @@ class AuditCancelled(DPCoreError):
 
 # -- the one-run bound (Steinke, Nasr & Jagielski 2023) -----------------------------------------
 def _check_m_delta(m: int, delta: float) -> None:
-    """The bound's p-value is monotone in ε and v (hence a valid test) only when 2·m·δ ≤ 1."""
+    """The p-value is provably monotone in ε and v (what makes the inverted bound valid) when 2·m·δ ≤ 1."""
     if not 0 <= delta < 1:
         raise DPCoreError(f"δ must be in [0, 1) for the one-run bound, got {delta}")
     if 2 * m * delta > 1:
@@ -214,7 +215,7 @@ def epsilon_bounds(scores: Mapping[str, Any], member, delta: float, *, grid=GUES
     _check_m_delta(m, delta)
     pairs = guess_counts(m, grid)
     beta = bonferroni_beta(len(scores), len(pairs), confidence)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, 2])  # tie-breaking: a stream of its own, independent of the membership draw
     eps_all, correct_all = {}, {}
     for name, s in scores.items():
         eps = np.zeros((len(pairs), len(member)))
@@ -276,7 +277,7 @@ def confidences(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, nor
 
 
 def membership_matrix(n: int, shadows: int, rng: np.random.Generator) -> np.ndarray:
-    """(S, n) bool: each candidate is IN for exactly ⌊S/2⌋ or ⌈S/2⌉ shadows, at random (Carlini et al.'s scheme)."""
+    """(S, n) bool: each candidate IN for ⌊S/2⌋ or ⌈S/2⌉ shadows, at random (Carlini et al.'s scheme)."""
     order = rng.random((shadows, n)).argsort(axis=0)
     return order < shadows / 2
 
@@ -358,9 +359,10 @@ def audit_arrays(x: torch.Tensor, y: torch.Tensor, make_model: Callable[[int], t
     if n < 20:
         raise DPCoreError(f"{n} candidates are too few for a membership audit")
     _check_m_delta(n, config.delta)
-    rng = np.random.default_rng(settings.seed)
-    target_in = rng.random(n) < 0.5  # independent Bernoulli(1/2) draws: the one-run theorem's S
-    keep = membership_matrix(n, settings.shadows, rng)  # drawn independently of target_in
+    # Separate streams: the one-run theorem's S (independent Bernoulli(1/2) draws), the shadows' halves, and
+    # (in epsilon_bounds) the attacker's tie-breaking must not share random bits.
+    target_in = np.random.default_rng([settings.seed, 0]).random(n) < 0.5
+    keep = membership_matrix(n, settings.shadows, np.random.default_rng([settings.seed, 1]))
     total = settings.shadows + 1
     report = progress or (lambda done, tot, msg: None)
     phis, losses, infos, timings = [], [], [], []
@@ -562,7 +564,8 @@ def record_audit_use(pool: _Pool, run_id: str, config: RunConfig, store: RunStor
     from .privacy.fingerprint import Identities
 
     ledger = Ledger()
-    parts = [(pool.splits.train, pool.source_index[pool.is_train]), (pool.splits.test, pool.source_index[~pool.is_train])]
+    parts = [(pool.splits.train, pool.source_index[pool.is_train]),
+             (pool.splits.test, pool.source_index[~pool.is_train])]
     log(f"privacy ledger {ledger.path}: identifying the {len(pool.y)} candidate images by content")
     found = [ledger.identify(images.subset(rows)) for images, rows in parts if len(rows)]
     ids = found[0] if len(found) == 1 else Identities(
@@ -584,7 +587,11 @@ def _recipe(fit_config: RunConfig, mechanism, proxy: dict[str, Any] | None, targ
         "config": fit_config.to_dict(),
         "mechanism": {"noise_multiplier": sigma, "sample_rate": q, "steps": steps,
                       "clip_norm": fit_config.clip_norm if sigma is not None else None,
-                      "epsilon": target.get("epsilon"), "delta": fit_config.delta if fit_config.private else None},
+                      "epsilon": target.get("epsilon"), "delta": fit_config.delta if fit_config.private else None,
+                      "batches": ("Poisson sampling at rate q (expected batch q·n of each model's n), noise σ·C"
+                                  if sigma is not None else "shuffled logical batches of ⌊q·n⌋ of each model's n "
+                                  "(the run's rate q) for T steps; the config's batch_size was planned for the "
+                                  "run's n")},
         **{k: getattr(fit_config, k) for k in ("scope", "augmult", "augment", "ema_decay", "lr_schedule",
                                                "warmup_fraction", "weight_standardization", "optimizer", "lr")},
         "proxy": proxy,
@@ -691,7 +698,8 @@ def format_table(audit: dict[str, Any]) -> str:
               f"{audit['n_members']} were), {cfg['shadows']} shadows, scope {cfg['scope']}"
               f"{' (head-only proxy)' if cfg.get('proxy') else ''}, seed {cfg['seed']}, "
               f"{audit['timings']['total_s']:.1f} s"),
-             "claimed ε: " + (f"{claimed:.4g} (δ={audit['delta']:g})" if claimed is not None else "none (non-private)"),
+             "claimed ε: " + (f"{claimed:.4g} (δ={audit['delta']:g})" if claimed is not None
+                              else "none (non-private)"),
              f"{'attack':<26} {'AUC':>6} {'TPR@1%':>8} {'TPR@0.1%':>9} {'ε ≥ (95% joint)':>16} {'(k₊, k₋)':>12}"]
     for name, a in ordered_attacks(audit):
         lines.append(f"{ATTACK_LABELS.get(name, name):<26} {a['auc']:>6.3f} {a['tpr_at_0.01_fpr']:>8.3f} "

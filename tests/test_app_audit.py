@@ -1,7 +1,10 @@
-"""The Audit page, driven headless by AppTest: renders with no runs, shows a stored audit.json of a finished
-run (table, ROC, ε vs claimed ε, the verdict in words), and launches an audit that runs in the background."""
+"""The Audit page, driven headless by AppTest: renders with no runs, says before the Run button that the audit
+is a non-private use recorded in the ledger, shows a stored audit.json of a finished run (table, ROC, ε vs
+claimed ε, the confidence and its correction, the verdict in words), refuses an old audit's invalid bounds,
+and launches an audit that runs in the background."""
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from pathlib import Path
@@ -45,6 +48,15 @@ def test_page_renders_with_an_empty_runs_folder(tmp_path, monkeypatch):
     assert "No finished run yet" in texts(at)
 
 
+def test_page_says_the_audit_is_a_non_private_use_before_the_run_button(finished_run, monkeypatch):
+    root, _ = finished_run
+    at = open_page(root, monkeypatch)
+    warning = next(w.value for w in at.warning if "privacy ledger" in w.value)
+    assert "non-private use of the candidate images" in warning and "voids their per-image ε" in warning
+    assert "covered by no differential-privacy guarantee" in warning
+    assert any("Run the audit" in b.label for b in at.button)
+
+
 def test_page_shows_a_stored_audit(finished_run, monkeypatch):
     root, run_id = finished_run
     with warnings.catch_warnings():
@@ -53,11 +65,31 @@ def test_page_shows_a_stored_audit(finished_run, monkeypatch):
     at = open_page(root, monkeypatch)
     shown = texts(at)
     assert "Result" in shown and "consistent with the claim" in shown
+    assert "descriptive statistics" in shown and "Bonferroni over 3 attacks × 6 guess counts" in shown
+    assert "Steinke" in shown and "Not covered by any guarantee" in shown
     df = next(d.value for d in at.dataframe if "attack" in d.value.columns)
     assert list(df["attack"]) == [audit.ATTACK_LABELS[a] for a in audit.ATTACKS]
     assert df["ROC-AUC"][0] == pytest.approx(result["attacks"]["loss"]["auc"])
+    assert df["ε lower bound (95% joint)"][0] == pytest.approx(result["attacks"]["loss"]["epsilon_lb"])
+    assert not any("optimistic" in c for c in df.columns)
     assert len(at.get("plotly_chart")) == 2
     assert any(m.label == "Claimed ε" for m in at.metric)
+    assert any(m.label == "Empirical ε ≥ (95%)" for m in at.metric)
+
+
+def test_page_refuses_an_old_audit_with_invalid_bounds(finished_run, monkeypatch, tmp_path):
+    root, run_id = finished_run
+    path = RunStore(root).run_dir(run_id) / audit.AUDIT_FILE
+    saved = path.read_text() if path.exists() else None
+    path.write_text(json.dumps({"audit_version": 1, "run_id": run_id, "summary": {"epsilon_lb": 3.0}}))
+    try:
+        at = open_page(root, monkeypatch)
+        assert "older version" in texts(at) and "Result" not in texts(at)
+    finally:
+        if saved is None:
+            path.unlink()
+        else:
+            path.write_text(saved)
 
 
 def test_page_launches_an_audit_in_the_background(finished_run, monkeypatch):

@@ -43,9 +43,9 @@ def test_training_figures_many_events():
     assert list(_trace(acc, "balanced accuracy").y) == pytest.approx([0.3, 0.7])
     assert list(_trace(acc, "ROC-AUC").y) == pytest.approx([0.45, 0.85])
     loss = figs["loss"]
-    assert list(_trace(loss, "train loss").x) == [1, 2, 3, 4]
-    assert list(_trace(loss, "train loss").y) == pytest.approx([2.0, 1.0, 2 / 3, 0.5])
-    assert list(_trace(loss, "test loss").y) == pytest.approx([0.5, 0.25])
+    assert list(_trace(loss, "training-batch loss (non-private run)").x) == [1, 2, 3, 4]
+    assert list(_trace(loss, "training-batch loss (non-private run)").y) == pytest.approx([2.0, 1.0, 2 / 3, 0.5])
+    assert list(_trace(loss, "test-split loss").y) == pytest.approx([0.5, 0.25])
     eps = figs["epsilon"]
     assert list(eps.data[0].x) == [2, 4] and list(eps.data[0].y) == [1.0, 2.0]  # steps without ε left out
     assert [s.y0 for s in eps.layout.shapes] == [3.0]
@@ -58,7 +58,7 @@ def test_training_figures_zero_or_one_event(events):
     assert all(len(t.x) == 0 for t in figs["accuracy"].data)
     assert len(figs["epsilon"].data[0].x) == 0 and not figs["epsilon"].layout.shapes
     if events and events[0].kind == "step":
-        assert list(_trace(figs["loss"], "train loss").y) == [1.0]
+        assert list(_trace(figs["loss"], "training-batch loss (non-private run)").y) == [1.0]
 
 
 def test_non_private_eval_with_none_roc_auc_is_skipped():

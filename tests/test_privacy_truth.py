@@ -36,7 +36,8 @@ from dpcore.store import RunStore
 from dpcore.trainer import BatchedTensorDataset, privatize, train
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = dict(dataset="digits", backbone="tiny_cnn", image_size=16, epochs=2, batch_size=128, device="cpu")
+# head-only on cached features: each run takes a second, and the privacy machinery is the same
+FAST = dict(dataset="digits", backbone="tiny_cnn", image_size=16, epochs=2, batch_size=128, device="cpu", scope="head")
 
 
 def _train(store: RunStore, **kw):
@@ -144,7 +145,7 @@ def test_a_dp_run_stores_no_training_loss_anywhere(tmp_path):
 
 def test_no_hash_of_the_training_data_reaches_the_card(tmp_path):
     store = RunStore(tmp_path / "runs")
-    card = _train(store, epsilon=1.0, scope="head").card
+    card = _train(store, epsilon=1.0).card
     from dpcore import features
     from dpcore.data import load_dataset
 
@@ -382,5 +383,5 @@ def test_cards_name_the_unit_and_the_largest_patient(tmp_path, capsys):
 def test_weight_standardisation_survives_empty_poisson_batches(tmp_path):
     # 359 training images, q = 1/359: about a third of the logical batches are empty
     result = _train(RunStore(tmp_path / "runs"), epsilon=8.0, batch_size=1, epochs=1, weight_standardization=True,
-                    max_physical_batch_size=4, test_fraction=0.8)
+                    max_physical_batch_size=4, test_fraction=0.8, scope="full")
     assert result.status == "done" and result.card["steps"] == 359

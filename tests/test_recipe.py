@@ -179,7 +179,7 @@ def test_weight_standardized_private_augmult_run_on_hooks_reloads(tmp_path):
     load_run(store, r.run_id)
 
 
-def test_pretrain_output_loads_for_other_classes_and_is_recorded(tmp_path):
+def test_pretrain_output_loads_for_other_classes_and_is_recorded(tmp_path, fresh_ledger):
     from dpcore.pretrain import pretrain, state_dict_keys
 
     out = tmp_path / "pub.safetensors"

@@ -55,6 +55,6 @@ def hash_file_signatures(h, images: "ImageList") -> None:
         src = images.source(i)
         try:
             st = os.stat(src)
-            h.update(f"{src}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(os.fsencode(src) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except OSError:
-            h.update(f"{src}\0?\n".encode())
+            h.update(os.fsencode(src) + b"\0?\n")  # (fsencode: non-UTF-8 file names hash too)

@@ -4,7 +4,7 @@ Each image gets two identities:
 
 * ``sha256`` of its content (a file's bytes; an array's pixel bytes with dtype and shape): exact copies.
 * ``fp``, a 256-bit perceptual fingerprint that a resized, re-encoded, stretched or re-moded copy shares up
-  to a few bits: a DCT hash (pHash) of a *canonical form* = luma, box-filtered to 32x32. The canonical form
+  to a few bits: a DCT hash (pHash) of a *canonical form* = luma, resampled to 32x32. The canonical form
   is square on purpose: a copy squashed to a square (the upstream 224x224 chest X-rays) maps to the same
   32x32 as its original. Nothing of the training preprocessing (crop, size) enters it.
 
@@ -12,9 +12,10 @@ Two images are taken as one when their fingerprints differ in at most ``MAX_DIST
 (`near_matches`). A false match only over-counts privacy spending; a missed match would under-count, so the
 threshold sits well above the distances of true copies (measured in ``bench/fingerprint.py``).
 
-Tiny images (fewer than ``EXACT_ONLY_PIXELS`` pixels, e.g. 8x8 digits) carry too little structure:
-distinct digits collapse onto near-equal fingerprints. Their ``fp`` is derived from the sha256 instead, so
-they match exact copies only (an upscaled copy of an 8x8 digit is not found; see the bench for why).
+Tiny images (a side under ``EXACT_ONLY_SIDE`` = 16 px, e.g. 8x8 digits) cannot hold the hash's 16x16 lowest
+frequencies: distinct 8x8 digits come within 16 bits of each other while their upscaled or JPEG copies drift
+30-60 bits away. Their ``fp`` is a hash of the exact 8-bit luma pixels instead: lossless copies (PNG, RGB,
+array) still match, lossy or resized ones are not found (the bench measures this).
 
 Decoding is the cost, so `identify` decodes in a small thread pool (PIL releases the GIL) and keeps a
 `FingerprintCache` keyed by file signature; arrays are hashed directly.
@@ -37,12 +38,12 @@ from ..data.base import ImageList
 from ..data.images import ArrayImageList, PathImageList, to_rgb
 from ..errors import DataError, UnreadableImagesError
 
-FP_VERSION = "phash256-luma-box32-v1"  # stored beside every fingerprint: a changed algorithm must not be compared
-CANON = 32  # canonical side: the fingerprint sees only these 32x32 box-averaged luma values
+FP_VERSION = "phash256-luma-bicubic32-v1"  # stored beside every fingerprint: a changed algorithm must not be compared
+CANON = 32  # canonical side: the fingerprint sees only these 32x32 luma values
 HASH = 16  # the 16x16 lowest DCT frequencies -> 256 bits
 NBYTES = HASH * HASH // 8
-MAX_DISTANCE = 24  # copies measured <= 12 bits apart, distinct images >= 36 (chest X-rays); see bench/fingerprint.py
-EXACT_ONLY_PIXELS = 16 * 16  # smaller images match by sha256 only (8x8 digits collapse otherwise)
+MAX_DISTANCE = 28  # copies measured <= 14 bits apart, distinct images >= 34 (40 for X-rays): bench/fingerprint.py
+EXACT_ONLY_SIDE = HASH  # a side under 16 px: exact pixels only (measured: near-matching works from 16x16 up)
 
 
 # -- the fingerprint ---------------------------------------------------------------------------------
@@ -59,12 +60,16 @@ _DCT = _dct_matrix(CANON, HASH)
 
 
 def canonical(img: Image.Image) -> np.ndarray:
-    """(32, 32) float64 luma 0..255, box-filtered: the only pixels the fingerprint depends on.
+    """(32, 32) float64 luma 0..255: the only pixels the fingerprint depends on.
 
     Any mode is first brought to 8-bit RGB the way the trainer sees it (`to_rgb`: 16-bit scaled, alpha on
     black), then to luma, so an RGB copy of a grayscale image (and back) gives the same canonical form.
+    Resampling is PIL's antialiased bicubic (its support widens with the reduction, so it averages every
+    source pixel, like an area filter), not BOX: measured, BOX's aliasing put resized copies up to 18 bits
+    apart instead of 12, and upscaled copies of 28x28 images 36 bits instead of 12.
     """
-    return np.asarray(_luma8(img).convert("F").resize((CANON, CANON), Image.BOX), dtype=np.float64)
+    f = Image.fromarray(np.asarray(_luma8(img), dtype=np.float32), "F")
+    return np.asarray(f.resize((CANON, CANON), Image.BICUBIC), dtype=np.float64)
 
 
 def hash_canonical(x: np.ndarray) -> np.ndarray:
@@ -91,13 +96,13 @@ def _exact_only_fp(img: Image.Image) -> np.ndarray:
 
 
 def _tiny(img: Image.Image) -> bool:
-    return img.width * img.height < EXACT_ONLY_PIXELS
+    return min(img.size) < EXACT_ONLY_SIDE
 
 
 def fingerprint(img: Image.Image) -> np.ndarray:
     """Perceptual fingerprint (32 uint8 = 256 bits) of a decoded image; resized/re-encoded copies stay near.
 
-    A tiny image (< EXACT_ONLY_PIXELS pixels) gets a hash of its exact pixels instead (see the module doc).
+    A tiny image (a side < EXACT_ONLY_SIDE) gets a hash of its exact pixels instead (see the module doc).
     """
     return _exact_only_fp(img) if _tiny(img) else hash_canonical(canonical(img))
 
@@ -129,10 +134,13 @@ def sha256_array(a: np.ndarray) -> str:
 def _decode(data: bytes) -> Image.Image:
     """Decode file bytes as the trainer would (`open_image`: EXIF rotation applied), at full size.
 
-    Not PIL's faster JPEG draft (DCT-domain 1/2..1/8 scaling): measured, it moves a fingerprint by 6-14 bits,
-    as much as a real resized copy does.
+    A JPEG is decoded straight to luma (libjpeg's Y; 4x faster than RGB, and equal for grayscale X-rays);
+    tiny ones are not, their exact-pixel hash must equal that of `fingerprint(open_image(path))`. Not the
+    DCT-domain 1/2..1/8 scaling of PIL's draft: measured, it moved fingerprints by 6-14 bits.
     """
     im = Image.open(io.BytesIO(data))
+    if im.format == "JPEG" and im.mode == "RGB" and not _tiny(im):
+        im.draft("L", None)
     im.load()
     if im.getexif().get(0x0112, 1) != 1:  # a camera's rotation flag: the copy someone saved upright is the same image
         im = ImageOps.exif_transpose(im)
@@ -180,11 +188,7 @@ class FingerprintCache:
         self._ready = False
 
     def _connect(self) -> sqlite3.Connection:
-        try:
-            db = sqlite3.connect(self.path, timeout=30)
-        except sqlite3.Error as e:
-            raise DataError(f"the fingerprint cache {self.path} cannot be opened ({e}). "
-                            f"Fix: check that its folder exists and is writable") from e
+        db = sqlite3.connect(self.path, timeout=30)  # another process's write waits, it does not fail
         if not self._ready:
             with db:
                 db.execute(_CACHE_SCHEMA)
@@ -194,27 +198,40 @@ class FingerprintCache:
     def get(self, keys: list[tuple[bytes, int, int, int]]) -> list[tuple[str, np.ndarray] | None]:
         """(sha256, fp) for each (path, size, mtime_ns, ino) whose stored signature is equal, else None."""
         out: list[tuple[str, np.ndarray] | None] = [None] * len(keys)
-        where = {k[0]: i for i, k in enumerate(keys)}
+        where: dict[bytes, list[int]] = {}
+        for i, k in enumerate(keys):
+            where.setdefault(k[0], []).append(i)
         paths = list(where)
-        with closing(self._connect()) as db:
-            for s in range(0, len(paths), 500):
-                chunk = paths[s:s + 500]
-                rows = db.execute(
-                    "SELECT path, size, mtime_ns, ino, sha256, fp FROM fingerprint_cache "
-                    f"WHERE fp_version = ? AND path IN ({','.join('?' * len(chunk))})", [FP_VERSION, *chunk])
-                for p, size, mtime, ino, sha, fp in rows:
-                    i = where[bytes(p)]
-                    if keys[i][1:] == (size, mtime, ino) and len(fp) == NBYTES:
-                        out[i] = sha, np.frombuffer(fp, dtype=np.uint8).copy()
+        try:
+            with closing(self._connect()) as db:
+                for s in range(0, len(paths), 500):
+                    chunk = paths[s:s + 500]
+                    rows = db.execute(
+                        "SELECT path, size, mtime_ns, ino, sha256, fp FROM fingerprint_cache "
+                        f"WHERE fp_version = ? AND path IN ({','.join('?' * len(chunk))})", [FP_VERSION, *chunk])
+                    for p, size, mtime, ino, sha, fp in rows:
+                        for i in where[bytes(p)]:
+                            if keys[i][1:] == (size, mtime, ino) and len(fp) == NBYTES:
+                                out[i] = sha, np.frombuffer(fp, dtype=np.uint8).copy()
+        except sqlite3.Error as e:
+            raise self._error("read", e) from e
         return out
 
     def put(self, rows: list[tuple[tuple[bytes, int, int, int], str, np.ndarray]]) -> None:
         """Store (signature, sha256, fp) rows in one transaction."""
         if not rows:
             return
-        with closing(self._connect()) as db, db:
-            db.executemany("INSERT OR REPLACE INTO fingerprint_cache VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           [(k[0], k[1], k[2], k[3], FP_VERSION, sha, fp.tobytes()) for k, sha, fp in rows])
+        try:
+            with closing(self._connect()) as db, db:
+                db.executemany("INSERT OR REPLACE INTO fingerprint_cache VALUES (?, ?, ?, ?, ?, ?, ?)",
+                               [(k[0], k[1], k[2], k[3], FP_VERSION, sha, fp.tobytes()) for k, sha, fp in rows])
+        except sqlite3.Error as e:
+            raise self._error("written", e) from e
+
+    def _error(self, what: str, e: Exception) -> DataError:
+        return DataError(f"the fingerprint cache in {self.path} cannot be {what} ({type(e).__name__}: {e}). "
+                         f"Fix: check that the file is a readable, writable SQLite file and not locked by a "
+                         f"stuck process; the cache can be emptied with DROP TABLE fingerprint_cache")
 
 
 def _signature(path: str) -> tuple[bytes, int, int, int]:
@@ -251,7 +268,7 @@ def _identify_arrays(array: np.ndarray) -> Identities:
     n = len(a)
     sha = [sha256_array(a[i]) for i in range(n)]
     fp = np.zeros((n, NBYTES), dtype=np.uint8)
-    if n and a.shape[1] * a.shape[2] < EXACT_ONLY_PIXELS:
+    if n and min(a.shape[1], a.shape[2]) < EXACT_ONLY_SIDE:
         for i in range(n):
             fp[i] = _exact_only_fp(_array_image(a[i]))
     elif n:  # one batched DCT for all
@@ -325,13 +342,15 @@ _MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD
 def _chunk_keys(bits: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """One uint64 key per row for the bits [lo, hi): exact for <= 64 bits, hashed above (a key collision
     only adds a candidate, which the exact distance check then drops)."""
-    w = hi - lo
-    words = -(-w // 64)
-    part = np.pad(bits[:, lo:hi], ((0, 0), (0, words * 64 - w)))
-    v = np.packbits(part, axis=1, bitorder="little").view("<u8").astype(np.uint64)
-    if words == 1:
-        return v[:, 0]
-    return (v * _MIX[:words]).sum(axis=1, dtype=np.uint64) ^ v[:, 0]
+    by = np.packbits(bits[:, lo:hi], axis=1, bitorder="little")
+    if by.shape[1] <= 8:
+        v = np.zeros(len(by), dtype=np.uint64)
+        for b in range(by.shape[1]):
+            v |= by[:, b].astype(np.uint64) << np.uint64(8 * b)
+        return v
+    by = np.pad(by, ((0, 0), (0, (-by.shape[1]) % 8)))
+    v = np.ascontiguousarray(by).view("<u8").astype(np.uint64)
+    return (v * _MIX[:v.shape[1]]).sum(axis=1, dtype=np.uint64) ^ v[:, 0]
 
 
 def _words(a: np.ndarray) -> np.ndarray:
@@ -368,7 +387,7 @@ def near_matches(query_fp: np.ndarray, known_fp: np.ndarray | None = None,
                  max_distance: int = MAX_DISTANCE, block: int = 4_000_000) -> np.ndarray:
     """All index pairs (i, j), int64 (K, 2) sorted, with hamming(query[i], known[j]) <= max_distance.
 
-    ``known_fp=None`` (or the very same array) means within one set: pairs i < j, each once.
+    ``known_fp=None`` (or the very same array object) means within one set: pairs i < j, each once, no (i, i).
     Multi-index hashing: the bits are cut into m chunks with m*(r+1) > max_distance, so a pair within
     max_distance bits differs in at most r bits on some chunk (pigeonhole); only pairs found that way are
     checked with popcount, so nothing is missed. `block` bounds the candidates held at once (memory).
@@ -384,6 +403,9 @@ def near_matches(query_fp: np.ndarray, known_fp: np.ndarray | None = None,
     if not len(q) or not len(k) or not q.shape[1]:
         return np.zeros((0, 2), dtype=np.int64)
     nbits = q.shape[1] * 8
+    if max_distance >= nbits:  # every pair is within reach
+        i, j = np.triu_indices(len(q), 1) if within else np.indices((len(q), len(k))).reshape(2, -1)
+        return np.stack([i, j], axis=1).astype(np.int64)
     m, r = _plan(nbits, max_distance, len(q), len(k))
     edges = np.linspace(0, nbits, m + 1).round().astype(int)
     qbits = np.unpackbits(q, axis=1)
@@ -401,9 +423,17 @@ def near_matches(query_fp: np.ndarray, known_fp: np.ndarray | None = None,
             owner = np.repeat(np.arange(len(q)), len(flips))
         else:
             probe, owner = qk, np.arange(len(q))
-        order = np.argsort(kk, kind="stable")
-        ks = kk[order]
-        lo, hi = np.searchsorted(ks, probe, "left"), np.searchsorted(ks, probe, "right")
+        if hi_bit - lo_bit <= 22:  # small keys: a direct table of where each key's run starts, no search
+            k64 = kk.astype(np.int64)
+            order = np.argsort(k64)
+            starts = np.zeros((1 << (hi_bit - lo_bit)) + 1, dtype=np.int64)
+            np.cumsum(np.bincount(k64, minlength=len(starts) - 1), out=starts[1:])
+            p64 = probe.astype(np.int64)
+            lo, hi = starts[p64], starts[p64 + 1]
+        else:
+            order = np.argsort(kk)
+            ks = kk[order]
+            lo, hi = np.searchsorted(ks, probe, "left"), np.searchsorted(ks, probe, "right")
         has = hi > lo
         owner, lo, counts = owner[has], lo[has], (hi - lo)[has]
         ends = np.cumsum(counts)
