@@ -547,6 +547,7 @@ def _choose_candidates(total: int, settings: AuditSettings, delta: float, log: C
 
 
 def _ledger_entry_id(ledger, run_id: str) -> str:
+    """`audit-<run>-<unix time>`, with a suffix when a second audit of the run starts within the same second."""
     base = f"audit-{run_id}-{int(time.time())}"
     entry, k = base, 1
     while ledger.entry(entry) is not None:  # two audits of a run within a second
@@ -560,7 +561,7 @@ def record_audit_use(pool: _Pool, run_id: str, config: RunConfig, store: RunStor
     """Record the audit in the privacy ledger before anything is trained: a non-private use of exactly the
     candidate images, which voids their per-image ε. Returns the hold every fit counts on; a LedgerError
     (or an unreadable image) propagates, and then nothing is trained."""
-    from .ledger import Ledger
+    from .ledger import Ledger, LedgerError
     from .privacy.fingerprint import Identities
 
     ledger = Ledger()
@@ -573,8 +574,15 @@ def record_audit_use(pool: _Pool, run_id: str, config: RunConfig, store: RunStor
     entry = _ledger_entry_id(ledger, run_id)
     note = (f"{n_models} models (target + shadows) trained on these {len(pool.y)} candidate images for a "
             "membership audit; no guarantee covers the audit's statistics, so their per-image ε is void")
-    hold = ledger.record_use(entry, kind="audit", train=ids, dataset=config.dataset, data_dir=config.data_dir,
-                             label=f"membership audit of run {run_id}", note=note, runs_dir=str(store.root))
+    try:
+        hold = ledger.record_use(entry, kind="audit", train=ids, dataset=config.dataset, data_dir=config.data_dir,
+                                 label=f"membership audit of run {run_id}", note=note, runs_dir=str(store.root))
+    except LedgerError:
+        raise
+    except Exception as exc:  # sqlite, disk full, permissions: say what it means for the audit
+        raise LedgerError(f"the privacy ledger {ledger.path} could not record this audit ({type(exc).__name__}: "
+                          f"{exc}), so it trains nothing. Fix: free disk space or make the file writable (or point "
+                          "DPCORE_LEDGER at a writable path)") from exc
     return hold, {"entry": entry, "path": str(ledger.path), "n_images": len(pool.y), "kind": "audit",
                   "non_private_use": True, "statement": LEDGER_STATEMENT}
 

@@ -217,7 +217,7 @@ def fmt_num(x, spec: str = ".3g") -> str:
 
 
 def fmt_duration(seconds) -> str:
-    if seconds is None:
+    if seconds is None or (isinstance(seconds, float) and not math.isfinite(seconds)):  # pandas turns None into NaN
         return "—"
     seconds = round(seconds)
     if seconds < 60:

@@ -227,3 +227,10 @@ def test_runs_page_sweep_button_launches_one_background_sweep(tmp_path, monkeypa
     runs = {r.run_id: r for r in RunStore(tmp_path).list_runs()}
     assert {runs[i].status for i in job.run_ids} == {"done"}
     assert sorted(r.target_epsilon or 0 for r in runs.values()) == [0, 1.0, 4.0]
+
+
+def test_durations_of_unstarted_runs_read_as_a_dash():
+    """A queued run has no duration; in a runs table pandas turns its None into NaN (this crashed the page)."""
+    from pages.common import fmt_duration
+
+    assert fmt_duration(float("nan")) == fmt_duration(None) == "—" and fmt_duration(75) == "1 min 15 s"
