@@ -90,8 +90,9 @@ def guarantee_sentence(privacy: dict[str, Any], privacy_unit: str, lineage: dict
                 "(--insecure-reproducible-noise, a debugging mode), so anyone with its card can replay the training "
                 f"and tell whether a given {unit} was in it. The ε it reports describes the noise level only.")
     if lineage and lineage.get("void"):
-        return ("NO DP GUARANTEE for the images that its starting weights were also trained on: "
-                + (lineage.get("sentence") or "an ancestor of these weights trained on them without DP."))
+        sentence = lineage.get("sentence") or ""
+        return sentence if sentence.startswith("NO DP GUARANTEE") else (
+            "NO DP GUARANTEE for the images that its starting weights were also trained on without DP. " + sentence)
     eps = privacy["epsilon"]
     composed = ""
     if lineage and lineage.get("composed_over_ancestors") and lineage.get("epsilon") is not None:

@@ -161,12 +161,14 @@ def assess(weights: dict[str, Any], *, ledger, train_ids, mechanism: tuple[float
     elif void_assumed:
         eps, void = math.inf, True
     elif known_runs or assumed:
+        # composed under the run's own accountant, so the card's "(RDP accountant, …)" names what computed it
         exposure = ledger.exposure_of(current, delta, runs=known_runs, extra=extra)
-        eps = exposure.max_epsilon
+        per_image = exposure.epsilon_rdp if accountant == "rdp" else exposure.epsilon_pld
+        eps = float(per_image.max()) if len(per_image) else 0.0
         if assumed and any(not m for m in matches):  # images new to this ledger: this run + assumed ancestors
             from ..ledger import compose
 
-            eps = max(eps, min(compose(extra, delta, "rdp"), compose(extra, delta, "pld")))
+            eps = max(eps, compose(extra, delta, accountant))
         eps = max(eps, own)
         void = math.isinf(eps)
     else:
