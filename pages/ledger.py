@@ -55,8 +55,8 @@ cols[0].metric("Most-exposed image: ε", _f(s.epsilon),
                help=f"RDP {_f(s.epsilon_of('rdp'))}, PLD {_f(s.epsilon_of('pld'))}, at δ = {_f(s.delta, 3)}; per image "
                     "the smaller of the two (both are valid upper bounds)")
 cols[1].metric("Median image: ε", _f(info["epsilon_median"]))
-cols[2].metric("Images trained on", f"{s.n_trained:,} of {s.n_images:,}",
-               help="the others were only evaluated (test splits) or not used yet")
+cols[2].metric("Images trained on", f"{s.n_trained:,}",
+               help=f"of the {s.n_images:,} images of this data set; the others were only evaluated (test splits)")
 cols[3].metric("Remaining of budget", (_f(s.remaining) if not s.void else "none (void)")
                if s.budget_epsilon is not None else "no budget")
 

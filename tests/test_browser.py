@@ -128,20 +128,22 @@ def test_audit_page_opens_in_the_browser(app_server, tmp_path):
         browser.close()
 
 
-def test_privacy_budget_page_shows_the_ledger_in_the_browser(app_server, tmp_path):
-    """The ledger of the served runs folder (one recorded run, no training) appears on the Privacy budget page."""
+def test_privacy_budget_page_shows_the_ledger_in_the_browser(fresh_ledger, app_server, tmp_path):
+    """The served app's ledger (one recorded run on digits, no training) appears on the Privacy budget page:
+    the most-exposed image's ε and the histogram of ε per image."""
     from playwright.sync_api import sync_playwright
 
     from dpcore.data import load_dataset
     from dpcore.ledger import Ledger
 
     url, runs = app_server
-    ledger = Ledger(runs)
-    key, _ = ledger.identify(load_dataset("digits"), "digits")
-    ledger.record("20260101-000000-abcdef", key, {"private": True, "noise_multiplier": 1.1, "sample_rate": 0.05,
-                                                  "steps": 100, "delta": 1e-5, "accountant": "rdp",
-                                                  "epsilon": 1.5}, "done", label="tiny_cnn, ε=1.5")
-    total = f"{ledger.summary(key).epsilon:.4g}"
+    ledger = Ledger()  # the server's: DPCORE_LEDGER is inherited from the test session
+    spend = ledger.begin("20260101-000000-abcdef", train=ledger.identify(load_dataset("digits").train),
+                         dataset="digits", private=True, noise_multiplier=1.1, sample_rate=0.05, planned_steps=100,
+                         delta=1e-5, accountant="rdp", label="tiny_cnn, ε=1.5")
+    spend.ensure(100)
+    spend.finish("done", 100, 1.5)
+    total = f"{ledger.summary('digits').epsilon:.4g}"
     with sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(
             str(tmp_path / "chrome-profile-ledger"), executable_path=CHROMIUM, args=FLAGS, headless=True,
@@ -150,7 +152,10 @@ def test_privacy_budget_page_shows_the_ledger_in_the_browser(app_server, tmp_pat
         page.goto(url + "/ledger")
         page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=60_000)
         page.get_by_role("heading", name="Privacy budget").first.wait_for(timeout=30_000)
-        page.get_by_text("Total ε (accountant)").first.wait_for(timeout=30_000)
+        page.get_by_text("Most-exposed image: ε").first.wait_for(timeout=30_000)
         assert page.get_by_text(total, exact=True).count() >= 1
         page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)  # plotly draws after the text
+        shots = os.environ.get("DPCORE_SCREENSHOTS")
+        if shots:
+            page.screenshot(path=str(Path(shots) / "privacy_budget.png"), full_page=True)
         browser.close()
