@@ -77,7 +77,19 @@ def preflight(config: RunConfig, ledger=None, splits=None) -> Preflight:
     if config.private:
         plan = accounting.plan(config.epsilon, config.delta, sampling.sample_rate, sampling.steps, config.accountant)
         sigma, eps = plan.noise_multiplier, plan.epsilon
-    ids = ledger.identify(splits.train)
+    train_images = splits.train
+    if config.skip_unreadable:  # the run will leave these out: so does the preview
+        from .errors import UnreadableImagesError
+
+        try:
+            ids = ledger.identify(train_images)
+        except UnreadableImagesError as exc:
+            bad = {src for src, _ in exc.files}
+            train_images = train_images.subset([i for i in range(len(train_images))
+                                                if train_images.source(i) not in bad])
+            ids = ledger.identify(train_images)
+    else:
+        ids = ledger.identify(train_images)
     guarantee = lineage_mod.assess(
         weights_of(config.pretrained, config.backbone), ledger=ledger, train_ids=ids,
         mechanism=(sigma, sampling.sample_rate, sampling.steps) if private else None, delta=config.delta,
