@@ -39,6 +39,7 @@ import numpy as np
 
 from . import accounting
 from .errors import DPCoreError
+from .process import alive
 
 LEDGER_ENV = "DPCORE_LEDGER"
 SCHEMA_VERSION = "2"
@@ -153,25 +154,11 @@ class Entry:
     @property
     def interrupted(self) -> bool:
         """Still 'running' here, but its process is gone (killed): its reserved steps count."""
-        return self.status == "running" and not _alive(self.pid)
+        return self.status == "running" and not alive(self.pid)
 
     @property
     def shown_status(self) -> str:
         return "interrupted" if self.interrupted else self.status
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass(frozen=True)

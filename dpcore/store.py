@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 from .config import RunConfig
 from .errors import DPCoreError
+from .process import alive
 from .events import Event
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
@@ -50,20 +51,6 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (run_id, seq)
 );
 """
-
-
-def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
 
 
 class RunNotFound(DPCoreError):
@@ -207,7 +194,7 @@ class RunStore:
         """
         with self._connect() as db:
             rows = db.execute("SELECT run_id, pid FROM runs WHERE status IN ('queued', 'running')").fetchall()
-        dead = [r["run_id"] for r in rows if not _alive(r["pid"])]
+        dead = [r["run_id"] for r in rows if not alive(r["pid"])]
         for run_id in dead:
             self.set_status(run_id, "failed", error="interrupted: the process that queued or trained this run "
                                                     "stopped before it finished")
