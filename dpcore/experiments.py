@@ -29,6 +29,7 @@ from typing import Any
 from .config import RunConfig
 from .errors import ConfigError, DPCoreError
 from .events import Event, Listener
+from . import run_review
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS_DIR = REPO_ROOT / "experiments"
@@ -540,7 +541,7 @@ def _row(exp: Experiment, arm: Arm, rec, store=None) -> dict[str, Any]:
         return row
     m, p = _reported_metrics(arm, rec, store), rec.privacy or {}
     row.update(status=rec.status, run_id=rec.run_id, target_epsilon=rec.target_epsilon, private=rec.private,
-               epsilon=p.get("epsilon") if rec.private else None, accuracy=m.get("accuracy"),
+               epsilon=run_review.guaranteed_epsilon(p) if rec.private else None, accuracy=m.get("accuracy"),
                balanced_accuracy=m.get("balanced_accuracy"), roc_auc=m.get("roc_auc"),
                duration_s=rec.duration if rec.status != "queued" else None)
     return row

@@ -5,6 +5,8 @@ and showing those next to its predictions would publish exactly what the guarant
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -22,10 +24,18 @@ def _iso(ts: float | None) -> str | None:
 
 
 def _spent_epsilon(rec: RunRecord) -> float | None:
-    """ε actually spent, from the stored privacy record (present once a run has ended with a model)."""
+    """The ε the run's card guarantees per image (composed over its weights' lineage), from the stored
+    privacy record; ∞ for a private run whose guarantee does not hold (replayable noise, a non-private
+    ancestor on the same images)."""
     if not rec.private or not rec.privacy:
         return None
-    return rec.privacy.get("epsilon")
+    return guaranteed_epsilon(rec.privacy)
+
+
+def guaranteed_epsilon(privacy: dict[str, Any]) -> float | None:
+    if privacy.get("guarantee_holds") is False:
+        return math.inf
+    return privacy.get("guarantee_epsilon") or privacy.get("epsilon")
 
 
 def runs_table(store: RunStore) -> list[dict[str, Any]]:

@@ -783,7 +783,7 @@ class _Run:
         if self.features is not None:
             card["model"]["features"] = self.features_info()
         self.store.write_json(self.run_id, "card.json", card)
-        self.store.record_results(self.run_id, self.last_metrics, privacy)
+        self.store.record_results(self.run_id, self.last_metrics, card["privacy"])  # with the guarantee's facts
         self.store.set_status(self.run_id, status)
         self.emit(Event("finished" if status == "done" else "cancelled", self.run_id, step=self.step,
                         total_steps=self.total_steps, epoch=self.step / self.spe,
