@@ -79,6 +79,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from .config import RunConfig
 from .errors import DPCoreError
+from .process import alive
 from .store import RunStore
 
 AUDIT_FILE = "audit.json"
@@ -728,20 +729,6 @@ def format_table(audit: dict[str, Any]) -> str:
 
 
 # -- background runner for the app ---------------------------------------------------------------
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read_progress(store: RunStore, run_id: str) -> dict[str, Any] | None:
     """The audit in progress (or last ended) for a run; a 'running' one whose process died reads as failed."""
     path = store.run_dir(run_id) / PROGRESS_FILE
@@ -751,7 +738,7 @@ def read_progress(store: RunStore, run_id: str) -> dict[str, Any] | None:
         prog = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if prog.get("status") == "running" and not _alive(prog.get("pid")):
+    if prog.get("status") == "running" and not alive(prog.get("pid")):
         prog = {**prog, "status": "failed", "error": "interrupted: the process running the audit stopped"}
     elif prog.get("status") == "running" and prog.get("pid") == os.getpid() and not _RUNNING.get(
             (str(store.root), run_id)):
