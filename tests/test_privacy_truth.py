@@ -234,8 +234,9 @@ def _cli_env(ledger: Path) -> dict:
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_a_killed_run_leaves_at_least_the_steps_it_took(tmp_path, sig):
     ledger = tmp_path / "ledger.sqlite"
-    cmd = [sys.executable, "-m", "dpcore", "train", "--dataset", "digits", "--epsilon", "1", "--epochs", "200",
-           "--batch-size", "64", "--image-size", "16", "--device", "cpu", "--runs-dir", str(tmp_path / "runs")]
+    cmd = [sys.executable, "-m", "dpcore", "train", "--dataset", "digits", "--epsilon", "1", "--epochs", "400",
+           "--batch-size", "64", "--image-size", "16", "--device", "cpu", "--scope", "head",
+           "--runs-dir", str(tmp_path / "runs")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_cli_env(ledger),
                             cwd=ROOT)
     last = 0
