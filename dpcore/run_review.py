@@ -102,6 +102,20 @@ def ready_runs(store: RunStore) -> list[RunRecord]:
             if r.status == "done" and (store.run_dir(r.run_id) / "model.safetensors").is_file()]
 
 
+DEMO_DATASETS = ("digits", "cifar10")  # not medical images: listed after the medical models
+
+
+def clinician_order(store: RunStore) -> list[RunRecord]:
+    """The models a clinician may pick, best first: private with a guarantee that holds, then medical data
+    before the demo sets, then by test ROC-AUC (the newest run is not the best one)."""
+    def key(r: RunRecord):
+        holds = r.private and bool(r.privacy) and math.isfinite(guaranteed_epsilon(r.privacy) or math.inf)
+        auc = (r.metrics or {}).get("roc_auc")
+        return (not holds, r.dataset in DEMO_DATASETS, -(auc if auc is not None else -1.0), -r.created_at)
+
+    return sorted(ready_runs(store), key=key)
+
+
 @dataclass
 class TestPredictions:
     probs: np.ndarray  # (N, classes)

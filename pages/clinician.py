@@ -1,5 +1,7 @@
 """Clinician: upload images, see class probabilities, a Grad-CAM overlay and the model card. No training data."""
+import math
 import threading
+from pathlib import Path
 
 import streamlit as st
 
@@ -30,7 +32,7 @@ def decode(data: bytes, name: str):
 
 st.title("🩺 Clinician view")
 st.warning(NOTICE, icon="⚠️")
-ready = {r.run_id: r for r in reversed(run_review.ready_runs(store()))}
+ready = {r.run_id: r for r in run_review.clinician_order(store())}  # private, medical, best test AUC first
 if not ready:
     st.info("No trained model yet: a model must be trained (Train page) before it can be used here.")
     st.stop()
@@ -38,7 +40,12 @@ if not ready:
 
 def describe(run_id: str) -> str:
     r = ready[run_id]
-    return f"{r.dataset} · {r.backbone} · " + (f"ε={r.target_epsilon:g}" if r.private else "non-private") + f" · {run_id}"
+    data = f"{r.dataset} ({Path(r.config.data_dir).name})" if r.config.data_dir else r.dataset
+    eps = run_review.guaranteed_epsilon(r.privacy or {}) if r.private else None
+    privacy = ("non-private" if not r.private else "no DP guarantee" if eps is None or math.isinf(eps)
+               else f"ε={eps:.3g} per image")
+    auc = (r.metrics or {}).get("roc_auc")
+    return f"{data} · {r.backbone} · {privacy}" + (f" · AUC {auc:.3f}" if auc is not None else "") + f" · {run_id}"
 
 
 run_id = st.selectbox("Model", list(ready), format_func=describe, key="cl_run")

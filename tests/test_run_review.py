@@ -125,3 +125,30 @@ def test_gallery_refuses_changed_or_missing_data(store, tmp_path):
     with pytest.raises(DPCoreError, match=r"cannot be shown.*no longer loads.*gone"):
         insp.test_gallery(st, rid)
     st.delete_run(rid)
+
+
+def test_clinician_sees_the_best_private_medical_model_first(tmp_path):
+    """Not the newest run: private with a holding guarantee first, medical before the digits demo, then test AUC."""
+    from dpcore import run_review
+    from dpcore.config import RunConfig
+    from dpcore.store import RunStore
+
+    store = RunStore(tmp_path)
+    made = {}
+    for name, dataset, eps, auc, holds in [("private xray .90", "folder", 1.0, 0.90, True),
+                                           ("private xray .95", "folder", 1.0, 0.95, True),
+                                           ("non-private xray .99", "folder", None, 0.99, None),
+                                           ("void xray .97", "folder", 1.0, 0.97, False),
+                                           ("private digits .99", "digits", 1.0, 0.99, True)]:
+        cfg = RunConfig(dataset=dataset, data_dir=str(tmp_path) if dataset == "folder" else None, epsilon=eps)
+        run_id = store.create_run(cfg)
+        (store.run_dir(run_id) / "model.safetensors").write_bytes(b"x")
+        privacy = {"private": eps is not None, "epsilon": eps, "guarantee_holds": holds,
+                   "guarantee_epsilon": eps if holds else None}
+        store.record_results(run_id, {"roc_auc": auc}, privacy)
+        store.set_status(run_id, "running")
+        store.set_status(run_id, "done")
+        made[run_id] = name
+    order = [made[r.run_id] for r in run_review.clinician_order(store)]
+    assert order == ["private xray .95", "private xray .90", "private digits .99", "non-private xray .99",
+                     "void xray .97"]
