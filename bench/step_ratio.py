@@ -4,11 +4,17 @@
     python -m bench.step_ratio --quick         # a fast smoke run
     python -m bench.step_ratio --device cuda
     python -m bench.step_ratio --write-table   # also (re)write bench/grad_modes.json for this device
+    python -m bench.step_ratio --plan mobile --scope full,last-k --modes hooks,bk --write-table --merge
+                                               # EfficientNet-Lite / MobileNets; keep the table's other entries
 
 One *step* = forward + backward + optimizer step on a fixed batch (random images, 10 classes, SGD);
 for DP that includes per-example gradients (or norms), clipping, one Gaussian noise draw per
 parameter (sigma = 1) and the scaling. Models come from ``models.create_model`` (random init: the
-step time does not depend on the weights), i.e. already Opacus-compatible (GroupNorm, ...).
+step time does not depend on the weights), i.e. already Opacus-compatible (GroupNorm, ...). Backbones
+the registry does not know yet (``EXTRA_TIMM``: tf_efficientnet_lite0, mobilenetv2_100 and
+mobilenetv1_100 with ``pad_type="same"``) are built with ``timm.create_model`` and
+``models.make_opacus_compatible``; ``--bn folded`` instead emulates their pretrained form (each
+BatchNormAct2d folded into the conv before it, which gets a bias; the norm becomes its activation).
 Every (model, batch, mode) configuration is warmed up with one step, then the configurations are
 timed *interleaved* (round-robin, one step each per round) so that machine noise hits them alike;
 the table shows medians. A mode is *eligible* only if its clipped, summed gradient (noise 0) equals
@@ -51,12 +57,86 @@ QUICK_PLAN = [
     ("resnet18", 64, [64]),
     ("vit_tiny_patch16_224", 32, [32]),
 ]
+MOBILE_PLAN = [  # the EfficientNet-Lite / MobileNet family, at the trainer's physical batch (128)
+    ("tf_efficientnet_lite0", 64, [128]),
+    ("tf_efficientnet_lite0", 128, [128]),
+    ("mobilenetv2_100", 64, [128]),
+    ("mobilenetv2_100", 128, [128]),
+    ("mobilenetv1_100", 64, [128]),
+    ("mobilenetv1_100", 128, [128]),
+]
+PLANS = {"full": FULL_PLAN, "quick": QUICK_PLAN, "mobile": MOBILE_PLAN}
+# timm backbones measured before (or without) a registry entry: name -> timm.create_model kwargs
+EXTRA_TIMM = {"tf_efficientnet_lite0": {}, "mobilenetv2_100": {"pad_type": "same"},
+              "mobilenetv1_100": {"pad_type": "same"}}
+EXTRA_FAMILY = "efficientnet"  # timm's module for all three (timm.models.efficientnet)
 CUDA_PLAN = [
     ("tiny_cnn", 32, [64, 256]),
     ("resnet18", 64, [64, 256]),
     ("vit_tiny_patch16_224", 32, [64, 256]),
     ("vit_tiny_patch16_224", 224, [64]),
 ]
+
+
+def parse_plan(spec: str) -> list:
+    """``--plan``: a preset name (full, quick, mobile) or ``MODEL@SIZE@B1/B2,...``."""
+    if spec in PLANS:
+        return PLANS[spec]
+    plan = []
+    for item in spec.split(","):
+        name, size, batches = item.split("@")
+        plan.append((name, int(size), [int(b) for b in batches.split("/")]))
+    return plan
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Emulate pretrained folding: every timm ``BatchNormAct2d`` folded into the conv before it (the conv
+    gets W·γ/σ and the bias β − γ·μ/σ, σ = √(running var + eps)) and replaced by its activation."""
+    from timm.layers.norm_act import BatchNormAct2d
+
+    for parent in list(model.modules()):
+        conv = None
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Conv2d):
+                conv = child
+            elif isinstance(child, BatchNormAct2d):
+                if conv is None or type(child.drop) is not nn.Identity:
+                    raise ValueError(f"{name}: no conv right before this BatchNormAct2d to fold it into")
+                scale = child.weight / torch.sqrt(child.running_var + child.eps)
+                bias = child.bias - child.running_mean * scale
+                if conv.bias is not None:
+                    bias = bias + conv.bias * scale
+                conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+                conv.bias = nn.Parameter(bias)
+                setattr(parent, name, child.act)
+                conv = None
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ValueError("a BatchNorm layer was left unfolded")
+    return model
+
+
+def build_model(name: str, size: int, num_classes: int = 10, bn: str = "groupnorm") -> nn.Module:
+    """A registered backbone via ``models.create_model`` (random init), or an ``EXTRA_TIMM`` one via timm."""
+    if name in EXTRA_TIMM and (bn == "folded" or name not in models.list_models()):
+        import timm
+
+        m = timm.create_model(name, pretrained=False, num_classes=num_classes, **EXTRA_TIMM[name])
+        if bn == "folded":
+            fold_batchnorm(m)
+        return models.make_opacus_compatible(m)
+    if bn != "groupnorm":
+        raise ValueError(f"--bn {bn} is only for {', '.join(EXTRA_TIMM)}")
+    return models.create_model(name, num_classes, pretrained="none", image_size=size).model
+
+
+def family(name: str) -> str:
+    try:
+        return models.get_spec(name).family
+    except Exception:
+        if name in EXTRA_TIMM:
+            return EXTRA_FAMILY
+        raise
 
 
 def cpu_model() -> str:
@@ -93,12 +173,13 @@ def sync(device: torch.device) -> None:
 class Config:
     """One timed configuration: a model copy, its optimizer and a fixed batch."""
 
-    def __init__(self, base: nn.Module, x, y, mode: Optional[str], device, scope: str, autocast: bool):
+    def __init__(self, base: nn.Module, x, y, mode: Optional[str], device, scope: str, autocast: bool,
+                 trainable_blocks: int = 1):
         self.mode = mode  # None = non-private
         self.device = device
         self.autocast = autocast
         m = copy.deepcopy(base).to(device)
-        models.set_trainable(m, scope)
+        models.set_trainable(m, scope, trainable_blocks)
         m.train()
         self.x, self.y = x.to(device), y.to(device)
         if mode is None:
@@ -123,20 +204,21 @@ class Config:
         return time.perf_counter() - t0
 
 
-def breakdown(name: str, size: int, batch: int, mode: str, device, scope: str, repeats: int) -> dict:
+def breakdown(name: str, size: int, batch: int, mode: str, device, scope: str, repeats: int,
+              bn: str = "groupnorm", trainable_blocks: int = 1) -> dict:
     """Median seconds of the phases of one DP step: forward, backward (incl. per-sample grad hooks),
     clip_and_accumulate (per-sample norms + clipped sum), add_noise, scale_grad + SGD update;
     plus the non-private forward/backward/step for comparison, and which parameters got
     per-sample gradients (frozen ones must not)."""
     torch.manual_seed(0)
-    base = models.create_model(name, 10, pretrained="none", image_size=size).model
+    base = build_model(name, size, bn=bn)
     g = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, 3, size, size, generator=g)
     y = torch.randint(0, 10, (batch,), generator=g)
     res = {k: [] for k in ("np_forward", "np_backward", "np_step", "forward", "backward", "clip_and_accumulate",
                            "add_noise", "scale_and_update")}
-    npc = Config(base, x, y, None, device, scope, False)
-    dpc = Config(base, x, y, mode, device, scope, False)
+    npc = Config(base, x, y, None, device, scope, False, trainable_blocks)
+    dpc = Config(base, x, y, mode, device, scope, False, trainable_blocks)
     opt = dpc.optimizer
 
     def timed(f):
@@ -192,24 +274,25 @@ def check_modes(base: nn.Module, size: int, modes, device) -> dict:
     return out
 
 
-def run_model(name: str, size: int, batches, modes, device, repeats: int, scope: str,
-              autocast: bool, log) -> list[dict]:
+def run_model(name: str, size: int, batches, modes, device, repeats: int, scopes,
+              autocast: bool, log, bn: str = "groupnorm", trainable_blocks: int = 1) -> list[dict]:
+    scopes = [scopes] if isinstance(scopes, str) else list(scopes)
     torch.manual_seed(0)
-    base = models.create_model(name, 10, pretrained="none", image_size=size).model
+    base = build_model(name, size, bn=bn)
     checks = check_modes(base, size, modes, device)
     tol = gm.rel_tol(device)
     ok = [m for m in modes if isinstance(checks[m], float) and checks[m] < tol]
     for m in modes:
         log(f"  {name}@{size}: {m}: " + (f"rel.err {checks[m]:.1e}" if isinstance(checks[m], float) else checks[m]))
     rows = []
-    for b in batches:
+    for scope, b in [(sc, b) for sc in scopes for b in batches]:
         g = torch.Generator().manual_seed(b)
         x = torch.randn(b, 3, size, size, generator=g)
         y = torch.randint(0, 10, (b,), generator=g)
-        configs = {"non-private": Config(base, x, y, None, device, scope, autocast)}
+        configs = {"non-private": Config(base, x, y, None, device, scope, autocast, trainable_blocks)}
         for m in ok:
             try:
-                configs[m] = Config(base, x, y, m, device, scope, autocast)
+                configs[m] = Config(base, x, y, m, device, scope, autocast, trainable_blocks)
                 configs[m].step()  # warm-up (and: does it run at this batch size?)
             except Exception as e:
                 log(f"  {name}@{size} b{b} {m}: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
@@ -227,7 +310,7 @@ def run_model(name: str, size: int, batches, modes, device, repeats: int, scope:
                 if k not in slow:
                     c.times.append(c.step())
         base_t = statistics.median(configs["non-private"].times)
-        row = {"model": name, "size": size, "batch": b, "scope": scope,
+        row = {"model": name, "size": size, "batch": b, "scope": scope, "bn": bn,
                "nonprivate_s": base_t, "nonprivate_ips": b / base_t, "modes": {}}
         for m in modes:
             if m in configs:
@@ -245,7 +328,7 @@ def run_model(name: str, size: int, batches, modes, device, repeats: int, scope:
 
 
 def format_header(modes) -> str:
-    return (f"{'model':<22}{'px':>4}{'batch':>6}{'non-priv img/s':>16}  "
+    return (f"{'model':<22}{'px':>4}{'batch':>6}{'scope':>7}{'non-priv img/s':>16}  "
             + "".join(f"{m + ' img/s (x)':>22}" for m in modes))
 
 
@@ -254,7 +337,8 @@ def format_row(row: dict, modes) -> str:
     for m in modes:
         r = row["modes"][m]
         cells.append(f"{r['ips']:9.1f} ({r['ratio']:4.2f}x)" if r.get("eligible") else "n/a")
-    return (f"{row['model']:<22}{row['size']:>4}{row['batch']:>6}{row['nonprivate_ips']:>16.1f}  "
+    return (f"{row['model']:<22}{row['size']:>4}{row['batch']:>6}{row.get('scope', 'full'):>7}"
+            f"{row['nonprivate_ips']:>16.1f}  "
             + "".join(f"{c:>22}" for c in cells))
 
 
@@ -271,21 +355,37 @@ def best_modes(rows, modes) -> dict:
         out[name] = {"mode": ranked[0] if ranked else gm.DEFAULT_MODE, "ranked": ranked,
                      "mean_ratio": {m: round(tot[m], 3) for m in ranked},
                      "measured_at": sorted({(r["size"], r["batch"]) for r in mine})}
+        scopes = sorted({r.get("scope", "full") for r in mine})
+        if scopes != ["full"]:  # the mean is over these scopes too
+            out[name]["scopes"] = scopes
+        bns = sorted({r.get("bn", "groupnorm") for r in mine})
+        if bns != ["groupnorm"]:
+            out[name]["bn"] = bns
     return out
 
 
-def write_table(rows, modes, env, argv) -> None:
+def write_table(rows, modes, env, argv, merge: bool = False) -> None:
+    """(Re)write this device's entry of bench/grad_modes.json. ``merge``: keep the entry's other models
+    and families, replace only the measured ones (each then records its own command and date)."""
     table = gm.load_table()
     table.setdefault("devices", {})
     kind = gm.device_kind(env["device"])
+    command = "python -m bench.step_ratio " + " ".join(argv)
+    today = datetime.date.today().isoformat()
     per_model = best_modes(rows, modes)
     families = {}
     for name, entry in per_model.items():
-        fam = models.get_spec(name).family
-        families.setdefault(fam, entry)  # the first measured model of a family stands for it
+        families.setdefault(family(name), entry)  # the first measured model of a family stands for it
+    old = table["devices"].get(kind) or {}
+    if merge and old:
+        for entry in list(per_model.values()) + list(families.values()):
+            entry.update(command=command, date=today)
+        per_model = {**(old.get("models") or {}), **per_model}
+        families = {**(old.get("families") or {}), **families}
+        env = old.get("environment") or env
+        command, today = old.get("command", command), old.get("date", today)
     table["devices"][kind] = {"models": per_model, "families": families,
-                              "environment": env, "date": datetime.date.today().isoformat(),
-                              "command": "python -m bench.step_ratio " + " ".join(argv)}
+                              "environment": env, "date": today, "command": command}
     table["about"] = ("fastest grad_sample_mode whose clipped summed gradient equals hooks' (noise 0); "
                       "written by python -m bench.step_ratio --write-table, read by dpcore.grad_modes")
     path = gm.table_path()
@@ -300,11 +400,19 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per configuration (default 5, quick 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--scope", default="full", choices=models.SCOPES, help="what is trained (frozen rest)")
+    ap.add_argument("--scope", default="full",
+                    help="what is trained (frozen rest): one of %s, or several comma-separated" % ", ".join(models.SCOPES))
+    ap.add_argument("--trainable-blocks", type=int, default=1, help="scope last-k: how many blocks (default 1)")
+    ap.add_argument("--plan", default=None, help="full | quick | mobile | MODEL@SIZE@B1/B2,... (default: full)")
+    ap.add_argument("--bn", default="groupnorm", choices=("groupnorm", "folded"),
+                    help="EXTRA_TIMM models: BatchNorm -> GroupNorm (random init, default) or folded into the "
+                         "convs (as pretrained weights)")
     ap.add_argument("--modes", default=",".join(gm.MODES), help="comma-separated grad_sample_modes")
     ap.add_argument("--models", default=None, help="comma-separated subset of the plan's models")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward (CUDA only)")
     ap.add_argument("--write-table", action="store_true", help="write bench/grad_modes.json for this device")
+    ap.add_argument("--merge", action="store_true",
+                    help="with --write-table: keep the device's other table entries, replace the measured ones")
     ap.add_argument("--breakdown", default=None, metavar="MODEL@SIZE@BATCH@MODE",
                     help="time the phases of one DP step instead, e.g. resnet18@64@64@hooks")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -324,13 +432,20 @@ def main(argv=None) -> int:
         modes.insert(0, "hooks")  # the correctness reference
     repeats = args.repeats or (3 if args.quick else 5)
     plan = QUICK_PLAN if args.quick else (CUDA_PLAN if device.type == "cuda" else FULL_PLAN)
+    if args.plan:
+        plan = parse_plan(args.plan)
+    scopes = [s for s in args.scope.split(",") if s]
+    bad = [s for s in scopes if s not in models.SCOPES]
+    if bad or not scopes:
+        print(f"unknown scope(s) {bad}; use {', '.join(models.SCOPES)}", file=sys.stderr)
+        return 2
     if args.models:
         keep = args.models.split(",")
         plan = [p for p in plan if p[0] in keep]
     env = environment(device)
     if args.breakdown:
         name, size, batch, mode = args.breakdown.split("@")
-        b = breakdown(name, int(size), int(batch), mode, device, args.scope, repeats)
+        b = breakdown(name, int(size), int(batch), mode, device, scopes[0], repeats, args.bn, args.trainable_blocks)
         print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
         print(f"breakdown {args.breakdown} scope={args.scope} (median of {repeats}):")
         for k, v in b.items():
@@ -347,7 +462,8 @@ def main(argv=None) -> int:
     rows = []
     log(format_header(modes))
     for name, size, batches in plan:
-        rows += run_model(name, size, batches, modes, device, repeats, args.scope, args.bf16, log)
+        rows += run_model(name, size, batches, modes, device, repeats, scopes, args.bf16, log, args.bn,
+                          args.trainable_blocks)
     print()
     print("DP / non-private step-time ratio (median of %d interleaved steps; n/a = mode not eligible):" % repeats)
     print(format_header(modes))
@@ -361,7 +477,7 @@ def main(argv=None) -> int:
     for name, e in ranked.items():
         print(f"fastest eligible mode for {name}: {e['mode']}  (mean DP/non-private ratio {e['mean_ratio']})")
     if args.write_table:
-        write_table(rows, modes, env, argv)
+        write_table(rows, modes, env, argv, merge=args.merge)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "rows": rows, "argv": argv}, f, indent=1)

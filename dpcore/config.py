@@ -19,6 +19,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 MEDMNIST_SIZES = (28, 64, 128, 224)
 DATASETS_NEEDING_DIR = ("folder", "ham10000")
+PRETRAINED_WORDS = ("none", "hub", "bundled", "default")  # besides a PATH.safetensors
 
 
 class PrivacyWarning(UserWarning):
@@ -37,7 +38,9 @@ class RunConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     backbone: str = "tiny_cnn"
-    pretrained: str = "none"  # "none" | "hub" | path to a .safetensors file
+    # "none" | "hub" | "bundled" (weights shipped with the app) | "default" (local hub cache, then bundled, then
+    # $DPCORE_WEIGHTS_DIR: see models.weight_sources) | path to a .safetensors file
+    pretrained: str = "none"
     scope: str = "full"
     epsilon: float | None = 2.0
     delta: float = 1e-5
@@ -91,9 +94,20 @@ class RunConfig:
             bad("dataset", f"unknown data set {self.dataset!r}", f"use one of {', '.join(list_datasets())}")
         if self.backbone not in list_models():
             bad("backbone", f"unknown backbone {self.backbone!r}", f"use one of {', '.join(list_models())}")
-        if self.pretrained not in ("none", "hub") and not str(self.pretrained).endswith(".safetensors"):
-            bad("pretrained", f"{self.pretrained!r} is neither 'none', 'hub' nor a .safetensors file",
-                "pass none, hub, or the path of a .safetensors weights file")
+        if self.pretrained not in PRETRAINED_WORDS and not str(self.pretrained).endswith(".safetensors"):
+            bad("pretrained", f"{self.pretrained!r} is neither one of {', '.join(PRETRAINED_WORDS)} nor a "
+                ".safetensors file", "pass none, hub, bundled, default, or the path of a .safetensors weights file")
+        if self.pretrained in ("hub", "bundled"):
+            from models import get_spec, list_models
+
+            spec = get_spec(self.backbone)
+            if self.pretrained == "hub" and spec.timm_name is not None and not spec.hub_weights:
+                bad("pretrained", f"timm's hub weights do not fit {self.backbone} (built with TF padding for "
+                    "TFLite weights)", "use pretrained default with DPCORE_WEIGHTS_DIR, or a .safetensors file")
+            if self.pretrained == "bundled" and not spec.bundled:
+                have = ", ".join(n for n in list_models() if get_spec(n).bundled)
+                bad("pretrained", f"no weights are bundled for {self.backbone} (bundled: {have})",
+                    "use pretrained default, hub or a .safetensors file, or a backbone with bundled weights")
         if self.scope not in SCOPES:
             bad("scope", f"unknown fine-tuning scope {self.scope!r}", f"use one of {SCOPES}")
         if self.epsilon is not None:
@@ -179,9 +193,9 @@ class RunConfig:
         if self.data_dir and not Path(self.data_dir).exists():
             raise ConfigError("data_dir", f"{self.data_dir} does not exist",
                               "check the path (the data are read in place, never copied)")
-        if self.pretrained not in ("none", "hub") and not Path(self.pretrained).is_file():
+        if self.pretrained not in PRETRAINED_WORDS and not Path(self.pretrained).is_file():
             raise ConfigError("pretrained", f"weights file {self.pretrained} does not exist",
-                              "check the path, or use --pretrained none (random init) or hub")
+                              "check the path, or use --pretrained none (random init), hub, bundled or default")
 
     def check_against_data(self, n_train: int) -> None:
         """Checks that need the training-set size n: batch ≤ n, and a warning when δ > 1/n."""

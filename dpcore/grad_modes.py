@@ -33,6 +33,8 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+import models.opacus_samplers  # noqa: F401  (registers Opacus grad samplers for timm's Conv2dSame, ...)
+
 MODES = ("hooks", "functorch", "ew", "ghost", "bk")
 DEFAULT_MODE = "hooks"
 TABLE_PATH = Path(__file__).resolve().parent.parent / "bench" / "grad_modes.json"

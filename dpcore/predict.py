@@ -43,7 +43,8 @@ class LoadedRun:
 
 
 def load_run(store: RunStore, run_id: str, device: str = "cpu") -> LoadedRun:
-    """Rebuild a run's model from config.json + model.safetensors only (no pickle, no training data)."""
+    """Rebuild a run's model from config.json + model.safetensors only (no pickle, no training data, no
+    pretrained weights: the saved file holds every parameter, and its keys tell the architecture)."""
     run_dir = store.run_dir(run_id)
     weights = run_dir / "model.safetensors"
     if not weights.exists():
@@ -52,8 +53,10 @@ def load_run(store: RunStore, run_id: str, device: str = "cpu") -> LoadedRun:
                           "runs can predict")
     config = RunConfig.from_json((run_dir / "config.json").read_text())
     meta = read_metadata(weights)
+    # the architecture only (no pretrained weights needed): BatchNorm folded into the convolutions or turned
+    # into GroupNorm, as the saved weights' keys say the run had it
     created = models.create_model(config.backbone, len(meta["class_names"]), pretrained="none",
-                                  image_size=config.image_size)
+                                  image_size=config.image_size, norm=models.saved_norm(config.backbone, weights))
     models.set_trainable(created.model, config.scope)
     load_weights(created.model, weights)
     dev = torch.device(device)

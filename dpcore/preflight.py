@@ -35,13 +35,18 @@ class Preflight:
 
 
 def weights_of(pretrained: str, backbone: str) -> dict[str, Any]:
-    """The starting weights' description (source, lineage) without building the model."""
+    """The starting weights' description (source, lineage) without building the model. ``bundled`` and
+    ``default`` are resolved as ``models.create_model`` resolves them (``models.weight_sources``)."""
     if pretrained in (None, "", "none"):
         return {"source": "none", "name": None}
     if pretrained == "hub":
         import models
 
         return {"source": "hub", "name": models.get_spec(backbone).timm_name}
+    if pretrained in ("bundled", "default"):
+        import models
+
+        return models.describe_source(backbone, pretrained)
     from models.factory import _file_metadata, _sha256
     from pathlib import Path
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import socket
@@ -18,6 +17,8 @@ from torch import nn
 
 from dpcore.errors import ConfigError, WeightsError
 
+from . import weight_sources
+from .bn_fold import fold_batchnorm, has_batchnorm
 from .opacus_compat import make_opacus_compatible
 from .registry import BackboneSpec, get_spec
 from .tiny_cnn import TinyCNN
@@ -30,7 +31,12 @@ class CreatedModel:
     model: nn.Module  # already made Opacus-compatible
     spec: BackboneSpec
     data_config: dict  # input_size (3,H,W), mean, std, interpolation, crop_pct (+ crop_mode for timm)
-    weights: dict = field(default_factory=dict)  # source, name, sha256, skipped_keys
+    # source (none|hub|bundled|file|weights-dir), requested, name, path, sha256, skipped_keys, provenance,
+    # lineage / legacy_run (files), norm (groupnorm|folded-bn), batchnorm (what was done to BN), tried (default)
+    weights: dict = field(default_factory=dict)
+
+
+NORMS = ("auto", "groupnorm", "folded-bn")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,11 +56,7 @@ def _is_head_key(key: str, prefix: str) -> bool:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return weight_sources.sha256_file(path)
 
 
 @contextlib.contextmanager
@@ -110,7 +112,7 @@ def _hub_error(spec: BackboneSpec, why: str) -> WeightsError:
     )
 
 
-def _create_timm_from_hub(spec: BackboneSpec, num_classes: int, kwargs: dict) -> nn.Module:
+def _create_timm_from_hub(spec: BackboneSpec, num_classes: int, kwargs: dict, offline_only: bool = False) -> nn.Module:
     import timm
 
     hub_log = logging.getLogger("huggingface_hub")
@@ -120,8 +122,9 @@ def _create_timm_from_hub(spec: BackboneSpec, num_classes: int, kwargs: dict) ->
         try:  # 1) cached already? no network needed
             with _hf_offline():
                 return timm.create_model(spec.timm_name, pretrained=True, num_classes=num_classes, **kwargs)
-        except Exception:
-            pass
+        except Exception as e:
+            if offline_only:
+                raise _hub_error(spec, f"the cached checkpoint did not load: {type(e).__name__}: {e}") from e
         if not _hub_reachable():  # 2) fail in seconds when offline
             raise _hub_error(spec, f"no connection to the Hub within {HUB_PROBE_TIMEOUT_S:g} s")
         try:  # 3) download
@@ -296,17 +299,71 @@ def bake_weight_standardization(model: nn.Module) -> int:
     return n
 
 
-def _data_config(model: nn.Module, spec: BackboneSpec, size: int) -> dict:
+_DATA_KEYS = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
+
+
+def _data_config(model: nn.Module, spec: BackboneSpec, size: int, sidecar: Optional[dict] = None) -> dict:
+    """timm's preprocessing config for the model, with the weights' own normalisation where it differs:
+    the spec's ``mean_std`` (TFLite MobileNets: mean = std = 128/255), then a weights file's sidecar
+    ``data_config`` (mean, std, interpolation, crop_pct, crop_mode)."""
     if spec.timm_name is None:
         cfg = model.pretrained_cfg
-        return {"input_size": (3, size, size), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
-                "interpolation": cfg["interpolation"], "crop_pct": cfg["crop_pct"], "crop_mode": cfg["crop_mode"]}
-    from timm.data import resolve_model_data_config
+        out = {"input_size": (3, size, size), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
+               "interpolation": cfg["interpolation"], "crop_pct": cfg["crop_pct"], "crop_mode": cfg["crop_mode"]}
+    else:
+        from timm.data import resolve_model_data_config
 
-    cfg = resolve_model_data_config(model)
-    return {"input_size": (3, size, size), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
-            "interpolation": cfg["interpolation"], "crop_pct": cfg["crop_pct"],
-            "crop_mode": cfg.get("crop_mode", "center")}
+        cfg = resolve_model_data_config(model)
+        out = {"input_size": (3, size, size), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
+               "interpolation": cfg["interpolation"], "crop_pct": cfg["crop_pct"],
+               "crop_mode": cfg.get("crop_mode", "center")}
+    if spec.mean_std is not None:
+        out["mean"], out["std"] = (spec.mean_std[0],) * 3, (spec.mean_std[1],) * 3
+    extra = (sidecar or {}).get("data_config")
+    if isinstance(extra, dict):
+        for k in (k for k in _DATA_KEYS if k in extra):
+            v = extra[k]
+            if k in ("mean", "std"):
+                v = tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else (float(v),) * 3
+            out[k] = v
+    return out
+
+
+def _bn_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _norm_of_keys(keys, bn_names: list[str]) -> str:
+    """Which architecture a DP Explorer file was saved from: GroupNorm keeps the BN layers' ``weight`` and
+    ``bias`` keys; folded BN has none of them (its affine maps live in the conv biases)."""
+    keys = set(keys)
+    if not bn_names:
+        return "groupnorm"  # no BatchNorm: both choices are the same network
+    if any(f"{b}.weight" in keys or f"{b}.bias" in keys for b in bn_names):
+        return "groupnorm"
+    return "folded-bn"
+
+
+def saved_norm(backbone: str, path: str | Path) -> str:
+    """The ``norm`` a DP Explorer weights file (a run's model.safetensors) was trained with, from its keys:
+    pass it to ``create_model(..., pretrained="none", norm=...)`` to rebuild that architecture."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path).expanduser()), framework="pt") as f:
+        keys = list(f.keys())
+    return _norm_of_keys(keys, _bn_names(weight_sources.meta_model(get_spec(backbone))))
+
+
+def _apply_norm(model: nn.Module, norm: str, verify: bool) -> dict:
+    """Fold BN into the convolutions (``folded-bn``) or leave it to make_opacus_compatible (GroupNorm)."""
+    n = len(_bn_names(model))
+    if n == 0:
+        return {"count": 0, "treatment": "none in this architecture"}
+    if norm == "folded-bn":
+        info = fold_batchnorm(model, verify=verify)
+        return {"count": n, "treatment": "folded into the preceding convolutions (frozen running statistics)",
+                **info}
+    return {"count": n, "treatment": "replaced by GroupNorm (affine copied, running statistics dropped)"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,16 +377,25 @@ def create_model(
     pretrained: Optional[str] = "none",
     image_size: Optional[int] = None,
     weight_standardization: bool = False,
+    norm: str = "auto",
 ) -> CreatedModel:
     """Build backbone ``name`` with a fresh ``num_classes`` head, load weights, make it Opacus-ready.
 
     ``pretrained``: ``"none"`` (random init), ``"hub"`` (timm's pretrained weights, cached or
-    downloaded) or the path of a local ``.safetensors`` file with the backbone's (timm) state dict.
-    ``image_size``: input side length; ViT/BEiT are built for it (position embeddings resampled),
-    for CNNs it only sets ``data_config["input_size"]``. A file written by DP Explorer (a run's
-    ``model.safetensors`` or a ``python -m dpcore pretrain`` output) is loaded after the model is made
-    Opacus-compatible, its head dropped for the new classes; ``weights["provenance"]`` says where it
+    downloaded), ``"bundled"`` (weights shipped as a package: tf_efficientnet_lite0), ``"default"`` (the
+    local hub cache, then the bundled package, then ``$DPCORE_WEIGHTS_DIR``; see
+    ``models.weight_sources``) or the path of a local ``.safetensors`` file with the backbone's (timm)
+    state dict. ``image_size``: input side length; ViT/BEiT are built for it (position embeddings
+    resampled), for CNNs it only sets ``data_config["input_size"]``. A file written by DP Explorer (a
+    run's ``model.safetensors`` or a ``python -m dpcore pretrain`` output) is loaded after the model is
+    made Opacus-compatible, its head dropped for the new classes; ``weights["provenance"]`` says where it
     came from. ``weight_standardization``: every Conv2d standardises its weight (``WSConv2d``).
+
+    ``norm``: what BatchNorm becomes. ``"folded-bn"``: folded into the convolution before it (pretrained
+    BN networks keep their function; ``models.bn_fold``); ``"groupnorm"``: GroupNorm (random init);
+    ``"auto"``: folded-bn for pretrained weights, groupnorm for ``"none"``, and for a DP Explorer file the
+    architecture it was saved from. Recorded as ``weights["norm"]``; ``saved_norm`` reads it back from a
+    saved file, so ``pretrained="none"`` with that ``norm`` rebuilds a run's architecture.
     """
     spec = get_spec(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -341,57 +407,96 @@ def create_model(
     if spec.is_transformer and size % 16:
         raise ConfigError("image_size", f"{spec.name} uses 16x16 patches, {size} is not a multiple of 16",
                           "use a multiple of 16, e.g. 32, 64, 224")
-    source = "none" if pretrained in (None, "", "none") else ("hub" if pretrained == "hub" else "file")
+    if norm not in NORMS:
+        raise ConfigError("norm", f"unknown norm {norm!r}", "use one of: " + ", ".join(NORMS))
+    resolved = weight_sources.resolve(spec, pretrained)
+    kwargs: dict[str, Any] = {"img_size": size} if spec.is_transformer else {}
+    kwargs.update(spec.kwargs)
 
-    if spec.timm_name is None:
-        if source == "hub":
-            raise WeightsError(f"{spec.name} has no pretrained weights on the Hub. "
-                               "Fix: use pretrained='none' or a local .safetensors file")
+    model: nn.Module
+    weights: dict
+    if resolved.source == "hub":
+        try:
+            model = _create_timm_from_hub(spec, num_classes, kwargs, offline_only=resolved.hub_offline)
+        except WeightsError:
+            if resolved.requested != "default":
+                raise
+            resolved = weight_sources.resolve(spec, "default", skip_hub=True)
+    if resolved.source == "hub":
+        cached = weight_sources.hub_cached(spec)
+        weights = {"source": "hub", "name": spec.timm_name, "sha256": _sha256(cached) if cached else None,
+                   "path": str(cached) if cached else None, "skipped_keys": []}
+        if model.pretrained_cfg.get("num_classes") != num_classes:  # timm re-initialised the head
+            head = _classifier_prefix(model)
+            weights["skipped_keys"] = sorted(k for k in model.state_dict() if _is_head_key(k, head))
+    elif spec.timm_name is None:
         model = TinyCNN(num_classes=num_classes)
-        weights: dict = {"source": "none", "name": None, "sha256": None, "skipped_keys": []}
+        weights = {"source": "none", "name": None, "sha256": None, "skipped_keys": []}
     else:
         import timm
 
-        kwargs: dict[str, Any] = {"img_size": size} if spec.is_transformer else {}
-        if source == "hub":
-            model = _create_timm_from_hub(spec, num_classes, kwargs)
-            weights = {"source": "hub", "name": spec.timm_name, "sha256": None, "skipped_keys": []}
-            if model.pretrained_cfg.get("num_classes") != num_classes:  # timm re-initialised the head
-                head = _classifier_prefix(model)
-                weights["skipped_keys"] = sorted(k for k in model.state_dict() if _is_head_key(k, head))
-        else:
-            model = timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
-            weights = {"source": "none", "name": None, "sha256": None, "skipped_keys": []}
-    meta = _file_metadata(str(pretrained)) if source == "file" else {}
-    post_compat = meta.get("format") in DPCORE_FORMATS
-    if source == "file" and not post_compat:
-        weights = _load_file(model, spec, str(pretrained))
+        model = timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
+        weights = {"source": "none", "name": None, "sha256": None, "skipped_keys": []}
 
-    data_config = _data_config(model, spec, size)
+    path = str(resolved.path) if resolved.path is not None else None
+    meta = _file_metadata(path) if path else {}
+    post_compat = meta.get("format") in DPCORE_FORMATS
+    if norm == "auto":
+        if post_compat:
+            norm = _norm_of_keys(_file_keys(path), _bn_names(model))
+        else:
+            norm = "groupnorm" if resolved.source == "none" else "folded-bn"
+    if path and not post_compat:
+        weights = _load_file(model, spec, path)
+    sidecar = weight_sources.sidecar_facts(Path(path)) if path else None
+    data_config = _data_config(model, spec, size, sidecar if resolved.source in ("file", "weights-dir") else None)
+    batchnorm = _apply_norm(model, norm, verify=resolved.source != "none" and not post_compat)
     model = make_opacus_compatible(model)
-    if source == "file" and post_compat:
-        weights = _load_file(model, spec, str(pretrained), adapt=False)
-    if source == "file":
-        weights["provenance"] = weights_provenance(str(pretrained), meta)
+    if path and post_compat:
+        weights = _load_file(model, spec, path, adapt=False)
+    weights["source"] = resolved.source
+    weights["requested"] = resolved.requested
+    if resolved.source in ("bundled", "weights-dir"):
+        weights["name"] = resolved.name
+    if path:
+        weights["path"] = path
+    weights.setdefault("path", None)
+    if resolved.source == "bundled":
+        weights["provenance"] = dict(resolved.provenance)
+        weights["lineage"] = None
+    elif path:
+        weights["provenance"] = {**weights_provenance(path, meta), **resolved.provenance}
         from dpcore.privacy.lineage import from_metadata
 
         try:
             weights["lineage"] = from_metadata(meta)
         except ValueError as e:
-            raise WeightsError(f"weights file {str(pretrained)!r}: {e}. Fix: use the file as DP Explorer wrote it") from e
+            raise WeightsError(f"weights file {path!r}: {e}. Fix: use the file as DP Explorer wrote it") from e
         if weights["lineage"] is None and meta.get("run_id"):
             weights["legacy_run"] = meta["run_id"]  # a run's weights from before lineage was recorded
+    if resolved.tried:
+        weights["tried"] = list(resolved.tried)
+    weights["norm"] = norm
+    weights["batchnorm"] = batchnorm
+    weights["preprocessing"] = {"mean": data_config["mean"], "std": data_config["std"]}
     if weight_standardization:
         weights["weight_standardized_convs"] = apply_weight_standardization(model)
     return CreatedModel(model=model, spec=spec, data_config=data_config, weights=weights)
+
+
+def _file_keys(path: str) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path).expanduser()), framework="pt") as f:
+        return list(f.keys())
 
 
 SCOPES = ("full", "head", "bias", "last-k")
 
 
 def backbone_blocks(model: nn.Module) -> list[nn.Module]:
-    """The backbone's blocks in forward order, for scope "last-k": ViT/BEiT ``blocks``, ConvNeXt
-    ``stages``, ResNet ``layer1..4``, VGG each conv of ``features`` then ``pre_logits``, tiny_cnn its
+    """The backbone's blocks in forward order, for scope "last-k": ViT/BEiT ``blocks``, EfficientNet /
+    MobileNet stages (``blocks``), ConvNeXt ``stages``, ResNet ``layer1..4``, VGG each conv of ``features`` then ``pre_logits``, tiny_cnn its
     conv blocks (``features``)."""
     if isinstance(getattr(model, "blocks", None), nn.Sequential):
         return list(model.blocks)
@@ -408,8 +513,9 @@ def backbone_blocks(model: nn.Module) -> list[nn.Module]:
                       "use scope full, bias or head for this backbone")
 
 
-# top-level modules that run after the blocks (final norms, pooling heads); trained with them under last-k
-_AFTER_BLOCKS = ("norm", "fc_norm", "norm_pre", "head", "attn_pool", "global_pool")
+# top-level modules that run after the blocks (final norms, pooling heads, EfficientNet's 1x1 head conv);
+# trained with them under last-k
+_AFTER_BLOCKS = ("norm", "fc_norm", "norm_pre", "head", "attn_pool", "global_pool", "conv_head", "bn2")
 
 
 def _last_k_params(model: nn.Module, k: int) -> set[int]:

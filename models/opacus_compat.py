@@ -12,7 +12,12 @@ What it does, for every model:
   per-sample gradients. ``opacus.validators.ModuleValidator.fix`` does the same replacement but
   initialises the new GroupNorm afresh; here the BatchNorm affine ``weight``/``bias`` are copied
   onto the GroupNorm (same parameter names, so the state-dict keys do not change). The running
-  statistics are dropped. ``ModuleValidator.fix`` is then run for anything else it knows about.
+  statistics are dropped. timm's ``BatchNormAct2d`` (BN + drop + activation, EfficientNet/MobileNet)
+  becomes timm's ``GroupNormAct`` with the same drop and activation (it has no Opacus grad sampler, so
+  Opacus differentiates it with its functorch fallback: correct, if slower). ``ModuleValidator.fix``
+  is then run for anything else it knows about. This is for random init: a pretrained BN network
+  loses what its statistics encode, so ``create_model`` first folds its BNs into the convolutions
+  (``models.bn_fold``) and none are left here.
 * every convolution gets a forward pre-hook that makes its input contiguous. Opacus 1.6's Conv2d
   grad sampler returns *wrong* per-sample gradients (no error) for a channels-last /
   permuted input, e.g. the output of timm's ``LayerNorm2d`` in ConvNeXt's downsample layers, or a
@@ -59,6 +64,9 @@ Per family fixes (the modules below all have hook-based grad samplers registered
   samplers up by exact type, so they get the LayerNorm sampler registered here (otherwise each
   norm layer goes through functorch, which in ViT made a step ~8x slower than necessary).
 * VGG and ``tiny_cnn``: Conv2d/Linear/GroupNorm only; nothing beyond the common steps.
+* EfficientNet-Lite / MobileNets: timm's ``Conv2dSame`` (TF padding, computed in its forward) and
+  grouped (depthwise) convolutions get exact, fast grad samplers from ``models.opacus_samplers``,
+  imported here so that every Opacus-compatible model has them, whoever privatises it.
 """
 
 from __future__ import annotations
@@ -73,6 +81,8 @@ from opacus.grad_sample.utils import register_grad_sampler
 from timm import layers as _timm_layers
 from opacus.validators import ModuleValidator
 from torch import nn
+
+from . import opacus_samplers as _opacus_samplers  # noqa: F401  (Conv2dSame / grouped-conv grad samplers)
 
 # ---------------------------------------------------------------------------------------------
 # DP-friendly building blocks with hook-based grad samplers
@@ -260,7 +270,11 @@ def _replace_batchnorm(module: nn.Module) -> None:
     for name, child in list(module.named_children()):
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             c = child.num_features
-            gn = nn.GroupNorm(math.gcd(32, c), c, eps=child.eps, affine=child.affine)
+            if isinstance(child, _timm_layers.BatchNormAct2d):  # keep its drop + activation
+                gn = _timm_layers.GroupNormAct(c, math.gcd(32, c), eps=child.eps, affine=child.affine, apply_act=False)
+                gn.drop, gn.act = child.drop, child.act
+            else:
+                gn = nn.GroupNorm(math.gcd(32, c), c, eps=child.eps, affine=child.affine)
             if child.affine:
                 with torch.no_grad():
                     gn.weight.copy_(child.weight)

@@ -220,3 +220,246 @@ def test_augmentation_multiplicity_averages_views_before_clipping(monkeypatch, p
     coef = (clip / (ref.norm(dim=1) + 1e-6)).clamp(max=1)
     torch.testing.assert_close(torch.cat([p.grad.flatten() for p in params]), (ref * coef[:, None]).sum(0),
                                rtol=1e-10, atol=1e-12)
+
+
+# -- the EfficientNet-Lite / MobileNet layer types (timm Conv2dSame, depthwise, folded-BN biases) -----
+
+import math  # noqa: E402
+
+import timm  # noqa: E402
+from timm.layers import Conv2dSame  # noqa: E402
+from timm.layers.norm_act import BatchNormAct2d, GroupNormAct  # noqa: E402
+from timm.layers.padding import pad_same_arg  # noqa: E402
+
+import models  # noqa: E402
+
+
+class MobileZoo(nn.Module):
+    """The layer types of tf_efficientnet_lite0 / mobilenetv2_100 / mobilenetv1_100 (pad_type "same"):
+    Conv2dSame stride 2 with an asymmetric pad (stem, and a depthwise k5), depthwise k3 with and
+    without bias, pointwise 1×1 with and without bias (folded BatchNorm), GroupNormAct (ReLU6 in
+    place, SiLU), ReLU6, Linear. Input 12×12: the stem pads (0, 1), the k5 depthwise (1, 2)."""
+
+    size = 12
+
+    def __init__(self, k=3):
+        super().__init__()
+        self.stem = Conv2dSame(3, 8, 3, stride=2, bias=True)  # 12 -> 6
+        self.gn1 = GroupNormAct(8, 4, act_layer=nn.ReLU6, inplace=True)
+        self.dw1 = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=True)
+        self.pw1 = nn.Conv2d(8, 16, 1, bias=True)
+        self.dw2 = Conv2dSame(16, 16, 5, stride=2, groups=16, bias=False)  # 6 -> 3
+        self.gn2 = GroupNormAct(16, 8, act_layer=nn.SiLU)
+        self.pw2 = nn.Conv2d(16, 12, 1, bias=False)
+        self.head = nn.Linear(12, k)
+
+    def forward(self, x):
+        x = self.gn1(self.stem(x))
+        x = nn.functional.relu6(self.dw1(x))
+        x = nn.functional.relu6(self.pw1(x))
+        x = self.gn2(self.dw2(x))
+        return self.head(self.pw2(x).mean((2, 3)))
+
+
+def test_mobile_zoo_pads_asymmetrically():
+    assert pad_same_arg([12, 12], [3, 3], [2, 2]) == [0, 1, 0, 1]
+    assert pad_same_arg([6, 6], [5, 5], [2, 2]) == [1, 2, 1, 2]
+    m = MobileZoo()
+    assert m.stem(torch.randn(1, 3, 12, 12)).shape[-2:] == (6, 6)
+    assert bk.check_supported(m) and all(type(mod) in bk.SUPPORTED for _, mod in bk.check_supported(m))
+
+
+@pytest.mark.parametrize("path", ["auto", "ghost", "direct"])
+def test_mobile_layer_rules_equal_per_example_autograd(monkeypatch, path):
+    if path != "auto":
+        monkeypatch.setattr(bk, "_ghost_is_cheaper", lambda T, D, p: path == "ghost")
+    torch.manual_seed(5)
+    model = MobileZoo().double()
+    x, y = _data(size=MobileZoo.size)
+    ref, _ = _reference(model, x, y)
+    clip = 1.05 * float(ref.norm(dim=1).median())
+    norms, grads = _bk_step(model, x, y, clip)
+    torch.testing.assert_close(norms, ref.norm(dim=1), rtol=1e-10, atol=1e-12)
+    coef = (clip / (ref.norm(dim=1) + 1e-6)).clamp(max=1)
+    assert (coef < 1).any() and (coef == 1).any()
+    torch.testing.assert_close(torch.cat([g.flatten() for g in grads]), (ref * coef[:, None]).sum(0),
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", ["auto", "ghost", "direct"])
+def test_mobile_layer_rules_with_augmentation_multiplicity(monkeypatch, path):
+    if path != "auto":
+        monkeypatch.setattr(bk, "_ghost_is_cheaper", lambda T, D, p: path == "ghost")
+    torch.manual_seed(6)
+    model = MobileZoo().double()
+    n, K = 3, 2
+    x, y = _data(n=n * K, size=MobileZoo.size)
+    y = y[:n].repeat_interleave(K)
+    _check_views(model, x, y, n, K)
+
+
+def test_refuses_mobile_layers_it_cannot_clip():
+    odd = Conv2dSame(3, 4, 3, stride=2)
+    odd.padding = (1, 1)  # not what Conv2dSame builds: refuse rather than guess
+    with pytest.raises(UnsupportedModel, match="static padding"):
+        BookKeepingModule(nn.Sequential(odd), 1.0)
+    with pytest.raises(UnsupportedModel, match="GroupNormAct"):
+        BookKeepingModule(nn.Sequential(nn.Conv2d(3, 4, 1), GroupNormAct(4, 2, drop_layer=nn.Dropout)), 1.0)
+    with pytest.raises(UnsupportedModel, match="GroupNormAct"):
+        BookKeepingModule(nn.Sequential(nn.Conv2d(3, 4, 1), GroupNormAct(4, 2, act_layer=nn.Softmax)), 1.0)
+    with pytest.raises(UnsupportedModel, match="BatchNorm"):  # an unfolded, unconverted BatchNormAct2d
+        BookKeepingModule(nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormAct2d(4)), 1.0)
+
+
+def _check_views(model, x, y, n, K, params=None):
+    """Norms and clipped sums with K views per example (rows i·K + k) vs per-example autograd."""
+    params = [p for p in model.parameters() if p.requires_grad] if params is None else params
+    ref = []
+    for i in range(n):
+        rows = slice(i * K, (i + 1) * K)
+        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x[rows]), y[rows]), params)
+        ref.append(torch.cat([g.flatten() for g in grads]))
+    ref = torch.stack(ref)
+    clip = 1.05 * float(ref.norm(dim=1).median())
+    module = BookKeepingModule(model, clip)
+    module.views_per_example = K
+    norms = module.backward_and_clip(nn.functional.cross_entropy(module(x), y), per_example_scale=n * K)
+    module.remove_hooks()
+    torch.testing.assert_close(norms, ref.norm(dim=1), rtol=1e-10, atol=1e-12)
+    coef = (clip / (ref.norm(dim=1) + 1e-6)).clamp(max=1)
+    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in params]), (ref * coef[:, None]).sum(0),
+                               rtol=1e-10, atol=1e-12)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    return norms
+
+
+TIMM_MOBILE = {"tf_efficientnet_lite0": {}, "mobilenetv2_100": {"pad_type": "same"},
+               "mobilenetv1_100": {"pad_type": "same"}}
+
+
+@pytest.fixture
+def one_thread():
+    """These float64 checks are many small ops: on a busy 2-core machine two OpenMP threads wait on each
+    other (observed 1-2 s → 20-60 s per test); one thread keeps them at ~1-2 s."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@torch.no_grad()
+def fold_batchnorm_here(model: nn.Module) -> nn.Module:
+    """What pretrained weights get: every BatchNormAct2d folded into the conv before it (the conv gets
+    W·γ/σ and the bias β − γ·μ/σ), the BatchNormAct2d replaced by its activation. Used only where
+    ``models.bn_fold`` (the app's own folding) is absent."""
+    for parent in list(model.modules()):
+        conv = None
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Conv2d):
+                conv = child
+            elif isinstance(child, BatchNormAct2d):
+                assert conv is not None and type(child.drop) is nn.Identity, name
+                scale = child.weight / torch.sqrt(child.running_var + child.eps)
+                bias = child.bias - child.running_mean * scale
+                if conv.bias is not None:
+                    bias = bias + conv.bias * scale
+                conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+                conv.bias = nn.Parameter(bias)
+                setattr(parent, name, child.act)
+                conv = None
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return model
+
+
+def groupnorm_act(model: nn.Module) -> nn.Module:
+    """Random init, BatchNormAct2d -> GroupNormAct(gcd(32, C)) keeping the activation."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, BatchNormAct2d):
+                c = child.num_features
+                gn = GroupNormAct(c, math.gcd(32, c), eps=child.eps)
+                gn.act = child.act
+                setattr(parent, name, gn)
+    return model
+
+
+def timm_mobile(name: str, variant: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = timm.create_model(name, pretrained=False, num_classes=3, **TIMM_MOBILE[name])
+    assert any(type(x) is Conv2dSame for x in m.modules())
+    if variant == "folded":
+        try:
+            from models.bn_fold import fold_batchnorm
+        except ImportError:  # pragma: no cover - the app's folding is newer than these tests
+            fold_batchnorm_here(m)
+        else:
+            fold_batchnorm(m)
+    elif variant == "groupnorm_act":
+        groupnorm_act(m)
+    m = models.make_opacus_compatible(m)
+    return m.double().train()
+
+
+# each model in each variant once: random init (BatchNorm -> GroupNorm by make_opacus_compatible, or
+# -> GroupNormAct keeping the activation) and pretrained-like (BatchNorm folded into conv biases)
+@pytest.mark.parametrize("name,variant", [("tf_efficientnet_lite0", "groupnorm"), ("mobilenetv2_100", "folded"),
+                                          ("mobilenetv1_100", "groupnorm_act")])
+def test_timm_mobile_models_full_fine_tuning(name, variant, one_thread):
+    model = timm_mobile(name, variant)
+    types = {type(m) for _, m in bk.check_supported(model)}
+    assert Conv2dSame in types and nn.Linear in types
+    if variant == "folded":
+        assert all(m.bias is not None for m in model.modules() if isinstance(m, nn.Conv2d))
+    x, y = _data(n=4, size=32, k=3, seed=1)
+    _check_views(model, x, y, 4, 1)
+
+
+@pytest.mark.parametrize("name,variant", [("tf_efficientnet_lite0", "folded"), ("mobilenetv2_100", "groupnorm_act"),
+                                          ("mobilenetv1_100", "groupnorm")])
+def test_timm_mobile_models_last_k_with_augmult(name, variant, one_thread):
+    model = timm_mobile(name, variant, seed=2)
+    models.set_trainable(model, "last-k", 2)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert frozen and any(p.requires_grad for p in model.parameters())
+    n, K = 3, 2
+    x, y = _data(n=n * K, size=32, k=3, seed=2)
+    _check_views(model, x, y[:n].repeat_interleave(K), n, K)
+
+
+@pytest.mark.parametrize("name,variant", [("tf_efficientnet_lite0", "groupnorm_act"), ("mobilenetv2_100", "groupnorm"),
+                                          ("mobilenetv1_100", "folded")])
+def test_timm_mobile_models_bias_only_and_empty_batch(name, variant, one_thread):
+    model = timm_mobile(name, variant, seed=3)
+    models.set_trainable(model, "bias")  # BiTFiT: the (folded / norm) biases + the classifier
+    x, y = _data(n=4, size=32, k=3, seed=3)
+    _check_views(model, x, y, 4, 1)
+    module, opt, crit = _optimizer(model, clip=1.0)
+    opt.zero_grad(set_to_none=True)
+    crit(module(x[:0]), y[:0]).backward()  # an empty Poisson batch
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters() if p.requires_grad)
+    assert opt.pre_step()
+
+
+def test_group_norm_act_mask_falls_back_when_its_output_changed_in_place(monkeypatch):
+    """The ReLU6 mask is read from the recorded output; if a later op changed it in place, z is recomputed."""
+
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.gn = GroupNormAct(4, 2, act_layer=nn.ReLU6, inplace=False)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            y = self.gn(self.conv(x))
+            y = y.add_(2.5)  # in place on the recorded output: 0 < y < 6 no longer says 0 < z < 6
+            return self.head(torch.tanh(y).mean((2, 3)))
+
+    calls = []
+    real = bk._pre_activation_grad
+    monkeypatch.setattr(bk, "_pre_activation_grad", lambda *a: calls.append(a[3]._version != a[4]) or real(*a))
+    torch.manual_seed(7)
+    model = Shifted().double()
+    x, y = _data(n=4, size=6)
+    _check_views(model, x, y, 4, 1)
+    assert calls == [True]

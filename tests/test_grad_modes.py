@@ -103,3 +103,59 @@ def test_uses_wrapped_criterion():
     assert gm.uses_wrapped_criterion("ghost") and gm.uses_wrapped_criterion("bk")
     assert not gm.uses_wrapped_criterion("hooks")
     assert gm.device_kind("cuda:1") == "cuda" and gm.device_kind("cpu") == "cpu"
+
+
+# -- conv grad samplers for Opacus' hooks (models/opacus_samplers.py, registered via dpcore.grad_modes) --
+
+def _conv_stack():
+    from timm.layers import Conv2dSame
+
+    # 12 px: the stem pads (0, 1) (TF "same", asymmetric), the depthwise k5 stride 2 pads (1, 2)
+    return torch.nn.Sequential(
+        Conv2dSame(3, 6, 3, stride=2, bias=True), torch.nn.ReLU6(),  # 6x6
+        torch.nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=True), torch.nn.Tanh(),  # depthwise
+        Conv2dSame(6, 6, 5, stride=2, groups=6, bias=False), torch.nn.Tanh(),  # 3x3, depthwise
+        torch.nn.Conv2d(6, 4, (3, 2), padding=(1, 0), dilation=(1, 2), groups=2), torch.nn.Tanh(),  # 3x1
+        torch.nn.Conv2d(4, 4, 1), torch.nn.Flatten(), torch.nn.Linear(4 * 3, 3))
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_conv_grad_samplers_for_hooks_are_exact(frozen):
+    from opacus import GradSampleModule
+    from timm.layers import Conv2dSame
+
+    import models.opacus_samplers as samplers
+
+    assert GradSampleModule.GRAD_SAMPLERS[Conv2dSame] is samplers.compute_conv2d_same_grad_sample
+    assert GradSampleModule.GRAD_SAMPLERS[torch.nn.Conv2d] is samplers.compute_conv2d_grad_sample
+    torch.manual_seed(0)
+    model = _conv_stack().double()
+    if frozen:  # a frozen weight with a trainable bias, and a frozen layer
+        model[2].weight.requires_grad_(False)
+        model[4].weight.requires_grad_(False)
+    x = torch.randn(5, 3, 12, 12, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref = [torch.autograd.grad(torch.nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), params)
+           for i in range(len(x))]
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    # no module went to Opacus' (slow) functorch fallback
+    assert not any(hasattr(m, "ft_compute_sample_grad") for m in model.modules())
+    torch.nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
+    for j, p in enumerate(params):
+        torch.testing.assert_close(p.grad_sample, torch.stack([r[j] for r in ref]), rtol=1e-10, atol=1e-12)
+    assert all(getattr(p, "grad_sample", None) is None for p in model.parameters() if not p.requires_grad)
+    gsm._close()
+
+
+@pytest.mark.parametrize("name,kwargs", [("mobilenetv2_100", {"pad_type": "same"}), ("tf_efficientnet_lite0", {})])
+def test_timm_mobile_backbones_clip_the_same_gradient_in_hooks_and_bk(name, kwargs):
+    import timm
+
+    torch.manual_seed(0)
+    model = models.make_opacus_compatible(timm.create_model(name, pretrained=False, num_classes=3, **kwargs))
+    x, y = _batch(32, n=4)
+    y = y % 3
+    ref = gm.clipped_summed_grad(model, x, y, "hooks", clip_norm=0.05)
+    assert any("conv_stem" in n for n in ref["__grad_sample__"])  # the Conv2dSame stem was sampled
+    assert gm.grad_rel_error(gm.clipped_summed_grad(model, x, y, "bk", clip_norm=0.05), ref) < gm.REL_TOL

@@ -121,7 +121,8 @@ def _dp_step(name: str, batch: int = 2):
         opt.step()
     elapsed = time.perf_counter() - t
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
-    assert "head.weight" in changed or "fc.weight" in changed or "head.fc.weight" in changed
+    head = {n for n, p in model.named_parameters() if any(p is q for q in model.get_classifier().parameters())}
+    assert head and head <= set(changed), (head, changed[:5])
     return elapsed
 
 
@@ -253,6 +254,28 @@ def _randomize(model):
             p.normal_(0, 0.1)
 
 
+def test_load_safetensors_resnet18_folds_bn_by_default(tmp_path):
+    import timm
+
+    src = timm.create_model("resnet18", num_classes=3)
+    _randomize(src)
+    with torch.no_grad():  # real running statistics, so folding them matters
+        for m in src.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "r18.safetensors"
+    save_file(src.state_dict(), str(path))
+    c = create_model("resnet18", 3, pretrained=str(path))
+    assert c.weights["norm"] == "folded-bn" and c.weights["batchnorm"]["folded"] == 20
+    assert isinstance(c.model.bn1, torch.nn.Identity) and c.model.conv1.bias is not None
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)) for m in c.model.modules())
+    x, _ = _batch(2)
+    src.eval(), c.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(c.model(x), src(x), rtol=1e-4, atol=1e-5)
+
+
 def test_load_safetensors_resnet18_bn_to_gn(tmp_path):
     import timm
 
@@ -261,10 +284,11 @@ def test_load_safetensors_resnet18_bn_to_gn(tmp_path):
     state = src.state_dict()
     path = tmp_path / "r18.safetensors"
     save_file(state, str(path))
-    c = create_model("resnet18", 3, pretrained=str(path))
+    c = create_model("resnet18", 3, pretrained=str(path), norm="groupnorm")
     assert c.weights["source"] == "file" and c.weights["name"] == str(path)
     assert sorted(c.weights["skipped_keys"]) == ["fc.bias", "fc.weight"]
     assert len(c.weights["sha256"]) == 64
+    assert c.weights["norm"] == "groupnorm"
     new = c.model.state_dict()
     assert isinstance(c.model.bn1, torch.nn.GroupNorm)
     compared = 0
