@@ -31,7 +31,7 @@ def _add_train_flags(t: argparse.ArgumentParser, sweep: bool) -> None:
     t.add_argument("--dataset", default=d.dataset, help="digits | folder | ham10000 | pneumoniamnist | dermamnist | cifar10")
     t.add_argument("--data-dir", default=None, help="data folder (folder, ham10000) or npz file (MedMNIST)")
     t.add_argument("--backbone", default=d.backbone, help="see `python -m dpcore backbones`")
-    t.add_argument("--pretrained", default=d.pretrained, help="none | hub | PATH.safetensors")
+    t.add_argument("--pretrained", default=d.pretrained, help="none | hub | bundled | default | PATH.safetensors (default: hub cache, then bundled, then $DPCORE_WEIGHTS_DIR)")
     t.add_argument("--scope", default="head" if sweep else d.scope, choices=SCOPES,
                    help="which parameters are fine-tuned (head: frozen backbone, cached features)")
     if sweep:
@@ -159,7 +159,7 @@ def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="the public data set to pretrain on")
     p.add_argument("--data-dir", default=None, help="data folder (folder, ham10000) or npz file (MedMNIST)")
     p.add_argument("--backbone", default=d.backbone)
-    p.add_argument("--pretrained", default=d.pretrained, help="start from none | hub | PATH.safetensors")
+    p.add_argument("--pretrained", default=d.pretrained, help="start from none | hub | bundled | default | PATH.safetensors")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--out", required=True, help="weights file to write (.safetensors; a sidecar .json beside it)")

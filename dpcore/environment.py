@@ -145,3 +145,35 @@ def cached_weights() -> list[dict[str, Any]]:
             continue
         rows.append({"backbone": name, "timm_name": spec.timm_name, "cached": _hub_cached(spec.timm_name)})
     return rows
+
+
+def pretrained_sources() -> list[dict[str, Any]]:
+    """Every offline source of pretrained weights per backbone, for the Home page: the local hub cache, the
+    bundled package, the ``$DPCORE_WEIGHTS_DIR`` folder. One row per backbone that has pretrained weights:
+    backbone, hub_cached, bundled (package name or None), weights_dir (file name or None), ready (bool:
+    ``pretrained="default"`` works offline)."""
+    from models import get_spec, list_models
+    from models.weight_sources import hub_cached, list_weights_dir
+
+    folder = {r["backbone"]: r["file"] for r in list_weights_dir() if r["backbone"] and r["fits"]}
+    rows = []
+    for name in list_models():
+        spec = get_spec(name)
+        if spec.timm_name is None:
+            continue
+        bundled = spec.bundled if spec.bundled and _bundled_installed(spec.bundled) else None
+        cached = hub_cached(spec) is not None
+        rows.append({"backbone": name, "hub_cached": cached, "bundled": bundled, "weights_dir": folder.get(name),
+                     "ready": bool(cached or bundled or folder.get(name))})
+    rows.sort(key=lambda r: (not r["ready"], r["backbone"]))
+    return rows
+
+
+def _bundled_installed(package: str) -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution(package)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False

@@ -303,9 +303,9 @@ def parse_experiment(data: dict[str, Any], path: Path) -> Experiment:
         _need(isinstance(v, list) and all(isinstance(s, str) and s for s in v), where, k,
               "must be a list of strings", 'e.g. data = ["chest_xray"], weights = ["hub:vgg11.tv_in1k"]')
     for w in needs_weights:
-        _need(w == PRETRAIN or w.startswith("hub:") or w.endswith(".safetensors"), where, "needs.weights",
-              f"{w!r} is neither 'hub:<timm name>', a .safetensors path nor 'pretrain'",
-              'write e.g. "hub:beit_base_patch16_224.in22k_ft_in22k"')
+        _need(w == PRETRAIN or w.startswith(("hub:", "bundled:", "default:")) or w.endswith(".safetensors"), where,
+              "needs.weights", f"{w!r} is neither 'hub:<timm name>', 'bundled:<backbone>', 'default:<backbone>', "
+              "a .safetensors path nor 'pretrain'", 'write e.g. "hub:beit_base_patch16_224.in22k_ft_in22k"')
     _need(pretrain is None or PRETRAIN in needs_weights, where, "needs.weights",
           "the experiment has a [pretrain] step but does not list it", 'add "pretrain" to needs.weights')
 
@@ -333,6 +333,10 @@ def parse_experiment(data: dict[str, Any], path: Path) -> Experiment:
             timm = _timm_name(cfg_values.get("backbone", RunConfig().backbone))
             _need(f"hub:{timm}" in needs_weights, where, "needs.weights",
                   f"arm {arm.label!r} uses hub weights {timm} but does not declare them", f'add "hub:{timm}"')
+        elif pre in ("bundled", "default"):
+            bb = cfg_values.get("backbone", RunConfig().backbone)
+            _need(f"{pre}:{bb}" in needs_weights, where, "needs.weights",
+                  f"arm {arm.label!r} uses {pre} weights for {bb} but does not declare them", f'add "{pre}:{bb}"')
         elif isinstance(pre, str) and pre.endswith(".safetensors"):
             _need(pre in needs_weights, where, "needs.weights", f"arm {arm.label!r} uses {pre} but does not "
                   "declare it", f'add "{pre}"')
@@ -423,6 +427,15 @@ def check_needs(exp: Experiment, data_root: str | Path | None = None, runs_dir: 
             missing.append(f"pretrained weights {t} are not in the local Hugging Face cache and the Hub cannot be "
                            "reached: run this experiment once on a machine with internet (they are cached in "
                            "~/.cache/huggingface), or copy that cache here")
+    offline = sorted({(v.get("pretrained"), v.get("backbone", RunConfig().backbone)) for v in values
+                      if v.get("pretrained") in ("bundled", "default")})
+    for pre, bb in offline:
+        from models.weight_sources import WeightsError, get_spec, resolve as resolve_weights
+
+        try:
+            resolve_weights(get_spec(bb), pre)
+        except WeightsError as e:
+            missing.append(str(e))
     for v in values:
         pre = v.get("pretrained")
         if isinstance(pre, str) and pre.endswith(".safetensors"):

@@ -21,6 +21,13 @@ class Preset:
     config: RunConfig
     requirements: tuple[str, ...]  # what must be on this machine, in plain words (empty: nothing)
     data_source: str = ""  # where the data come from, for the "put it at …" message
+    # an ε sweep: one run of `config` per target ε (plus the non-private baseline when asked), as one job
+    sweep_epsilons: tuple[float, ...] = ()
+    sweep_non_private: bool = False
+
+    @property
+    def is_sweep(self) -> bool:
+        return bool(self.sweep_epsilons)
 
 
 def build_presets(data_root: Path | None = None) -> dict[str, Preset]:
@@ -54,7 +61,49 @@ def build_presets(data_root: Path | None = None) -> dict[str, Preset]:
         data_source="the Kaggle “Chest X-Ray Images (Pneumonia)” data set (Kermany et al.), folder chest_xray/ "
                     "with train/ and test/",
     )
-    return {p.key: p for p in (demo, seed)}
+    chest_needs = (f"the Kaggle “Chest X-Ray Images (Pneumonia)” folder chest_xray/ (train/, test/) at {chest}",)
+    chest_source = ("the Kaggle “Chest X-Ray Images (Pneumonia)” data set (Kermany et al.), folder chest_xray/ "
+                    "with train/ and test/")
+    lite = Preset(
+        key="pneumonia-efficientnet-lite0-eps0.5",
+        title="Pneumonia X-rays, EfficientNet-Lite0 (ImageNet), ε = 0.5",
+        description=(LITE_DESCRIPTION),
+        config=RunConfig(dataset="folder", data_dir=str(chest), **LITE_CONFIG),
+        requirements=chest_needs,
+        data_source=chest_source,
+    )
+    sweep = Preset(
+        key="pneumonia-efficientnet-lite0-head-sweep",
+        title="ε sweep: pneumonia X-rays, EfficientNet-Lite0 head only",
+        description=(SWEEP_DESCRIPTION),
+        config=RunConfig(dataset="folder", data_dir=str(chest), **SWEEP_CONFIG),
+        requirements=chest_needs,
+        data_source=chest_source,
+        sweep_epsilons=SWEEP_EPSILONS,
+        sweep_non_private=True,
+    )
+    return {p.key: p for p in (demo, lite, sweep, seed)}
+
+
+# The ε = 0.5 preset: chosen from measured runs on a 2-core CPU (experiments/RESULTS.md, "finetune-scopes").
+LITE_CONFIG = dict(backbone="tf_efficientnet_lite0", pretrained="bundled", scope="last-k", trainable_blocks=2,
+                   image_size=128, epsilon=0.5, delta=1e-5, accountant="rdp", epochs=6, batch_size=512,
+                   max_physical_batch_size=128, optimizer="adam", lr=2e-3, clip_norm=1.0, augment="xray",
+                   ema_decay=0.99, evals_per_epoch=1)
+LITE_DESCRIPTION = (
+    "Fine-tunes the last two stages and the head of EfficientNet-Lite0 pretrained on ImageNet-1k (the weights ship "
+    "with the app) on the 5,216 training X-rays at 128×128 px, (ε=0.5, δ=1e-5)-DP per image with RDP, Adam, "
+    "batch 512, 6 epochs, X-ray augmentation and EMA; tested on the official test split. About 8 minutes on two "
+    "CPU cores.")
+SWEEP_CONFIG = dict(backbone="tf_efficientnet_lite0", pretrained="bundled", scope="head", image_size=160,
+                    delta=1e-5, accountant="rdp", epochs=30, batch_size=512, optimizer="adam", lr=0.01,
+                    clip_norm=1.0)
+SWEEP_EPSILONS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+SWEEP_DESCRIPTION = (
+    "The privacy–utility frontier in a few minutes: the ImageNet EfficientNet-Lite0 backbone stays frozen, its "
+    "features of the chest X-rays are extracted once (about 2 minutes on two CPU cores at 160×160 px) and a DP "
+    "classifier head is trained on them at ε = 0.25, 0.5, 1, 2, 4 and 8, plus a non-private baseline (seconds "
+    "each). Every point is a stored run; the ledger adds up what all of them spend on the same images.")
 
 
 PRESETS: dict[str, Preset] = build_presets()
@@ -103,6 +152,13 @@ def missing_requirements(preset: Preset, *, online: bool | None = None) -> list[
                            "Hub cannot be reached: run this preset once on a machine with internet (the weights "
                            "are then cached in ~/.cache/huggingface), or pass a local .safetensors file of the "
                            "backbone's weights as pretrained")
+    elif cfg.pretrained in ("bundled", "default"):
+        from models.weight_sources import WeightsError, get_spec, resolve
+
+        try:
+            resolve(get_spec(cfg.backbone), cfg.pretrained)
+        except WeightsError as e:
+            missing.append(str(e))
     elif cfg.pretrained not in ("none", "hub") and not Path(cfg.pretrained).expanduser().is_file():
         missing.append(f"weights file {cfg.pretrained} does not exist: check the path, or use pretrained 'hub'")
     return missing

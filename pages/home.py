@@ -1,6 +1,9 @@
 """Home: what DP-SGD and (ε, δ) mean, this machine's state, one-click presets."""
 import streamlit as st
 
+import os
+
+import models
 from dpcore import environment
 from dpcore.presets import build_presets, missing_requirements
 from pages.common import job_panel, manager, show_queue, watch, watched_run
@@ -10,6 +13,14 @@ from pages.common import job_panel, manager, show_queue, watch, watched_run
 def missing(key: str) -> list[str]:
     """What a preset still needs here (probes the Hub for at most 2 s when weights are not cached)."""
     return missing_requirements(build_presets()[key])
+
+
+def weights_folder() -> dict:
+    """What $DPCORE_WEIGHTS_DIR holds (file headers only)."""
+    path = os.environ.get(models.WEIGHTS_DIR_ENV)
+    rows = models.list_weights_dir(path) if path else []
+    note = "not set" if not path else ("no .safetensors files there" if not rows else "")
+    return {"path": path, "rows": rows, "note": note}
 
 
 st.title("🔒 DP Explorer")
@@ -51,24 +62,43 @@ with right:
     st.dataframe([{"data set": d["name"], "available": "✅" if d["available"] else "—",
                    "where / note": d.get("path") or d.get("note") or ""}
                   for d in environment.dataset_availability()], hide_index=True)
-    st.markdown("**Pretrained weights cached**")
-    st.dataframe([{"backbone": w["backbone"], "cached": "✅" if w["cached"] else "—"}
-                  for w in environment.cached_weights()], hide_index=True)
+    st.markdown("**Pretrained weights available offline**")
+    st.dataframe([{"backbone": w["backbone"], "ready": "✅" if w["ready"] else "—",
+                   "hub cache": "✅" if w["hub_cached"] else "—", "bundled": w["bundled"] or "—",
+                   "weights folder": w["weights_dir"] or "—"}
+                  for w in environment.pretrained_sources()], hide_index=True)
+    folder = weights_folder()
+    if folder["rows"]:
+        with st.expander(f"Weights folder {folder['path']} ({len(folder['rows'])} files)"):
+            st.dataframe([{"file": r["file"], "backbone": r["backbone"] or "—", "usable": "✅" if r["fits"] else "—",
+                           "note": r.get("note", "")} for r in folder["rows"]], hide_index=True)
+    else:
+        st.caption(f"More weights offline: put `<backbone>*.safetensors` files in a folder and set "
+                   f"`{models.WEIGHTS_DIR_ENV}` to it ({folder['note']}).")
     with st.expander("Library versions"):
         st.json({k: v for k, v in machine.items() if k not in ("device", "gpu_name", "cpu_count")})
 
 st.subheader("Start here")
 presets = build_presets()
-cols = st.columns(len(presets))
-for col, (key, preset) in zip(cols, presets.items()):
+cols = st.columns(min(len(presets), 4))
+for i, (key, preset) in enumerate(presets.items()):
+    col = cols[i % len(cols)]
     with col, st.container(border=True):
         st.markdown(f"**{preset.title}**")
         st.markdown(preset.description)
         needs = missing(key)
         for item in needs:
             st.warning(f"Missing: {item}")
-        if st.button("Train this preset", key=f"preset-{key}", disabled=bool(needs), type="primary",
-                     help="Missing requirements listed above" if needs else "Queues the run and opens Train"):
+        if preset.is_sweep:
+            if st.button("Run this sweep", key=f"preset-{key}", disabled=bool(needs), type="primary",
+                         help="Missing requirements listed above" if needs else
+                         "Queues one run per ε as one job; follow it on Compare runs"):
+                job = manager().submit_sweep(preset.config, list(preset.sweep_epsilons),
+                                             non_private=preset.sweep_non_private, label=preset.title)
+                st.session_state["rn_sweep"] = job.run_id
+                st.switch_page("pages/runs.py")
+        elif st.button("Train this preset", key=f"preset-{key}", disabled=bool(needs), type="primary",
+                       help="Missing requirements listed above" if needs else "Queues the run and opens Train"):
             job = manager().submit(preset.config, label=preset.title)
             watch(job.run_id)
             st.switch_page("pages/train.py", query_params={"run": job.run_id})

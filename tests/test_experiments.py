@@ -2,6 +2,7 @@
 table reads ε from the cards, missing data / weights are reported in plain words, and the CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import textwrap
 from dataclasses import fields
@@ -120,8 +121,57 @@ def test_grids_cross_every_arm_with_every_epsilon():
     assert len(shared) == 8 and all(len(also) == 1 for _, also in shared)
 
 
-def test_pretrained_vs_random_uses_a_cached_pretrain_file(tmp_path):
+def test_pretrained_vs_random_compares_bundled_imagenet_weights_with_random_init():
     exp = load_or_skip("pretrained-vs-random")
+    assert exp.version >= 2 and exp.pretrain is None and "bundled:tf_efficientnet_lite0" in exp.needs_weights
+    cfgs = {a.label: c for a, c in exp.configs(data_root="/d")}
+    assert {c.backbone for c in cfgs.values()} == {"tf_efficientnet_lite0"}
+    assert cfgs["ImageNet-pretrained · ε=0.5"].pretrained == "bundled"
+    assert cfgs["random init · ε=0.5"].pretrained == "none"
+    same = lambda c: dataclasses.replace(c, pretrained="none")  # noqa: E731  (only the starting weights differ)
+    assert same(cfgs["ImageNet-pretrained · ε=2"]) == same(cfgs["random init · ε=2"])
+    assert cfgs["ImageNet-pretrained, non-private"].epsilon is None
+    ham = load_or_skip("pretrained-vs-random-ham10000")
+    assert {c.dataset for _, c in ham.configs(data_root="/d")} == {"ham10000"}
+    assert sorted({c.epsilon for _, c in ham.configs(data_root="/d") if c.epsilon}) == [1.0, 8.0]
+
+
+PRETRAIN_TOML = """
+name = "with-pretrain"
+version = 1
+description = "a pretrain step on data declared public, then DP fine-tuning from its weights"
+
+[needs]
+data = ["chest_xray", "ham10000"]
+weights = ["pretrain"]
+
+[pretrain]
+dataset = "ham10000"
+data_dir = "ham10000"
+backbone = "tiny_cnn"
+image_size = 64
+epochs = 5
+public = "another modality and other patients"
+
+[base]
+dataset = "folder"
+data_dir = "chest_xray"
+backbone = "tiny_cnn"
+
+[[arms]]
+label = "random init"
+pretrained = "none"
+
+[[arms]]
+label = "HAM10000-pretrained"
+pretrained = "pretrain"
+"""
+
+
+def test_a_pretrain_step_is_cached_in_the_runs_folder(tmp_path):
+    path = tmp_path / "with-pretrain.toml"
+    path.write_text(PRETRAIN_TOML)
+    exp = ex.load_experiment(path)
     assert exp.pretrain is not None and exp.pretrain.dataset == "ham10000" and exp.pretrain.public
     cfgs = {a.group: c for a, c in exp.configs(data_root="/d", runs_dir=tmp_path)}
     assert cfgs["random init"].pretrained == "none"
@@ -459,3 +509,14 @@ def test_report_ema_without_ema_is_refused(tmp_path):
     p.write_text(body)
     with pytest.raises(ex.ExperimentError, match="keeps no EMA"):
         ex.load_experiment(p)
+
+
+def test_bundled_weights_must_be_declared(tmp_path):
+    text = TINY.replace('backbone = "tiny_cnn"', 'backbone = "tf_efficientnet_lite0"\npretrained = "bundled"')
+    path = tmp_path / "tiny.toml"
+    path.write_text(text)
+    with pytest.raises(ex.ExperimentError, match="bundled:tf_efficientnet_lite0"):
+        ex.load_experiment(path)
+    path.write_text(text.replace("[base]", '[needs]\nweights = ["bundled:tf_efficientnet_lite0"]\n\n[base]', 1))
+    exp = ex.load_experiment(path)
+    assert ex.check_needs(exp, data_root=tmp_path) == []  # the weights ship with the app: nothing missing offline

@@ -94,6 +94,10 @@ def origin_of(weights: dict[str, Any]) -> str:
     if source == "hub":
         return f"{weights.get('name')} from the timm hub: public pretraining, as declared by choosing it"
     digest = (weights.get("sha256") or "")[:12]
+    if source == "bundled":
+        return (f"ImageNet-1k weights shipped with the app ({weights.get('name')}"
+                + (f", sha256 {digest}…" if digest else "") + "): public pretraining, as declared by choosing them")
+    digest = (weights.get("sha256") or "")[:12]
     return (f"the weights file {weights.get('name')}" + (f" (sha256 {digest}…)" if digest else "")
             + ", declared public by the user (it carries no DP Explorer lineage)")
 
