@@ -87,8 +87,9 @@ def backbone_digest(model: torch.nn.Module) -> str:
 
 def feature_key(*, dataset: str, data_dir: str | None, seed: int, test_fraction: float, medmnist_size: int,
                 skip_unreadable: bool, splits: DataSplits, backbone: str, weights: dict[str, Any],
-                backbone_hash: str, data_config: dict[str, Any]) -> str:
-    """The cache key (hex) of one (data set, split, backbone, weights, preprocessing) combination."""
+                backbone_hash: str, data_config: dict[str, Any], stage: str = "pooled") -> str:
+    """The cache key (hex) of one (data set, split, backbone, weights, preprocessing, what is extracted)
+    combination. `stage`: "pooled" (pre-logits features) or "prefix:<start>" (the frozen blocks' output)."""
     h = hashlib.sha256()
     meta = {"format": FORMAT, "dataset": dataset,
             "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
@@ -96,6 +97,8 @@ def feature_key(*, dataset: str, data_dir: str | None, seed: int, test_fraction:
             "skip_unreadable": skip_unreadable, "class_names": splits.class_names, "backbone": backbone,
             "weights": {k: weights.get(k) for k in ("source", "name", "sha256")}, "backbone_hash": backbone_hash,
             "data_config": data_config}
+    if stage != "pooled":  # keys of pooled features stay what they were: existing caches remain valid
+        meta["stage"] = stage
     h.update(json.dumps(meta, sort_keys=True, default=list).encode())
     for part in (splits.train, splits.test):
         _hash_images(h, part)
@@ -103,21 +106,26 @@ def feature_key(*, dataset: str, data_dir: str | None, seed: int, test_fraction:
     return h.hexdigest()[:32]
 
 
+def pooled_features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
 @torch.no_grad()
 def extract(model: torch.nn.Module, images: torch.Tensor, normalize: Normalizer, device: torch.device,
-            batch_size: int = 256) -> torch.Tensor:
-    """Pooled pre-logits features, `forward_head(forward_features(x), pre_logits=True)`, as float32 on the CPU."""
+            batch_size: int = 256, fn: Callable | None = None) -> torch.Tensor:
+    """Pooled pre-logits features, `forward_head(forward_features(x), pre_logits=True)`, as float32 on the CPU;
+    with `fn`, `fn(model, x)` instead (the frozen prefix's activations for last-k, any shape)."""
     was_training = model.training
     model.eval()
     out = []
     try:
         for start in range(0, len(images), batch_size):
             x = normalize(images[start:start + batch_size].to(device))
-            out.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu())
+            out.append((fn or pooled_features)(model, x).float().cpu())
     finally:
         model.train(was_training)
     feats = torch.cat(out) if out else torch.zeros((0, 0))
-    if feats.ndim != 2:
+    if fn is None and feats.ndim != 2:
         raise DPCoreError(f"the backbone's pre-logits features have shape {tuple(feats.shape)}, not (N, D); "
                           "this backbone cannot use the cached-features path. Fix: train it with --scope full")
     return feats.contiguous()
@@ -147,8 +155,10 @@ def _file_stem(cache_dir: Path, key: str) -> str:
 
 def load_or_extract(*, key: str, cache_dir: Path, splits: DataSplits, model: torch.nn.Module,
                     data_config: dict[str, Any], device: torch.device, skip_unreadable: bool,
-                    batch_size: int = 256, log: Callable[[str], None] = lambda _: None) -> Features:
-    """The features of `key`: from memory, else from the cache file, else extracted now and saved."""
+                    batch_size: int = 256, log: Callable[[str], None] = lambda _: None,
+                    fn: Callable | None = None) -> Features:
+    """The features of `key`: from memory, else from the cache file, else extracted now and saved. `fn`: what
+    to extract (default: pooled pre-logits features); its identity must be part of `key`."""
     path = Path(cache_dir) / f"{_file_stem(Path(cache_dir), key)}.safetensors"
     with _MEMORY_LOCK:
         hit = _MEMORY.get(key)
@@ -165,14 +175,15 @@ def load_or_extract(*, key: str, cache_dir: Path, splits: DataSplits, model: tor
     else:
         feats = None
     if feats is None:
-        feats = _extract_all(key, path, splits, model, data_config, device, skip_unreadable, batch_size, log)
+        feats = _extract_all(key, path, splits, model, data_config, device, skip_unreadable, batch_size, log, fn)
     with _MEMORY_LOCK:
         _MEMORY.clear()
         _MEMORY[key] = feats
     return feats
 
 
-def _extract_all(key, path, splits, model, data_config, device, skip_unreadable, batch_size, log) -> Features:
+def _extract_all(key, path, splits, model, data_config, device, skip_unreadable, batch_size, log,
+                 fn=None) -> Features:
     to_uint8 = make_to_uint8(data_config)
     log(f"features: decoding {len(splits.train)} train + {len(splits.test)} test images and extracting "
         f"backbone features on {device} (once; cached as {path})")
@@ -180,8 +191,8 @@ def _extract_all(key, path, splits, model, data_config, device, skip_unreadable,
     test_m = materialize(splits.test, to_uint8, skip_unreadable=skip_unreadable)
     normalize = Normalizer.from_config(data_config).to(device)
     model = model.to(device)
-    feats = Features(key=key, path=path, train_x=extract(model, train_m.images, normalize, device, batch_size),
-                     train_y=train_m.labels, test_x=extract(model, test_m.images, normalize, device, batch_size),
+    feats = Features(key=key, path=path, train_x=extract(model, train_m.images, normalize, device, batch_size, fn),
+                     train_y=train_m.labels, test_x=extract(model, test_m.images, normalize, device, batch_size, fn),
                      test_y=test_m.labels, test_kept=list(test_m.kept),
                      skipped={"train": [list(s) for s in train_m.skipped], "test": [list(s) for s in test_m.skipped]})
     _write(feats)

@@ -291,8 +291,12 @@ class _Run:
         self.policy = augment.resolve_policy(cfg.augment, cfg.augmult, cfg.dataset, cfg.data_dir)
         self.physical_batch = cfg.max_physical_batch_size
         self.features = None
+        self.feature_stage = None  # "pooled" (head) | "prefix:<start>" (last-k on cached frozen blocks)
+        split = self._last_k_split()
         if cfg.scope == "head":
             self._prepare_features()
+        elif split is not None:
+            self._prepare_prefix(*split)
         else:
             self._prepare_images()
         self._configure()
@@ -343,28 +347,48 @@ class _Run:
         self.train_kept = train_m.kept  # indices into splits.train / .test (unreadable files may have been skipped)
         self.test_kept = test_m.kept
 
-    def _prepare_features(self) -> None:
-        """Head scope: the frozen backbone's features, computed once and cached; DP-SGD trains the head alone.
+    def _last_k_split(self):
+        """Last-k without augmentation: the frozen blocks are a fixed public function of each image, so their
+        output can be cached like head features (``models.split``); None where that does not apply."""
+        cfg = self.config
+        if cfg.scope != "last-k" or self.K != 1 or self.policy.active or self.head_only:
+            return None
+        from models.split import last_k_split
 
-        The backbone is a fixed public function of each image, so each private example enters training
-        only through the head's per-example gradient: the same DP-SGD, on far cheaper steps.
-        """
-        cfg, created, splits = self.config, self.created, self.splits
-        key = features.feature_key(
+        return last_k_split(self.created.model, cfg.trainable_blocks)
+
+    def _feature_key(self, stage: str = "pooled") -> str:
+        cfg, created = self.config, self.created
+        return features.feature_key(
             dataset=cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed, test_fraction=cfg.test_fraction,
-            medmnist_size=cfg.medmnist_size, skip_unreadable=cfg.skip_unreadable, splits=splits,
+            medmnist_size=cfg.medmnist_size, skip_unreadable=cfg.skip_unreadable, splits=self.splits,
             backbone=cfg.backbone, weights=created.weights, backbone_hash=features.backbone_digest(created.model),
-            data_config=created.data_config)
+            data_config=created.data_config, stage=stage)
+
+    def _prepare_prefix(self, prefix, suffix) -> None:
+        """Last-k: the frozen blocks' activations of every image, computed once and cached; DP-SGD trains the
+        last k blocks and the head (``suffix``, sharing the model's parameters) on them. Same mechanism as
+        on images: only the frozen part is not recomputed at each step."""
+        cfg, created, splits = self.config, self.created, self.splits
+        stage = f"prefix:{suffix.start}"
         feats = features.load_or_extract(
-            key=key, cache_dir=features.default_cache_dir(self.store.root), splits=splits, model=created.model,
-            data_config=created.data_config, device=self.device, skip_unreadable=cfg.skip_unreadable,
-            batch_size=max(cfg.max_physical_batch_size, 64), log=self.log)
-        self.features = feats
+            key=self._feature_key(stage), cache_dir=features.default_cache_dir(self.store.root), splits=splits,
+            model=created.model, data_config=created.data_config, device=self.device,
+            skip_unreadable=cfg.skip_unreadable, batch_size=max(cfg.max_physical_batch_size, 64), log=self.log,
+            fn=prefix)
+        self._use_features(feats, stage)
+        created.model.to(self.device)
+        self.model = suffix.to(self.device)
+        self.log(f"frozen blocks 0..{suffix.start - 1}: {self.n_train} train + {self.n_test} test activations "
+                 f"{tuple(feats.train_x.shape[1:])} ({'cache hit' if feats.hit else 'extracted'}: {feats.path}); "
+                 f"training the last {cfg.trainable_blocks} blocks and the head on them")
+
+    def _use_features(self, feats, stage: str) -> None:
+        splits = self.splits
+        self.features, self.feature_stage = feats, stage
         self.skipped = feats.skipped
         self.n_train, self.n_test = len(feats.train_y), len(feats.test_y)
         self._check_data()
-        created.model.to(self.device)
-        self.model = created.model.get_classifier()  # the head is a sub-module: training it trains the model
         self.normalize = torch.nn.Identity()
         self.train_set = BatchedTensorDataset(feats.train_x, feats.train_y)
         self.test_x, self.test_y = feats.test_x, feats.test_y
@@ -374,6 +398,26 @@ class _Run:
         if len(self.train_kept) != self.n_train:
             raise RuntimeError(f"cached features hold {self.n_train} training rows but {len(self.train_kept)} "
                                "images are readable: delete the feature cache and run again")
+
+    @property
+    def _head_features(self) -> bool:
+        """Training a linear head on pooled features (tiny steps: one thread, hooks)."""
+        return self.head_only or self.feature_stage == "pooled"
+
+    def _prepare_features(self) -> None:
+        """Head scope: the frozen backbone's features, computed once and cached; DP-SGD trains the head alone.
+
+        The backbone is a fixed public function of each image, so each private example enters training
+        only through the head's per-example gradient: the same DP-SGD, on far cheaper steps.
+        """
+        cfg, created, splits = self.config, self.created, self.splits
+        feats = features.load_or_extract(
+            key=self._feature_key(), cache_dir=features.default_cache_dir(self.store.root), splits=splits,
+            model=created.model, data_config=created.data_config, device=self.device,
+            skip_unreadable=cfg.skip_unreadable, batch_size=max(cfg.max_physical_batch_size, 64), log=self.log)
+        self._use_features(feats, "pooled")
+        created.model.to(self.device)
+        self.model = created.model.get_classifier()  # the head is a sub-module: training it trains the model
         # Per-example gradients of a linear head are small, so bigger physical batches are safe and faster.
         n_out = sum(p.numel() for p in self.model.parameters())
         self.physical_batch = max(cfg.max_physical_batch_size, min(8192, int(32e6 // max(n_out, 1))))
@@ -393,7 +437,7 @@ class _Run:
         # The fastest per-example clipping mode measured correct for this backbone and device
         # (bench/grad_modes.json). Not allowed: "ew" (torch's ExpandedWeights refuses the gradient
         # accumulation of virtual steps) and "ghost" (a second backward pass; bk does the same in one).
-        head = self.head_only or getattr(self, "features", None) is not None
+        head = self._head_features
         self.grad_sample_mode = "hooks" if head else grad_modes.choose_grad_sample_mode(
             cfg.backbone, self.device, allowed=TRAINER_MODES)
         if self.grad_sample_mode == "bk":
@@ -583,7 +627,7 @@ class _Run:
     def _loop(self) -> None:
         # A linear head on cached features is far too small to split across threads: on 2 cores its
         # ops run ~100x slower with torch's default thread pool than with one thread (measured).
-        small = (self.head_only or getattr(self, "features", None) is not None) and self.device.type == "cpu"
+        small = self._head_features and self.device.type == "cpu"
         threads = torch.get_num_threads()
         if small:
             torch.set_num_threads(1)
@@ -875,8 +919,14 @@ class _Run:
     def features_info(self) -> dict[str, Any]:
         """What the card says about the cached-features path: that it was used, and where the cache is."""
         f = self.features
-        return {"used": True, "cache_file": str(f.path), "cache_hit": f.hit, "dim": f.dim,
-                "extractor": "forward_head(forward_features(x), pre_logits=True), eval mode, no grad",
+        if self.feature_stage and self.feature_stage.startswith("prefix:"):
+            start = int(self.feature_stage.split(":", 1)[1])
+            extractor = (f"conv_stem → bn1 → blocks[0..{start - 1}] (frozen), eval mode, no grad; the last "
+                         f"{self.config.trainable_blocks} blocks and the head train on these activations")
+        else:
+            extractor = "forward_head(forward_features(x), pre_logits=True), eval mode, no grad"
+        return {"used": True, "stage": self.feature_stage, "cache_file": str(f.path), "cache_hit": f.hit,
+                "dim": f.dim, "shape": list(f.train_x.shape[1:]), "extractor": extractor,
                 "physical_batch_size": self.physical_batch}
 
     def log(self, message: str) -> None:
