@@ -125,10 +125,13 @@ with c1:
     st.markdown("**Model**")
     backbone = st.selectbox("Backbone", models.list_models(), key="tr_backbone",
                             help=models.get_spec(st.session_state.get("tr_backbone", "tiny_cnn")).description)
-    source = st.radio("Pretrained weights", ["none (random init)", "hub (timm)", "local .safetensors"],
-                      key="tr_pre", horizontal=True, disabled=backbone == "tiny_cnn")
+    source = st.radio("Pretrained weights", ["default (offline sources first)", "none (random init)", "hub (timm)",
+                                             "local .safetensors"],
+                      key="tr_pre", horizontal=True, disabled=backbone == "tiny_cnn",
+                      help="default: the local hub cache, then weights bundled with the app (EfficientNet-Lite0), "
+                           "then the folder named by $DPCORE_WEIGHTS_DIR; hub downloads timm's weights once")
     weights_path = st.text_input("Weights file", key="tr_weights", disabled=not source.startswith("local"))
-    pretrained = {"n": "none", "h": "hub", "l": weights_path}[source[0]]
+    pretrained = {"d": "default", "n": "none", "h": "hub", "l": weights_path}[source[0]]
     if backbone == "tiny_cnn":
         pretrained = "none"
     scope = st.selectbox("Fine-tuning scope", SCOPES, key="tr_scope",

