@@ -476,6 +476,14 @@ def create_model(
             weights["legacy_run"] = meta["run_id"]  # a run's weights from before lineage was recorded
     if resolved.tried:
         weights["tried"] = list(resolved.tried)
+    if resolved.source != "none" and weights.get("skipped_keys"):
+        # A new classifier on pretrained features starts at zero (De et al. 2022): uniform predictions,
+        # not timm's init (EfficientNet's U(±1/√fan_out) head gives logits of ~10 on these features, a loss
+        # of 3+ that DP noise then has to undo).
+        with torch.no_grad():
+            for p in model.get_classifier().parameters():
+                p.zero_()
+        weights["head_init"] = "zeros (a new classifier on pretrained features)"
     weights["norm"] = norm
     weights["batchnorm"] = batchnorm
     weights["preprocessing"] = {"mean": data_config["mean"], "std": data_config["std"]}
