@@ -499,3 +499,19 @@ def test_a_groupnorm_run_file_still_loads_as_groupnorm(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(c.model.eval()(x), src.model.eval()(x))
+
+
+def test_a_new_head_on_pretrained_features_starts_at_zero():
+    """timm's EfficientNet head init gives logits of ~10 on ImageNet features (a DP loss of 3+): a new
+    classifier on pretrained weights starts at zero instead, and the card says so; random init keeps timm's."""
+    pre = models.create_model("tf_efficientnet_lite0", 2, pretrained="bundled", image_size=64)
+    head = pre.model.get_classifier()
+    assert all(torch.count_nonzero(p) == 0 for p in head.parameters())
+    assert pre.weights["head_init"].startswith("zeros")
+    with torch.no_grad():
+        probs = pre.model.eval()(torch.randn(2, 3, 64, 64)).softmax(1)
+    assert torch.allclose(probs, torch.full_like(probs, 0.5))
+    rnd = models.create_model("tf_efficientnet_lite0", 2, pretrained="none", image_size=64)
+    assert torch.count_nonzero(rnd.model.get_classifier().weight) > 0 and "head_init" not in rnd.weights
+    full = models.create_model("tf_efficientnet_lite0", 1000, pretrained="bundled", image_size=64)
+    assert torch.count_nonzero(full.model.get_classifier().weight) > 0  # the ImageNet head itself is kept
