@@ -112,18 +112,9 @@ def dataset_availability(data_root: Path | None = None) -> list[dict[str, Any]]:
 
 def _hub_cached(timm_name: str) -> bool:
     """Is the timm checkpoint in the local Hugging Face cache? Looks at files on disk only."""
-    from huggingface_hub import try_to_load_from_cache
-    from timm.models import get_pretrained_cfg
+    from models.weight_sources import hub_file
 
-    cfg = get_pretrained_cfg(timm_name)
-    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    if not repo:
-        return False
-    for filename in ("model.safetensors", "pytorch_model.bin"):  # timm prefers the first
-        found = try_to_load_from_cache(repo, filename)
-        if isinstance(found, str) and Path(found).is_file():
-            return True
-    return False
+    return hub_file(timm_name) is not None
 
 
 def weights_cached(backbone: str) -> bool:

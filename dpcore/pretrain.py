@@ -20,7 +20,6 @@ under ``model.weights.provenance``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import models
+from models.weight_sources import sha256_file
 
 from .config import RunConfig
 from .errors import ConfigError
@@ -47,14 +47,6 @@ class PretrainResult:
 
 def sidecar_path(out: str | Path) -> Path:
     return Path(out).with_suffix(".json")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def pretrain(dataset: str, out: str | Path, *, data_dir: str | None = None, backbone: str = "tiny_cnn",
@@ -120,7 +112,7 @@ def pretrain(dataset: str, out: str | Path, *, data_dir: str | None = None, back
     save_file(backbone_state, str(tmp_out), metadata=meta)
     tmp_out.replace(out)
     side = sidecar_path(out)
-    side.write_text(json.dumps({**facts, "weights_file": out.name, "sha256": _sha256(out)}, indent=2, default=list))
+    side.write_text(json.dumps({**facts, "weights_file": out.name, "sha256": sha256_file(out)}, indent=2, default=list))
     return PretrainResult(out, side, facts)
 
 

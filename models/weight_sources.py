@@ -356,15 +356,13 @@ class Resolved:
     hub_offline: bool = False  # hub: the local cache only, never the network
 
 
-def hub_cached(spec: BackboneSpec) -> Optional[Path]:
-    """The timm checkpoint of ``spec`` in the local Hugging Face cache, if it is there (files on disk only)."""
-    if not spec.timm_name or not spec.hub_weights:
-        return None
+def hub_file(timm_name: str) -> Optional[Path]:
+    """timm's checkpoint of ``timm_name`` in the local Hugging Face cache, if it is there (files on disk only)."""
     try:
         from huggingface_hub import try_to_load_from_cache
         from timm.models import get_pretrained_cfg
 
-        cfg = get_pretrained_cfg(spec.timm_name)
+        cfg = get_pretrained_cfg(timm_name)
         repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
         if not repo:
             return None
@@ -375,6 +373,13 @@ def hub_cached(spec: BackboneSpec) -> Optional[Path]:
     except Exception:
         return None
     return None
+
+
+def hub_cached(spec: BackboneSpec) -> Optional[Path]:
+    """The timm checkpoint of ``spec`` in the local hub cache, where hub weights fit this backbone."""
+    if not spec.timm_name or not spec.hub_weights:
+        return None
+    return hub_file(spec.timm_name)
 
 
 def hub_unfit_error(spec: BackboneSpec) -> WeightsError:
