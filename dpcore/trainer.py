@@ -402,7 +402,7 @@ class _Run:
     @property
     def _head_features(self) -> bool:
         """Training a linear head on pooled features (tiny steps: one thread, hooks)."""
-        return self.head_only or self.feature_stage == "pooled"
+        return self.head_only or getattr(self, "feature_stage", None) == "pooled"
 
     def _prepare_features(self) -> None:
         """Head scope: the frozen backbone's features, computed once and cached; DP-SGD trains the head alone.
