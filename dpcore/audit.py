@@ -468,7 +468,7 @@ def _pool(store: RunStore, config: RunConfig, scope: str, device: torch.device, 
     torch.manual_seed(config.seed)  # the same random backbone as the run's (it seeds before building)
     np.random.seed(config.seed)
     splits = load_dataset(config.dataset, config.data_dir, seed=config.seed, test_fraction=config.test_fraction,
-                          cache_dir=config.cache_dir, medmnist_size=config.medmnist_size)
+                          cache_dir=config.cache_dir, medmnist_size=config.medmnist_size, split=config.split)
     created = models.create_model(config.backbone, len(splits.class_names), pretrained=config.pretrained,
                                   image_size=config.image_size, weight_standardization=config.weight_standardization)
     if scope == "head":

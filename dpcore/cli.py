@@ -58,6 +58,9 @@ def _add_train_flags(t: argparse.ArgumentParser, sweep: bool) -> None:
     t.add_argument("--device", default=d.device, choices=DEVICES)
     t.add_argument("--test-fraction", type=float, default=d.test_fraction,
                    help="held-out fraction where the data set has no official test split")
+    t.add_argument("--split", default=d.split, choices=("official", "grouped"),
+                   help="official (the data set's own split) | grouped (train ∪ test re-split by patient/lesion, "
+                        "seeded by --seed: no patient on both sides)")
     t.add_argument("--medmnist-size", type=int, default=d.medmnist_size)
     t.add_argument("--skip-unreadable", action="store_true", help="leave out unreadable images (recorded)")
     t.add_argument("--evals-per-epoch", type=int, default=d.evals_per_epoch)

@@ -57,6 +57,9 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     test_fraction: float = 0.2  # used only where the data set has no official test split
+    # "official" (the data set's own split, or a stratified held-out one) | "grouped" (train ∪ test split again so
+    # that no patient / lesion is on both sides: dpcore.data.regroup)
+    split: str = "official"
     medmnist_size: int = 28
     skip_unreadable: bool = False
     evals_per_epoch: int = 1
@@ -141,6 +144,8 @@ class RunConfig:
             bad("seed", f"must be a whole number, got {self.seed!r}", "pass e.g. --seed 0")
         if self.device not in DEVICES:
             bad("device", f"unknown device {self.device!r}", f"use one of {DEVICES}")
+        if self.split not in ("official", "grouped"):
+            bad("split", f"unknown split {self.split!r}", "use official or grouped")
         if not 0 < self.test_fraction < 1:
             bad("test_fraction", f"must be in (0, 1), got {self.test_fraction}", "pass e.g. 0.2")
         if self.medmnist_size not in MEDMNIST_SIZES:

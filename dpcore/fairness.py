@@ -265,7 +265,7 @@ def _load_splits(store: RunStore, run_id: str):
     cfg = store.get_run(run_id).config
     try:
         return load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, test_fraction=cfg.test_fraction,
-                            cache_dir=cfg.cache_dir, medmnist_size=cfg.medmnist_size)
+                            cache_dir=cfg.cache_dir, medmnist_size=cfg.medmnist_size, split=cfg.split)
     except DPCoreError as e:
         where = f" from {cfg.data_dir}" if cfg.data_dir else ""
         raise DPCoreError(f"the test split of run {run_id} cannot be loaded: data set {cfg.dataset!r} no longer "

@@ -834,7 +834,8 @@ def backfill(runs_dir: str | Path, ledger: Ledger | None = None, store=None) -> 
         split = (cfg.dataset, cfg.data_dir, cfg.seed, cfg.test_fraction, cfg.medmnist_size)
         if split not in loaded:
             loaded[split] = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, test_fraction=cfg.test_fraction,
-                                         medmnist_size=cfg.medmnist_size, cache_dir=cfg.cache_dir)
+                                         medmnist_size=cfg.medmnist_size, cache_dir=cfg.cache_dir,
+                                         split=cfg.split)
         splits = loaded[split]
         skipped = (card.get("dataset") or {}).get("skipped_unreadable") or {}
         parts = []

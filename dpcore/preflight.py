@@ -74,7 +74,7 @@ def preflight(config: RunConfig, ledger=None, splits=None) -> Preflight:
     ledger = ledger or Ledger()
     splits = splits or load_dataset(config.dataset, config.data_dir, seed=config.seed,
                                     test_fraction=config.test_fraction, cache_dir=config.cache_dir,
-                                    medmnist_size=config.medmnist_size)
+                                    medmnist_size=config.medmnist_size, split=config.split)
     n_train, n_test = len(splits.train), len(splits.test)
     sampling = accounting.sampling_plan(n_train, config.batch_size, config.epochs)
     sigma = eps = None

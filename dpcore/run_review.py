@@ -185,7 +185,7 @@ def test_gallery(store: RunStore, run_id: str, *, misclassified_only: bool = Fal
     cfg = store.get_run(run_id).config
     try:
         splits = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, test_fraction=cfg.test_fraction,
-                              cache_dir=cfg.cache_dir, medmnist_size=cfg.medmnist_size)
+                              cache_dir=cfg.cache_dir, medmnist_size=cfg.medmnist_size, split=cfg.split)
     except DPCoreError as e:
         where = f" from {cfg.data_dir}" if cfg.data_dir else ""
         raise DPCoreError(f"the test images of run {run_id} cannot be shown: data set {cfg.dataset!r} no longer "

@@ -277,7 +277,7 @@ class _Run:
         self.device = resolve_device(cfg.device)
 
         splits = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, test_fraction=cfg.test_fraction,
-                              cache_dir=cfg.cache_dir, medmnist_size=cfg.medmnist_size)
+                              cache_dir=cfg.cache_dir, medmnist_size=cfg.medmnist_size, split=cfg.split)
         self.splits = splits
         self.n_classes = len(splits.class_names)
         created = models.create_model(cfg.backbone, self.n_classes, pretrained=cfg.pretrained,

@@ -121,6 +121,11 @@ with c1:
     data_dir = st.text_input("Data folder", key=f"tr_dir_{dataset}",
                              help="Needed for folder and HAM10000; optional for MedMNIST (a local .npz).",
                              disabled=dataset in ("digits", "cifar10"))
+    split = st.radio("Train/test split", ["official", "grouped"], key="tr_split", horizontal=True,
+                     disabled=dataset not in ("folder", "ham10000"),
+                     help="official: the data set's own split (the chest X-ray folders share 170 patients between "
+                          "train and test); grouped: train ∪ test split again by patient / lesion with the seed, "
+                          "no patient on both sides")
     seed = st.number_input("Seed", 0, 10_000, key="tr_seed")
     st.markdown("**Model**")
     backbone = st.selectbox("Backbone", models.list_models(), key="tr_backbone",
@@ -180,7 +185,7 @@ fields = {"dataset": dataset, "data_dir": (data_dir or None) if dataset not in (
               "backbone": backbone, "pretrained": pretrained, "scope": scope, "epsilon": None if non_private else float(eps),
               "delta": float(delta), "accountant": accountant, "epochs": int(epochs), "batch_size": int(batch),
               "max_physical_batch_size": int(physical), "lr": float(lr), "clip_norm": float(clip),
-              "image_size": int(image_size) or None, "seed": int(seed), "augmult": int(augmult),
+              "image_size": int(image_size) or None, "seed": int(seed), "split": split if dataset in ("folder", "ham10000") else "official", "augmult": int(augmult),
               "augment": augment_policy, "ema_decay": float(ema_decay) if use_ema else None,
               "weight_standardization": bool(ws), "lr_schedule": schedule, "warmup_fraction": float(warmup),
               "trainable_blocks": int(blocks)}

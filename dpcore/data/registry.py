@@ -36,11 +36,24 @@ def list_datasets() -> list[str]:
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, *, seed: int = 0, test_fraction: float = 0.2,
-                 cache_dir: str | Path | None = None, medmnist_size: int = 28) -> DataSplits:
+                 cache_dir: str | Path | None = None, medmnist_size: int = 28, split: str = "official") -> DataSplits:
     """Load any registered data set as train/test(/val) ImageLists; decoding is left to `materialize`.
 
-    `seed` and `test_fraction` apply only where a data set has no official test split.
+    `seed` and `test_fraction` apply only where a data set has no official test split. ``split="grouped"``
+    pools train and test and splits them again by patient / lesion (``dpcore.data.regroup``), seeded by `seed`.
     """
+    splits = _load(name, data_dir, seed=seed, test_fraction=test_fraction, cache_dir=cache_dir,
+                   medmnist_size=medmnist_size)
+    if split == "official":
+        return splits
+    if split != "grouped":
+        raise ConfigError("split", f"unknown split {split!r}", "use official or grouped")
+    from .regroup import grouped_resplit
+
+    return grouped_resplit(splits, name, seed=seed)
+
+
+def _load(name: str, data_dir, *, seed: int, test_fraction: float, cache_dir, medmnist_size: int) -> DataSplits:
     if name not in DATASETS:
         raise ConfigError("dataset", f"unknown data set {name!r}", f"use one of {', '.join(DATASETS)}")
     if not 0 < test_fraction < 1:
