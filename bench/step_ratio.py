@@ -13,8 +13,8 @@ parameter (sigma = 1) and the scaling. Models come from ``models.create_model`` 
 step time does not depend on the weights), i.e. already Opacus-compatible (GroupNorm, ...). Backbones
 the registry does not know yet (``EXTRA_TIMM``: tf_efficientnet_lite0, mobilenetv2_100 and
 mobilenetv1_100 with ``pad_type="same"``) are built with ``timm.create_model`` and
-``models.make_opacus_compatible``; ``--bn folded`` instead emulates their pretrained form (each
-BatchNormAct2d folded into the conv before it, which gets a bias; the norm becomes its activation).
+``models.make_opacus_compatible``; ``--bn folded`` instead gives their pretrained form (``models.bn_fold``: each
+BatchNorm folded into the conv before it, which gets a bias; the norm becomes its activation).
 Every (model, batch, mode) configuration is warmed up with one step, then the configurations are
 timed *interleaved* (round-robin, one step each per round) so that machine noise hits them alike;
 the table shows medians. A mode is *eligible* only if its clipped, summed gradient (noise 0) equals
@@ -89,41 +89,16 @@ def parse_plan(spec: str) -> list:
     return plan
 
 
-@torch.no_grad()
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Emulate pretrained folding: every timm ``BatchNormAct2d`` folded into the conv before it (the conv
-    gets W·γ/σ and the bias β − γ·μ/σ, σ = √(running var + eps)) and replaced by its activation."""
-    from timm.layers.norm_act import BatchNormAct2d
-
-    for parent in list(model.modules()):
-        conv = None
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Conv2d):
-                conv = child
-            elif isinstance(child, BatchNormAct2d):
-                if conv is None or type(child.drop) is not nn.Identity:
-                    raise ValueError(f"{name}: no conv right before this BatchNormAct2d to fold it into")
-                scale = child.weight / torch.sqrt(child.running_var + child.eps)
-                bias = child.bias - child.running_mean * scale
-                if conv.bias is not None:
-                    bias = bias + conv.bias * scale
-                conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
-                conv.bias = nn.Parameter(bias)
-                setattr(parent, name, child.act)
-                conv = None
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        raise ValueError("a BatchNorm layer was left unfolded")
-    return model
-
-
 def build_model(name: str, size: int, num_classes: int = 10, bn: str = "groupnorm") -> nn.Module:
     """A registered backbone via ``models.create_model`` (random init), or an ``EXTRA_TIMM`` one via timm."""
     if name in EXTRA_TIMM and (bn == "folded" or name not in models.list_models()):
         import timm
 
         m = timm.create_model(name, pretrained=False, num_classes=num_classes, **EXTRA_TIMM[name])
-        if bn == "folded":
-            fold_batchnorm(m)
+        if bn == "folded":  # the pretrained form: what models.create_model does to pretrained weights
+            from models.bn_fold import fold_batchnorm
+
+            fold_batchnorm(m, verify=False)
         return models.make_opacus_compatible(m)
     if bn != "groupnorm":
         raise ValueError(f"--bn {bn} is only for {', '.join(EXTRA_TIMM)}")

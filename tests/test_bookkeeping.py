@@ -347,30 +347,6 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-@torch.no_grad()
-def fold_batchnorm_here(model: nn.Module) -> nn.Module:
-    """What pretrained weights get: every BatchNormAct2d folded into the conv before it (the conv gets
-    W·γ/σ and the bias β − γ·μ/σ), the BatchNormAct2d replaced by its activation. Used only where
-    ``models.bn_fold`` (the app's own folding) is absent."""
-    for parent in list(model.modules()):
-        conv = None
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Conv2d):
-                conv = child
-            elif isinstance(child, BatchNormAct2d):
-                assert conv is not None and type(child.drop) is nn.Identity, name
-                scale = child.weight / torch.sqrt(child.running_var + child.eps)
-                bias = child.bias - child.running_mean * scale
-                if conv.bias is not None:
-                    bias = bias + conv.bias * scale
-                conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
-                conv.bias = nn.Parameter(bias)
-                setattr(parent, name, child.act)
-                conv = None
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    return model
-
-
 def groupnorm_act(model: nn.Module) -> nn.Module:
     """Random init, BatchNormAct2d -> GroupNormAct(gcd(32, C)) keeping the activation."""
     for parent in list(model.modules()):
@@ -388,12 +364,9 @@ def timm_mobile(name: str, variant: str, seed: int = 0) -> nn.Module:
     m = timm.create_model(name, pretrained=False, num_classes=3, **TIMM_MOBILE[name])
     assert any(type(x) is Conv2dSame for x in m.modules())
     if variant == "folded":
-        try:
-            from models.bn_fold import fold_batchnorm
-        except ImportError:  # pragma: no cover - the app's folding is newer than these tests
-            fold_batchnorm_here(m)
-        else:
-            fold_batchnorm(m)
+        from models.bn_fold import fold_batchnorm
+
+        fold_batchnorm(m)
     elif variant == "groupnorm_act":
         groupnorm_act(m)
     m = models.make_opacus_compatible(m)
