@@ -144,7 +144,7 @@ def pretrained_sources() -> list[dict[str, Any]]:
     backbone, hub_cached, bundled (package name or None), weights_dir (file name or None), ready (bool:
     ``pretrained="default"`` works offline)."""
     from models import get_spec, list_models
-    from models.weight_sources import hub_cached, list_weights_dir
+    from models.weight_sources import bundled_available, hub_cached, list_weights_dir
 
     folder = {r["backbone"]: r["file"] for r in list_weights_dir() if r["backbone"] and r["fits"]}
     rows = []
@@ -152,19 +152,10 @@ def pretrained_sources() -> list[dict[str, Any]]:
         spec = get_spec(name)
         if spec.timm_name is None:
             continue
-        bundled = spec.bundled if spec.bundled and _bundled_installed(spec.bundled) else None
+        bundled = spec.bundled if bundled_available(spec) else None
         cached = hub_cached(spec) is not None
         rows.append({"backbone": name, "hub_cached": cached, "bundled": bundled, "weights_dir": folder.get(name),
                      "ready": bool(cached or bundled or folder.get(name))})
     rows.sort(key=lambda r: (not r["ready"], r["backbone"]))
     return rows
 
-
-def _bundled_installed(package: str) -> bool:
-    import importlib.metadata
-
-    try:
-        importlib.metadata.distribution(package)
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False

@@ -429,9 +429,9 @@ def check_needs(exp: Experiment, data_root: str | Path | None = None, runs_dir: 
                            "~/.cache/huggingface), or copy that cache here")
     offline = sorted({(v.get("pretrained"), v.get("backbone", RunConfig().backbone)) for v in values
                       if v.get("pretrained") in ("bundled", "default")})
-    for pre, bb in offline:
+    if offline:
         from models.weight_sources import WeightsError, get_spec, resolve as resolve_weights
-
+    for pre, bb in offline:
         try:
             resolve_weights(get_spec(bb), pre)
         except WeightsError as e:

@@ -347,11 +347,7 @@ def _norm_of_keys(keys, bn_names: list[str]) -> str:
 def saved_norm(backbone: str, path: str | Path) -> str:
     """The ``norm`` a DP Explorer weights file (a run's model.safetensors) was trained with, from its keys:
     pass it to ``create_model(..., pretrained="none", norm=...)`` to rebuild that architecture."""
-    from safetensors import safe_open
-
-    with safe_open(str(Path(path).expanduser()), framework="pt") as f:
-        keys = list(f.keys())
-    return _norm_of_keys(keys, _bn_names(weight_sources.meta_model(get_spec(backbone))))
+    return _norm_of_keys(_file_keys(str(path)), _bn_names(weight_sources.meta_model(get_spec(backbone))))
 
 
 def _apply_norm(model: nn.Module, norm: str, verify: bool) -> dict:
@@ -493,10 +489,7 @@ def create_model(
 
 
 def _file_keys(path: str) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(Path(path).expanduser()), framework="pt") as f:
-        return list(f.keys())
+    return list(weight_sources._file_keys(Path(path).expanduser())[0])
 
 
 SCOPES = ("full", "head", "bias", "last-k")

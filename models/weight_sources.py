@@ -166,6 +166,17 @@ def _bundled_source(pkg: BundledPackage) -> Path:
     return path
 
 
+def bundled_available(spec: BackboneSpec) -> bool:
+    """Whether ``spec``'s bundled weights package is installed in the version DP Explorer knows (nothing read)."""
+    if not spec.bundled or spec.bundled not in BUNDLED:
+        return False
+    try:
+        _bundled_source(BUNDLED[spec.bundled])
+    except WeightsError:
+        return False
+    return True
+
+
 def _read_cached(path: Path, pkg: BundledPackage) -> bool:
     from safetensors import SafetensorError, safe_open
 
@@ -492,5 +503,5 @@ def describe_source(backbone: str, pretrained: Optional[str]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["BUNDLED", "CACHE_ENV", "Resolved", "WEIGHTS_DIR_ENV", "bundled_weights", "cache_dir", "fits",
+__all__ = ["BUNDLED", "CACHE_ENV", "Resolved", "WEIGHTS_DIR_ENV", "bundled_available", "bundled_weights", "cache_dir", "fits",
            "describe_source", "hub_cached", "list_weights_dir", "match_by_name", "resolve"]
