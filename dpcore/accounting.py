@@ -75,6 +75,25 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
     return float(acc.get_epsilon(delta))
 
 
+def epsilon_replace_one(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """ε under replace-one adjacency (PLD; the RDP accountant has no Poisson replace-one rule).
+
+    What a patient-level run promises ONE IMAGE of a patient who has other images: removing that image
+    changes the patient's clipped gradient from one vector of norm ≤ C to another, so the sampled sum
+    shifts by up to 2C — dp-accounting's REPLACE_ONE pair (1−q)N(0) + qN(∓C) under Poisson sampling.
+    (An image that is its patient's only one is added or removed with the patient: `epsilon`.)
+    """
+    _check("pld", noise_multiplier, sample_rate, steps, delta)
+    if steps == 0:
+        return 0.0
+    if noise_multiplier == 0:
+        return math.inf
+    acc = pld.PLDAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE,
+                            value_discretization_interval=PLD_DISCRETIZATION)
+    acc.compose(dp_sgd_event(noise_multiplier, sample_rate, steps))
+    return float(acc.get_epsilon(delta))
+
+
 @lru_cache(maxsize=512)
 def calibrate_noise(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp", rtol: float = 0.005

@@ -140,6 +140,8 @@ class BookKeepingModule(nn.Module):
         # i·K + k is view k of example i). Their gradients are averaged before clipping, so each
         # example still contributes one clipped gradient (De et al. 2022).
         self.views_per_example = 1
+        self.capturing = True  # off: the wrapped model computes ordinary gradients (patient-level DP's
+        # oversized patients, accumulated over several physical batches: dpcore.trainer)
 
     # -- forward: record each layer's input, and its output gradient during backward -------------
     def forward(self, *args, **kwargs):
@@ -155,7 +157,7 @@ class BookKeepingModule(nn.Module):
                 p.requires_grad_(True)
 
     def _capture(self, module: nn.Module, inputs, output):
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or not self.capturing:
             return None
         if module in self._records:
             raise RuntimeError(f"{type(module).__name__} ran twice in one forward pass; book-keeping needs "

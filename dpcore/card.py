@@ -34,12 +34,21 @@ ADJACENCY = ("add/remove one image: the two training sets differ by one image be
              "relation the Poisson-subsampled Gaussian accountant assumes)")
 
 
+def adjacency(unit: str = "image") -> str:
+    """The neighbouring relation ε is stated for: one image, or one patient (lesion) with all of their images."""
+    if unit == "image":
+        return ADJACENCY
+    return (f"add/remove one {unit}: the two training sets differ by ALL images of one {unit} being present or "
+            f"absent ({unit}s are Poisson-sampled and each {unit}'s gradient is clipped as one, so the accountant "
+            f"runs over {unit}s)")
+
+
 def release_facts(config: RunConfig, unit: str = "image") -> dict[str, Any]:
     """What a run releases, what the accountant's ε covers, and which facts the card treats as public."""
     private = config.private and not config.insecure_reproducible_noise
     return {
         "unit": unit,
-        "adjacency": ADJACENCY,
+        "adjacency": adjacency(unit),
         "released": (["the trained model's weights (model.safetensors) — the only output computed from the private "
                       "training images, through DP-SGD's noise",
                       "test-split metrics and predictions of that model (computed on the test split, which is not "
@@ -81,7 +90,7 @@ def describe_weights(weights: dict[str, Any] | None) -> str:
 
 def guarantee_sentence(privacy: dict[str, Any], privacy_unit: str, lineage: dict[str, Any] | None = None) -> str:
     """One plain sentence on what the numbers promise (or, first, that nothing is promised)."""
-    unit = privacy_unit.split(" ")[0]
+    unit = privacy.get("unit") if privacy.get("unit") not in (None, "image") else privacy_unit.split(" ")[0]
     if not privacy.get("private"):
         return ("Trained without differential privacy: no privacy guarantee; the model may reveal "
                 f"whether a given {unit} was in its training data.")
@@ -98,10 +107,12 @@ def guarantee_sentence(privacy: dict[str, Any], privacy_unit: str, lineage: dict
     if lineage and lineage.get("composed_over_ancestors") and lineage.get("epsilon") is not None:
         eps = lineage["epsilon"]
         composed = ", composed with the earlier training of its starting weights on the same images"
+    every = f" with all of their images" if unit != "image" and privacy.get("unit") == unit else ""
     return (f"(ε={eps:.3g}, δ={privacy['delta']:.1g})-differential privacy per {unit}, for adding or removing one "
-            f"{unit} ({privacy['accountant'].upper()} accountant, {privacy['steps']} Poisson-sampled steps{composed}): "
-            f"whether or not any one {unit} was in the training data changes the probability of any outcome "
-            f"by a factor of at most e^ε ≈ {_fmt_factor(eps)}, except with probability δ.")
+            f"{unit}{every} ({privacy['accountant'].upper()} accountant, {privacy['steps']} Poisson-sampled steps"
+            f"{' of ' + unit + 's' if every else ''}{composed}): whether or not any one {unit} was in the training "
+            f"data changes the probability of any outcome by a factor of at most e^ε ≈ {_fmt_factor(eps)}, except "
+            "with probability δ.")
 
 
 def build_card(*, run_id: str, config: RunConfig, status: str, splits, n_train: int, n_test: int,
@@ -124,8 +135,8 @@ def build_card(*, run_id: str, config: RunConfig, status: str, splits, n_train: 
     privacy = dict(privacy)
     privacy["guarantee_holds"] = holds
     privacy["guarantee_epsilon"] = guaranteed_eps
-    privacy["unit"] = "image"
-    privacy["adjacency"] = ADJACENCY
+    privacy["unit"] = privacy.get("unit") or "image"
+    privacy["adjacency"] = adjacency(privacy["unit"])
     if group is not None and holds:
         from .privacy.group_privacy import group_summary
 
@@ -149,11 +160,13 @@ def build_card(*, run_id: str, config: RunConfig, status: str, splits, n_train: 
         "test_balanced_accuracy": metrics.get("balanced_accuracy"),
         "guarantee": guarantee_sentence(privacy, splits.privacy_unit, lineage),
         "privacy": privacy,
-        "privacy_facts": release_facts(config),
+        "privacy_facts": release_facts(config, privacy["unit"]),
         "lineage": {**(lineage or {}), "chain": lineage_chain or []},
         "dataset": {
             "name": config.dataset, "data_dir": config.data_dir, "n_train": n_train, "n_test": n_test,
-            "class_names": splits.class_names, "split": splits.split_info, "privacy_unit": splits.privacy_unit,
+            "class_names": splits.class_names, "split": splits.split_info,
+            "privacy_unit": splits.privacy_unit if privacy["unit"] == "image" else (
+                f"{privacy['unit']} (all images of one {privacy['unit']}: {privacy.get('unit_source', '')})"),
             "skipped_unreadable": skipped,
         },
         "model": {

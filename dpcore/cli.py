@@ -61,6 +61,10 @@ def _add_train_flags(t: argparse.ArgumentParser, sweep: bool) -> None:
     t.add_argument("--split", default=d.split, choices=("official", "grouped"),
                    help="official (the data set's own split) | grouped (train ∪ test re-split by patient/lesion, "
                         "seeded by --seed: no patient on both sides)")
+    t.add_argument("--privacy-unit", default=d.privacy_unit, choices=("image", "patient"),
+                   help="image (add/remove one image) | patient (add/remove one patient with all of their images: "
+                        "patients are Poisson-sampled, each patient's mean gradient clipped; --batch-size then "
+                        "counts patients). HAM10000's unit is the lesion")
     t.add_argument("--medmnist-size", type=int, default=d.medmnist_size)
     t.add_argument("--skip-unreadable", action="store_true", help="leave out unreadable images (recorded)")
     t.add_argument("--evals-per-epoch", type=int, default=d.evals_per_epoch)

@@ -60,6 +60,10 @@ class RunConfig:
     # "official" (the data set's own split, or a stratified held-out one) | "grouped" (train ∪ test split again so
     # that no patient / lesion is on both sides: dpcore.data.regroup)
     split: str = "official"
+    # who the guarantee protects: "image" (add/remove one image) | "patient" (add/remove one patient with all of
+    # their images: patients are Poisson-sampled and each one's mean gradient is clipped; dpcore.privacy.units).
+    # With "patient", batch_size counts patients (the expected patients per logical batch) and epochs pass over them.
+    privacy_unit: str = "image"
     medmnist_size: int = 28
     skip_unreadable: bool = False
     evals_per_epoch: int = 1
@@ -146,6 +150,11 @@ class RunConfig:
             bad("device", f"unknown device {self.device!r}", f"use one of {DEVICES}")
         if self.split not in ("official", "grouped"):
             bad("split", f"unknown split {self.split!r}", "use official or grouped")
+        if self.privacy_unit not in ("image", "patient"):
+            bad("privacy_unit", f"unknown privacy unit {self.privacy_unit!r}", "use image or patient")
+        if self.privacy_unit == "patient" and not self.private:
+            bad("privacy_unit", "a non-private run protects no one, so it has no privacy unit",
+                "use --privacy-unit image (the default) with --non-private, or give an --epsilon")
         if not 0 < self.test_fraction < 1:
             bad("test_fraction", f"must be in (0, 1), got {self.test_fraction}", "pass e.g. 0.2")
         if self.medmnist_size not in MEDMNIST_SIZES:

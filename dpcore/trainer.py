@@ -6,6 +6,7 @@ failed, cancelled) in the run store before returning or re-raising.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -101,7 +102,7 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
 def privatize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_set, *, batch_size: int | None = None,
               sample_rate: float | None = None, noise_multiplier: float, clip_norm: float,
               grad_sample_mode: str = "hooks", randomness: SecretRandomness | None = None,
-              before_noise=None):
+              before_noise=None, n_units: int | None = None):
     """Opacus' DP-SGD pieces: per-example gradients, clipping to C, Gaussian noise σ·C, Poisson sampling.
 
     The loader samples each example independently with q (default 1/ceil(n/batch_size), the q the
@@ -110,17 +111,23 @@ def privatize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_se
     which the user's seed drives. `before_noise()` runs before every noise draw (the trainer counts the
     step in the privacy ledger there: if that fails, the step is not taken). The engine is kept for its
     record of (σ, q, steps) actually taken.
+
+    ``n_units``: patient-level DP (``dpcore.privacy.units``): q is the rate over that many patients, the
+    optimizer normalises by the expected number of patients, and no loader is made (the trainer samples
+    patients itself, from ``randomness.sampling``); the returned loader is then None.
     """
-    n = len(train_set)
+    n = len(train_set) if n_units is None else int(n_units)
     if sample_rate is None:
         if batch_size is None:
             raise TypeError("privatize needs batch_size or sample_rate")
         sample_rate = accounting.sampling_plan(n, batch_size, 1).sample_rate
     randomness = randomness or SecretRandomness(next(model.parameters()).device)
     engine = PrivacyEngine(accountant="rdp")
-    loader = DPDataLoader(train_set, sample_rate=sample_rate, generator=randomness.sampling,
-                          collate_fn=collate_rows if isinstance(train_set, BatchedTensorDataset) else None)
-    loader.batch_sampler.steps = max(1, round(1 / sample_rate))  # int(1/q) loses a step for some q (1/93)
+    loader = None
+    if n_units is None:
+        loader = DPDataLoader(train_set, sample_rate=sample_rate, generator=randomness.sampling,
+                              collate_fn=collate_rows if isinstance(train_set, BatchedTensorDataset) else None)
+        loader.batch_sampler.steps = max(1, round(1 / sample_rate))  # int(1/q) loses a step for some q (1/93)
     expected_batch_size = int(n * sample_rate)  # Opacus' own normalisation: the expected, not the actual, batch
     if grad_sample_mode == "bk":
         module, dp_optimizer, criterion = grad_modes.make_bookkeeping(
@@ -200,7 +207,7 @@ def fit_arrays(config: RunConfig, model: torch.nn.Module, train_x: torch.Tensor,
                spending, normalize: torch.nn.Module | None = None, device: torch.device | str = "cpu",
                mechanism: tuple[float, float, int] | None = None, physical_batch: int | None = None,
                head_only: bool = False, cancel: threading.Event | None = None,
-               created_weights: dict | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+               created_weights: dict | None = None, units=None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train `model` on in-memory (x, y) with exactly the run recipe of `config` — the same loop as `train`:
     DP-SGD or not, augmult, augmentation policy, EMA, lr schedule, weight standardisation, scope — and
     return the trained plain module (EMA weights when ema_decay is set, as a run saves) and what ran.
@@ -211,7 +218,13 @@ def fit_arrays(config: RunConfig, model: torch.nn.Module, train_x: torch.Tensor,
     without one. Nothing is stored. For a non-private config, ``mechanism = (None, q, T)`` replays the
     non-private loop at rate q for T steps: logical batches of ⌊q·n⌋ examples (≥ 1/q of them an epoch, so
     T is reached) instead of the config's batch size, which was planned for another n.
+
+    ``units`` (a `dpcore.privacy.units.UnitPlan` over the rows of x): patient-level DP-SGD, q over its units
+    (the config's privacy_unit must be "patient").
     """
+    if (units is not None) != (config.privacy_unit == "patient"):
+        raise ConfigError("privacy_unit", f"privacy_unit {config.privacy_unit!r} with{'out' if units is None else ''} "
+                          "a unit plan", "pass units= exactly when the config's privacy_unit is patient")
     if mechanism is not None and mechanism[0] is None and not config.private:
         config = config.replace(batch_size=max(1, math.floor(len(train_y) * float(mechanism[1]))))
     run = _Run(config, lambda event: None, cancel or threading.Event(), time.time(), run_id="fit")
@@ -226,6 +239,7 @@ def fit_arrays(config: RunConfig, model: torch.nn.Module, train_x: torch.Tensor,
     run.normalize = (normalize or torch.nn.Identity()).to(run.device)
     run.train_set = BatchedTensorDataset(train_x, train_y)
     run.n_train, run.n_test = len(train_y), 0
+    run.units = units
     run.spending = spending
     run._configure(mechanism)
     try:
@@ -236,7 +250,7 @@ def fit_arrays(config: RunConfig, model: torch.nn.Module, train_x: torch.Tensor,
     trained.zero_grad(set_to_none=True)
     trained.eval()
     info = run._privacy_spent() if config.private else {"private": False, "steps": run.step}
-    info.update(sample_rate=run.sample_rate, steps=run.step, expected_batch_size=run.n_train * run.sample_rate)
+    info.update(sample_rate=run.sample_rate, steps=run.step, expected_batch_size=run.n_sampled * run.sample_rate)
     return trained, info
 
 
@@ -264,6 +278,7 @@ class _Run:
         self.lineage = None
         self.verdict = None
         self.group = None
+        self.units = None  # patient-level DP: the training images grouped by patient (dpcore.privacy.units)
         self.created_weights: dict = {}
 
     # -- setup -----------------------------------------------------------------------------
@@ -299,6 +314,8 @@ class _Run:
             self._prepare_prefix(*split)
         else:
             self._prepare_images()
+        if cfg.privacy_unit == "patient":
+            self._prepare_units()
         self._configure()
         self._open_ledger()  # before any step: a run that cannot record its spending takes none
         self.emit(Event("plan", self.run_id, total_steps=self.total_steps, elapsed=self.elapsed(),
@@ -314,7 +331,7 @@ class _Run:
         """The sampling plan (q, T), the evaluation schedule, the optimizer, DP-SGD and the recipe."""
         cfg = self.config
         if mechanism is None:
-            sampling = accounting.sampling_plan(self.n_train, cfg.batch_size, cfg.epochs)
+            sampling = accounting.sampling_plan(self.n_sampled, cfg.batch_size, cfg.epochs)
             self.spe, self.total_steps, self.sample_rate = sampling.steps_per_epoch, sampling.steps, sampling.sample_rate
             sigma = None
         else:
@@ -328,6 +345,35 @@ class _Run:
         if cfg.private:
             self._setup_private(sigma)
         self._setup_recipe()
+
+    @property
+    def n_sampled(self) -> int:
+        """What Poisson sampling draws from: patients (patient-level DP) or images."""
+        return self.units.n_units if self.units is not None else self.n_train
+
+    def _prepare_units(self) -> None:
+        """Patient-level DP: each training image's patient (or lesion); refused where the data name none."""
+        from .data.groups import train_groups
+        from .privacy.units import refuse_without_groups, unit_plan
+
+        cfg = self.config
+        group = train_groups(self.splits, cfg.dataset)
+        if group is None:
+            raise refuse_without_groups(cfg.dataset)
+        self.units = unit_plan(group, self.train_kept)
+        P = self.units.n_units
+        if cfg.batch_size > P:
+            raise ConfigError("batch_size", f"with --privacy-unit patient the logical batch counts {group.unit}s, and "
+                              f"{cfg.batch_size} is more than the {P} {group.unit}s in the training split",
+                              f"use --batch-size {max(1, P // 4)} or smaller")
+        if cfg.delta > 1.0 / P:
+            msg = (f"delta={cfg.delta:g} is larger than 1/P = {1.0 / P:.3g} for P={P} {group.unit}s: use "
+                   f"delta ≤ {0.1 / P:.1g}")
+            self.warnings.append(msg)
+            self.log("warning: " + msg)
+        self.log(f"patient-level DP: {self.n_train} training images of {P} {group.unit}s (1-{self.units.largest} "
+                 f"images each; ids: {group.source}); {group.unit}s are Poisson-sampled and each one's mean "
+                 f"gradient is clipped to C={cfg.clip_norm:g}")
 
     def _prepare_images(self) -> None:
         """Full / bias scope: decode every image once to uint8; the whole model runs in each step."""
@@ -472,7 +518,7 @@ class _Run:
                 self.optimizer = _make_optimizer(cfg, [p for p in self.model.parameters() if p.requires_grad])
                 self.grad_sample_mode = "hooks"
                 self._privatize("hooks")
-        if abs(self.loader.sample_rate - self.sample_rate) > 1e-12:
+        if self.loader is not None and abs(self.loader.sample_rate - self.sample_rate) > 1e-12:
             raise RuntimeError(f"Opacus samples at q={self.loader.sample_rate}, the plan assumed {self.sample_rate}")
         self.eps_tracker = accounting.EpsilonTracker(self.privacy_plan.noise_multiplier, self.sample_rate,
                                                      cfg.delta, cfg.accountant)
@@ -483,7 +529,8 @@ class _Run:
         self.engine, self.model, self.optimizer, self.loader, self.criterion = privatize(
             self.model, self.optimizer, self.train_set, sample_rate=self.sample_rate,
             noise_multiplier=self.privacy_plan.noise_multiplier, clip_norm=self.config.clip_norm,
-            grad_sample_mode=mode, randomness=self.randomness, before_noise=self._before_noise)
+            grad_sample_mode=mode, randomness=self.randomness, before_noise=self._before_noise,
+            n_units=self.units.n_units if self.units is not None else None)
 
     def _before_noise(self) -> None:
         """Fail closed: the ledger counts this step before its noise is drawn, or the step is not taken."""
@@ -536,7 +583,7 @@ class _Run:
                 kind=self.kind, private=cfg.private, insecure=cfg.insecure_reproducible_noise,
                 noise_multiplier=sigma, sample_rate=self.sample_rate, planned_steps=self.total_steps,
                 delta=cfg.delta if cfg.private else None, accountant=cfg.accountant if cfg.private else None,
-                label=self._label(), unit="image", runs_dir=str(self.store.root) if self.store else None,
+                label=self._label(), unit=self.unit_name, runs_dir=str(self.store.root) if self.store else None,
                 over_budget=verdict.exceeds)
         except LedgerError:
             raise
@@ -610,9 +657,9 @@ class _Run:
         out = {"n_train": self.n_train, "n_test": self.n_test, "steps_per_epoch": self.spe,
                "total_steps": self.total_steps, "class_names": self.splits.class_names,
                "device": str(self.device), "trainable_params": self.trainable, "recipe": self.recipe_info(),
-               "privacy_unit": "image", "lineage": self.lineage.to_dict() if self.lineage else None,
+               "privacy_unit": self.unit_name, "lineage": self.lineage.to_dict() if self.lineage else None,
                "budget": self.verdict.message if self.verdict else None}
-        if self.group is not None and cfg.private:
+        if self.group is not None and cfg.private and self.units is None:
             from .privacy.group_privacy import group_summary
             out["group_privacy"] = group_summary(self.privacy_plan.epsilon, cfg.delta, self.group)
         if self.features is not None:
@@ -620,7 +667,8 @@ class _Run:
         if cfg.private:
             out.update(self.privacy_plan.to_dict(), target_epsilon=cfg.epsilon, clip_norm=cfg.clip_norm,
                        grad_sample_mode=self.grad_sample_mode,
-                       expected_batch_size=self.n_train * self.sample_rate)
+                       expected_batch_size=self.n_sampled * self.sample_rate,
+                       **self.unit_facts(self.privacy_plan.noise_multiplier, self.total_steps))
         return out
 
     # -- the loop --------------------------------------------------------------------------
@@ -635,7 +683,9 @@ class _Run:
             for epoch in range(self.epochs):
                 if self.step >= self.total_steps:
                     break
-                if self.config.private:
+                if self.config.private and self.units is not None:
+                    self._patient_epoch(epoch)
+                elif self.config.private:
                     self._private_epoch(epoch)
                 else:
                     self._nonprivate_epoch(epoch)
@@ -675,6 +725,109 @@ class _Run:
                     self._after_step(epoch, None)
                     if self.step >= self.total_steps:
                         break
+
+    # -- patient-level DP-SGD (dpcore.privacy.units) -----------------------------------------
+    def _patient_epoch(self, epoch: int) -> None:
+        """1/q logical steps: Poisson-sample patients, cut their images into physical batches, one noisy step."""
+        for _ in range(self.spe):
+            if self.step >= self.total_steps:
+                break
+            self._check_cancel()
+            sampled = self.units.sample(self.sample_rate, self.randomness.sampling)
+            self._patient_step(self.units.chunks(sampled, self.physical_batch, self.K))
+            self._after_step(epoch, None)
+
+    def _patient_step(self, chunks) -> None:
+        """Each chunk's clipped per-patient gradients are accumulated by the DP optimizer (a skipped step);
+        the last chunk's step adds the noise once and updates the model. No patient sampled: noise only."""
+        from .privacy.units import Oversized
+
+        if not chunks:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._no_contribution()
+            self.optimizer.step()
+            return
+        for i, chunk in enumerate(chunks):
+            self._check_cancel()
+            self.model.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            if isinstance(chunk, Oversized):
+                self._oversized_gradient(chunk)
+            else:
+                self._chunk_gradient(chunk)
+            self.optimizer.signal_skip_step(do_skip=i < len(chunks) - 1)
+            self.optimizer.step()
+
+    def _chunk_gradient(self, chunk) -> None:
+        """n patients × k images × K views, unit-major: the per-example machinery treats k·K rows as one
+        example, so each patient gets one gradient, the mean over their rows, clipped by the optimizer."""
+        x, y = self.train_set[torch.as_tensor(chunk.rows)]
+        rows_per_unit = chunk.k * self.K
+        bk = self.grad_sample_mode == "bk"
+        if bk:
+            self.model.views_per_example = rows_per_unit
+        try:
+            out = self.model(self._inputs(x))
+            loss = self.criterion(out, augment.expand_views(y.to(self.device), self.K))
+            loss.backward()
+        finally:
+            if bk:
+                self.model.views_per_example = self.K
+        if not bk:
+            average_views(self.model, chunk.n, rows_per_unit)
+
+    def _oversized_gradient(self, chunk) -> None:
+        """One patient with more images than a physical batch holds: their mean gradient accumulated exactly
+        over the pieces by plain autograd (no per-example machinery), then clipped as one patient."""
+        params = list(self.optimizer.params)
+        rows = chunk.k * self.K
+        with self._plain_gradients() as plain:
+            for piece in chunk.pieces:
+                self._check_cancel()
+                x, y = self.train_set[torch.as_tensor(piece)]
+                out = plain(self._inputs(x))
+                loss = torch.nn.functional.cross_entropy(
+                    out, augment.expand_views(y.to(self.device), self.K), reduction="sum") / rows
+                loss.backward()  # .grad accumulates over the pieces: the patient's mean gradient
+        grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        for p in params:
+            p.grad = None
+        if self.grad_sample_mode == "bk":  # book-keeping's optimizer takes the clipped sum in p.grad
+            from .bookkeeping import CLIP_EPS
+
+            norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+            coef = (self.config.clip_norm / (norm + CLIP_EPS)).clamp(max=1.0)
+            for p, g in zip(params, grads):
+                p.grad = g * coef
+        else:  # Opacus clips a one-row per-example gradient
+            for p, g in zip(params, grads):
+                p.grad_sample = g.unsqueeze(0)
+
+    @contextlib.contextmanager
+    def _plain_gradients(self):
+        """The wrapped model with its per-example machinery off, for ordinary autograd gradients."""
+        wrapper = self.model
+        inner = wrapper._module
+        if self.grad_sample_mode == "bk":
+            wrapper.capturing = False
+            try:
+                yield inner
+            finally:
+                wrapper.capturing = True
+        else:
+            wrapper.disable_hooks()
+            try:
+                yield inner
+            finally:
+                wrapper.enable_hooks()
+
+    def _no_contribution(self) -> None:
+        """An empty logical batch: zero clipped sum, so the step is noise only (as the accountant assumes)."""
+        if self.grad_sample_mode == "bk":
+            for p in self.optimizer.params:
+                p.grad = torch.zeros_like(p)
+        else:
+            self._empty_batch()
 
     def _nonprivate_epoch(self, epoch: int) -> None:
         cfg = self.config
@@ -822,7 +975,7 @@ class _Run:
             privacy=privacy, metrics=self.last_metrics, eval_history=self.eval_history,
             device=str(self.device), duration=self.elapsed(), warnings=self.warnings,
             recipe=self.recipe_info(), metrics_raw=self.metrics_raw, metrics_ema=self.metrics_ema,
-            lineage=guarantee, lineage_chain=lineage_out, group=self.group,
+            lineage=guarantee, lineage_chain=lineage_out, group=self.group if self.units is None else None,
         )
         if self.features is not None:
             card["model"]["features"] = self.features_info()
@@ -909,12 +1062,41 @@ class _Run:
                 "noise_multiplier": sigma, "sample_rate": self.sample_rate, "steps": steps,
                 "planned_steps": self.total_steps, "planned_epsilon": self.privacy_plan.epsilon,
                 "target_epsilon": cfg.epsilon, "clip_norm": cfg.clip_norm,
-                "expected_batch_size": self.n_train * self.sample_rate, "poisson_sampling": True,
-                "grad_sample_mode": self.grad_sample_mode,
+                "expected_batch_size": self.n_sampled * self.sample_rate, "poisson_sampling": True,
+                "grad_sample_mode": self.grad_sample_mode, **self.unit_facts(sigma, steps),
                 "noise_randomness": ("REPLAYABLE from the user's seed (--insecure-reproducible-noise): no guarantee"
                                      if cfg.insecure_reproducible_noise else
                                      "secret: OS-seeded, reseeded every noisy step, never stored"),
                 "insecure_reproducible_noise": bool(cfg.insecure_reproducible_noise)}
+
+    @property
+    def unit_name(self) -> str:
+        """What one privacy unit is: "image", or the owner the data name ("patient"; "lesion" for HAM10000)."""
+        return self.units.name if self.units is not None else "image"
+
+    def unit_facts(self, sigma: float | None = None, steps: int | None = None) -> dict[str, Any]:
+        """The privacy unit of a private run, and for patient-level runs what the same (σ, q, T) promises one
+        image (replace-one: `accounting.epsilon_replace_one`)."""
+        if self.units is None:
+            return {"unit": "image"}
+        u = self.units
+        out = {"unit": u.name, "n_units": u.n_units, "unit_source": u.source, "largest_unit": u.largest,
+               "units": u.describe(), "expected_images_per_batch": self.n_train * self.sample_rate,
+               "unit_gradient": (f"the mean over the {u.name}'s images in the batch (each image's augmented views "
+                                 f"averaged first), clipped to C as one vector")}
+        if sigma is not None and steps is not None:
+            multi = int((u.sizes > 1).sum())
+            out["per_image"] = {
+                "epsilon_single_image_owner": accounting.epsilon(sigma, self.sample_rate, steps, self.config.delta,
+                                                                 self.config.accountant),
+                "epsilon_replace_one": accounting.epsilon_replace_one(sigma, self.sample_rate, steps,
+                                                                      self.config.delta),
+                "units_with_several_images": multi,
+                "note": (f"an image whose {u.name} has no other image is added or removed with its {u.name} (the same "
+                         f"ε); removing one image of a {u.name} with several changes that {u.name}'s clipped "
+                         "gradient, i.e. replace-one adjacency, whose ε (PLD) is epsilon_replace_one"),
+            }
+        return out
 
     def features_info(self) -> dict[str, Any]:
         """What the card says about the cached-features path: that it was used, and where the cache is."""

@@ -62,6 +62,9 @@ class SecretRandomness:
         """
         if not hasattr(optimizer, "generator"):
             raise TypeError(f"{type(optimizer).__name__} is not an Opacus DP optimizer (no noise generator)")
+        optimizer.generator = self.noise
+        if loader is None:  # the trainer samples itself (patients: dpcore.privacy.units), from self.sampling
+            return
         sampler = getattr(loader, "batch_sampler", None)
         if sampler is None or not hasattr(sampler, "generator"):
             raise TypeError("the loader is not a Poisson (DPDataLoader) loader: no sampling generator to set")
