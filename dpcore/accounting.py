@@ -94,6 +94,37 @@ def epsilon_replace_one(noise_multiplier: float, sample_rate: float, steps: int,
     return float(acc.get_epsilon(delta))
 
 
+REPLACE = "replace"  # the relation tag of an event (σ, q, T, "replace"); 3-tuples are add/remove
+
+
+def compose_events(events, delta: float, accountant: str) -> float:
+    """ε at δ of DP-SGD events run on the same unit: (σ, q, T) under add/remove, (σ, q, T, "replace") under
+    replace-one. With any replace-one event only PLD composes them (its privacy-loss distributions of both
+    relations convolve); RDP then answers math.inf (no Poisson replace-one rule), so callers take min(RDP, PLD)."""
+    live = [e for e in events if e[2] > 0]
+    if not live:
+        return 0.0
+    if any(e[0] == 0 for e in live):
+        return math.inf
+    if not any(len(e) > 3 and e[3] == REPLACE for e in live):
+        acc = make_accountant(accountant)
+        for s, q, t, *_ in live:
+            acc.compose(dp_sgd_event(s, q, t))
+        return float(acc.get_epsilon(delta))
+    if accountant == "rdp":
+        return math.inf
+    from dp_accounting.pld import privacy_loss_distribution as PLD
+
+    total = None
+    for s, q, t, *rel in live:
+        relation = (dp_accounting.NeighboringRelation.REPLACE_ONE if rel and rel[0] == REPLACE
+                    else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+        one = PLD.from_gaussian_mechanism(s, sampling_prob=q, value_discretization_interval=PLD_DISCRETIZATION,
+                                          neighboring_relation=relation).self_compose(int(t))
+        total = one if total is None else total.compose(one)
+    return float(total.get_epsilon_for_delta(delta))
+
+
 @lru_cache(maxsize=512)
 def calibrate_noise(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp", rtol: float = 0.005

@@ -40,7 +40,10 @@ def _print_summary(s: DatasetSummary, entries: bool, accountant: str | None = No
     print(f"== {s.name}: {s.n_images:,} images, {s.n_trained:,} trained on")
     voiding = [r for r in s.runs if r.voids]
     print(f"uses      : {len(s.runs)} ({sum(r.guaranteed for r in s.runs)} DP-SGD, {len(voiding)} without a guarantee)")
-    print(f"per image : most-exposed image ε = {_f(s.epsilon)} (RDP {_f(s.epsilon_of('rdp'))}, PLD "
+    rdp = s.epsilon_of("rdp")
+    rdp_text = "n/a: patient-level runs are replace-one per image, which only PLD composes" if (
+        math.isinf(rdp) and not math.isinf(s.epsilon_of("pld"))) else _f(rdp)
+    print(f"per image : most-exposed image ε = {_f(s.epsilon)} (RDP {rdp_text}, PLD "
           f"{_f(s.epsilon_of('pld'))}) at δ = {_f(s.delta, 3)}; median image ε = {_f(s.to_dict()['epsilon_median'])}")
     hist = e.histogram()
     shown = ", ".join(f"ε {_f(eps)}: {n:,}" for eps, n in hist[:8]) + (" …" if len(hist) > 8 else "")
@@ -63,9 +66,26 @@ def _print_summary(s: DatasetSummary, entries: bool, accountant: str | None = No
     if entries:
         for r in s.runs:
             what = (f"σ={r.noise_multiplier:.4g} q={r.sample_rate:.4g} T={r.steps} δ={r.delta:g} ε={_f(r.epsilon)}"
+                    + (f" per {r.unit}" if r.per_unit else "")
                     if r.guaranteed else f"no guarantee ({r.kind}), {r.steps} step(s)")
             extra = " [over budget, allowed]" if r.over_budget else ""
             print(f"  {r.run_id}  {r.shown_status:<11} {r.n_train or 0:>6} imgs  {r.label or '':<28} {what}{extra}")
+
+
+def _print_owners(ledger: Ledger, s: DatasetSummary) -> dict | None:
+    """The per-patient (per-lesion) line, where the runs recorded whose images they were."""
+    ox = ledger.owner_exposure(s.key)
+    if not ox.owners:
+        return None
+    d = ox.to_dict()
+    unit = "lesion" if any(r.unit == "lesion" for r in s.runs) else "patient"
+    print(f"per {unit:<6}: most-exposed {unit} ({d['worst_owner']}) ε = {_f(d['epsilon_max'])} at δ = "
+          f"{_f(d['delta_of_max'], 3)}; median {unit} ε = {_f(d['epsilon_median'])} ({d['n_owners']:,} {unit}s; "
+          f"{unit}-level runs by their own ε, image-level runs by group privacy where they held several images)")
+    if d["n_without_owner_record"]:
+        print(f"            ({d['n_without_owner_record']:,} training images of earlier runs have no {unit} "
+              "recorded and are not in this figure)")
+    return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in d.items()}
 
 
 def _cmd_ledger(args) -> int:
@@ -85,11 +105,14 @@ def _cmd_ledger(args) -> int:
     if not keys:
         print(f"The ledger {ledger.path} has no entries yet: every training run adds one.")
     summaries = [ledger.summary(k) for k in keys]
+    owners = {}
     for s in summaries:
         _print_summary(s, args.entries, args.accountant)
+        owners[s.key] = _print_owners(ledger, s)
     out = {}
     for s in summaries:
         row = s.to_dict()
+        row["per_owner"] = owners[s.key]
         row["accountant"] = args.accountant or "per image min(rdp, pld)"
         row["spent"] = s.epsilon_of(args.accountant)
         row["remaining"] = None if s.budget_epsilon is None or math.isinf(row["spent"]) else \

@@ -44,6 +44,8 @@ PRETRAIN = "pretrain"  # the `pretrained` value (and needs.weights entry) meanin
 METRICS = {
     "target_epsilon": "target ε",
     "epsilon": "ε spent",
+    "patient_epsilon": "ε per patient",
+    "patient_delta": "δ per patient",
     "accuracy": "accuracy",
     "balanced_accuracy": "balanced accuracy",
     "roc_auc": "ROC-AUC",
@@ -547,7 +549,7 @@ def _row(exp: Experiment, arm: Arm, rec, store=None) -> dict[str, Any]:
     target = {"epsilon": RunConfig().epsilon, **exp.base, **arm.overrides}["epsilon"]
     row = {"arm": arm.label, "group": arm.group, "private": arm.private, "target_epsilon": target,
            "status": "not run", "run_id": None, "epsilon": None, "accuracy": None, "balanced_accuracy": None,
-           "roc_auc": None, "duration_s": None,
+           "roc_auc": None, "duration_s": None, "patient_epsilon": None, "patient_delta": None,
            "reference_accuracy": arm.reference.get("accuracy"), "reference_roc_auc": arm.reference.get("roc_auc"),
            "reference_source": arm.reference.get("source")}
     if rec is None:
@@ -557,6 +559,8 @@ def _row(exp: Experiment, arm: Arm, rec, store=None) -> dict[str, Any]:
                epsilon=run_review.guaranteed_epsilon(p) if rec.private else None, accuracy=m.get("accuracy"),
                balanced_accuracy=m.get("balanced_accuracy"), roc_auc=m.get("roc_auc"),
                duration_s=rec.duration if rec.status != "queued" else None)
+    if rec.private:
+        row["patient_epsilon"], row["patient_delta"] = run_review.owner_guarantee(p)
     return row
 
 
@@ -580,6 +584,8 @@ def _fmt(key: str, v: Any) -> str:
         return f"{v:.4f}"
     if key == "epsilon":
         return f"{v:.4f}"
+    if key in ("patient_epsilon", "patient_delta"):
+        return "∞" if v == math.inf else f"{v:.3g}"
     if key == "target_epsilon":
         return f"{v:g}"
     if key == "duration_s":

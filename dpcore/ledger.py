@@ -67,6 +67,9 @@ CREATE INDEX IF NOT EXISTS run_images_image ON run_images(image_id);
 CREATE TABLE IF NOT EXISTS dataset_images (
     dataset_key TEXT NOT NULL, image_id INTEGER NOT NULL, PRIMARY KEY (dataset_key, image_id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dataset_images_image ON dataset_images(image_id);
+CREATE TABLE IF NOT EXISTS run_owners (
+    run_id TEXT NOT NULL, image_id INTEGER NOT NULL, owner TEXT NOT NULL, PRIMARY KEY (run_id, image_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS run_owners_owner ON run_owners(owner);
 CREATE TABLE IF NOT EXISTS compose_cache (
     signature TEXT NOT NULL, delta REAL NOT NULL, accountant TEXT NOT NULL, epsilon REAL NOT NULL,
     PRIMARY KEY (signature, delta, accountant)) WITHOUT ROWID;
@@ -150,6 +153,16 @@ class Entry:
     @property
     def event(self) -> tuple[float, float, int]:
         return (float(self.noise_multiplier), float(self.sample_rate), int(self.steps))
+
+    @property
+    def per_unit(self) -> bool:
+        """A patient-level (or lesion-level) run: it sampled and clipped owners, not images."""
+        return self.unit not in (None, "image")
+
+    def event_for(self, multi: bool) -> tuple:
+        """The event this run is for one of its images: a patient-level run is replace-one for an image whose
+        patient had other images in it (their clipped gradient changes), add/remove otherwise."""
+        return self.event + (accounting.REPLACE,) if self.per_unit and multi else self.event
 
     @property
     def interrupted(self) -> bool:
@@ -240,6 +253,35 @@ class DatasetSummary:
 
 
 @dataclass(frozen=True)
+class OwnerExposure:
+    """Per patient (lesion): every run that trained on any of their images, composed.
+
+    A patient-level run counts with its own mechanism (add/remove one patient). An image-level run counts
+    as its mechanism when it held one image of the patient, and by group privacy of its own (ε, δ) when it
+    held k ≥ 2: (kε, k·e^{(k−1)ε}·δ), added by basic composition (ε and δ add) to the accountant's ε of
+    the rest — valid, not tight. A run that voids its images voids their owners (ε = ∞)."""
+
+    owners: list[str]
+    epsilon: np.ndarray
+    delta: np.ndarray
+    images: np.ndarray  # images per owner over all runs
+    delta_base: float
+    n_without_owner_record: int  # train images of runs that recorded no owners (runs before owners were kept)
+
+    @property
+    def worst(self) -> int | None:
+        return int(np.argmax(self.epsilon)) if len(self.epsilon) else None
+
+    def to_dict(self) -> dict[str, Any]:
+        w = self.worst
+        return {"n_owners": len(self.owners), "epsilon_max": None if w is None else float(self.epsilon[w]),
+                "delta_of_max": None if w is None else float(self.delta[w]),
+                "worst_owner": None if w is None else self.owners[w].split("\t", 1)[-1],
+                "epsilon_median": float(np.median(self.epsilon)) if len(self.epsilon) else None,
+                "delta_base": self.delta_base, "n_without_owner_record": self.n_without_owner_record}
+
+
+@dataclass(frozen=True)
 class Verdict:
     """What a planned run would do to the most-exposed of its images, against every budget they fall under."""
 
@@ -253,17 +295,9 @@ class Verdict:
     n_known: int  # of the planned images, how many the ledger has seen before
 
 
-def compose(events: Sequence[tuple[float, float, int]], delta: float, accountant: str) -> float:
-    """ε of DP-SGD mechanisms (σ, q, T) run on the same image, composed by the accountant at δ."""
-    live = [(s, q, t) for s, q, t in events if t > 0]
-    if not live:
-        return 0.0
-    if any(s == 0 for s, _, _ in live):
-        return math.inf
-    acc = accounting.make_accountant(accountant)
-    for s, q, t in live:
-        acc.compose(accounting.dp_sgd_event(s, q, t))
-    return float(acc.get_epsilon(delta))
+def compose(events: Sequence[tuple], delta: float, accountant: str) -> float:
+    """ε of DP-SGD mechanisms (σ, q, T[, "replace"]) run on the same image, composed by the accountant at δ."""
+    return accounting.compose_events(events, delta, accountant)
 
 
 # -- the ledger -----------------------------------------------------------------------------------------
@@ -446,6 +480,9 @@ class Ledger:
         db.execute("INSERT OR IGNORE INTO run_images SELECT run_id, ?, role FROM run_images WHERE image_id = ?",
                    (root, old))
         db.execute("DELETE FROM run_images WHERE image_id = ?", (old,))
+        db.execute("INSERT OR IGNORE INTO run_owners SELECT run_id, ?, owner FROM run_owners WHERE image_id = ?",
+                   (root, old))
+        db.execute("DELETE FROM run_owners WHERE image_id = ?", (old,))
         db.execute("INSERT OR IGNORE INTO dataset_images SELECT dataset_key, ? FROM dataset_images WHERE image_id = ?",
                    (root, old))
         db.execute("DELETE FROM dataset_images WHERE image_id = ?", (old,))
@@ -472,11 +509,19 @@ class Ledger:
               noise_multiplier: float | None = None, sample_rate: float | None = None,
               planned_steps: int | None = None, delta: float | None = None, accountant: str | None = None,
               label: str | None = None, unit: str = "image", runs_dir: str | None = None,
-              over_budget: bool = False, note: str | None = None) -> "Spending":
+              over_budget: bool = False, note: str | None = None, owners=None) -> "Spending":
         """Record a use before it starts (0 steps counted yet): which images it trains on (and evaluates
-        on), under which mechanism. Raises (and records nothing) when the ledger cannot be written."""
+        on), under which mechanism. Raises (and records nothing) when the ledger cannot be written.
+
+        ``owners``: one patient / lesion id per training image (None: unknown, the image is its own owner),
+        for the per-patient view (`owner_exposure`) and, in a patient-level run (``unit`` not "image"), for
+        telling which images' owners had several images (replace-one for them: `Entry.event_for`)."""
         if kind not in KINDS:
             raise LedgerError(f"unknown use {kind!r}. Fix: one of {KINDS}")
+        if owners is not None and len(owners) != len(train.sha256):
+            raise LedgerError(f"run {run_id}: {len(owners)} owner ids for {len(train.sha256)} training images")
+        if unit != "image" and owners is None:
+            raise LedgerError(f"run {run_id}: a {unit}-level run's entry needs each image's {unit}. Fix: pass owners")
         if private and not insecure and (noise_multiplier is None or sample_rate is None or delta is None):
             raise LedgerError(f"run {run_id}: a private run's entry needs σ, q and δ. Fix: pass the privacy plan")
         self.check()
@@ -498,6 +543,10 @@ class Ledger:
                  len(test_ids), int(over_budget), _text(note), os.getpid(), now, now))
             db.executemany("INSERT OR IGNORE INTO run_images VALUES (?, ?, 'train')",
                            [(run_id, int(i)) for i in np.unique(train_ids)])
+            if owners is not None:
+                db.executemany("INSERT OR IGNORE INTO run_owners VALUES (?, ?, ?)",
+                               [(run_id, int(i), f"{key}\t{o}" if o is not None else f"image\t{int(i)}")
+                                for i, o in zip(train_ids, owners)])
             db.executemany("INSERT OR IGNORE INTO run_images VALUES (?, ?, 'test')",
                            [(run_id, int(i)) for i in np.unique(test_ids)])
             db.executemany("INSERT OR IGNORE INTO dataset_images VALUES (?, ?)",
@@ -604,7 +653,7 @@ class Ledger:
         return uses
 
     def _compose_cached(self, events: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
-        sig = ";".join(f"{s!r},{q!r},{t}" for s, q, t in sorted(events))
+        sig = ";".join(",".join(repr(v) if isinstance(v, float) else str(v) for v in e) for e in sorted(events))
         with self._connect() as db:
             row = db.execute("SELECT epsilon FROM compose_cache WHERE signature=? AND delta=? AND accountant=?",
                              (sig, delta, accountant)).fetchone()
@@ -628,24 +677,44 @@ class Ledger:
         evaluated = np.zeros(len(image_ids), dtype=bool)
         memo: dict[frozenset, tuple[float, float]] = {}
         void_runs: set[str] = set()
+        multi = self._multi_owner_images([r for r, e in runs.items() if e.per_unit and e.guaranteed])
         for k, image_id in enumerate(image_ids):
             run_ids, ev = uses[int(image_id)]
-            live = frozenset(r for r in run_ids if r in runs and runs[r].steps > 0)
+            live = frozenset((r, int(image_id) in multi.get(r, ())) for r in run_ids
+                             if r in runs and runs[r].steps > 0)
             evaluated[k] = ev
             n_runs[k] = len(live) + len(extra) + (1 if extra_void else 0)
             if live not in memo:
-                voiding = [r for r in live if runs[r].voids]
+                voiding = [r for r, _ in live if runs[r].voids]
                 if voiding or extra_void:
                     void_runs.update(voiding)
                     memo[live] = (math.inf, math.inf)
                 else:
-                    events = [runs[r].event for r in live] + list(extra)
+                    events = [runs[r].event_for(m) for r, m in live] + list(extra)
                     memo[live] = (self._compose_cached(events, delta, "rdp") if events else 0.0,
                                   self._compose_cached(events, delta, "pld") if events else 0.0)
             eps_rdp[k], eps_pld[k] = memo[live]
         return Exposure(image_ids=image_ids, epsilon=np.minimum(eps_rdp, eps_pld), epsilon_rdp=eps_rdp,
                         epsilon_pld=eps_pld, runs_per_image=n_runs, evaluated=evaluated, delta=delta,
                         void_runs=sorted(void_runs))
+
+    def _multi_owner_images(self, run_ids: Sequence[str]) -> dict[str, set[int]]:
+        """For patient-level runs: the images whose owner had more than one image in that run."""
+        if not run_ids:
+            return {}
+        out: dict[str, set[int]] = {}
+        with self._connect() as db:
+            for run_id in run_ids:
+                rows = db.execute("SELECT image_id, owner FROM run_owners WHERE run_id = ?", (run_id,)).fetchall()
+                counts = Counter(o for _, o in rows)
+                out[run_id] = {int(i) for i, o in rows if counts[o] > 1}
+        return out
+
+    def owners_of(self, run_id: str) -> dict[int, str]:
+        """{image id: owner} recorded for a run (empty where its data named no owners)."""
+        with self._connect() as db:
+            return {int(i): o for i, o in db.execute("SELECT image_id, owner FROM run_owners WHERE run_id = ?",
+                                                      (run_id,)).fetchall()}
 
     def _runs(self) -> dict[str, Entry]:
         return {e.run_id: e for e in self.entries()}
@@ -671,6 +740,55 @@ class Ledger:
                               n_trained=int((exposure.runs_per_image > 0).sum()), runs=involved, exposure=exposure,
                               budget_epsilon=ds["budget_epsilon"], budget_delta=ds["budget_delta"])
 
+    def owner_exposure(self, key_or_name: str) -> OwnerExposure:
+        """The data set's per-patient (per-lesion) ε over every run that recorded owners (see OwnerExposure)."""
+        key = self.resolve(key_or_name)
+        summary = self.summary(key)
+        delta = summary.delta
+        runs = {e.run_id: e for e in summary.runs}
+        per_owner: dict[str, dict[str, int]] = {}  # owner -> {run: images of the owner in it}
+        missing = 0
+        with self._connect() as db:
+            for run_id, e in runs.items():
+                if e.steps <= 0 or e.kind not in ("train", "pretrain", "audit", "backfill"):
+                    continue
+                rows = db.execute("SELECT owner FROM run_owners WHERE run_id = ?", (run_id,)).fetchall()
+                if not rows:
+                    missing += int(e.n_train or 0)
+                for (owner,) in rows:
+                    d = per_owner.setdefault(owner, {})
+                    d[run_id] = d.get(run_id, 0) + 1
+        owners = sorted(per_owner)
+        eps, dels, imgs = np.zeros(len(owners)), np.zeros(len(owners)), np.zeros(len(owners), dtype=np.int64)
+        memo: dict[frozenset, tuple[float, float]] = {}
+        for n, owner in enumerate(owners):
+            held = frozenset(per_owner[owner].items())
+            imgs[n] = max(per_owner[owner].values())
+            if held not in memo:
+                memo[held] = self._owner_epsilon(held, runs, delta)
+            eps[n], dels[n] = memo[held]
+        return OwnerExposure(owners=owners, epsilon=eps, delta=dels, images=imgs, delta_base=delta,
+                             n_without_owner_record=missing)
+
+    def _owner_epsilon(self, held, runs: dict[str, Entry], delta: float) -> tuple[float, float]:
+        from .privacy.group_privacy import group_guarantee
+
+        events, extra_eps, extra_delta = [], 0.0, 0.0
+        for run_id, k in held:
+            e = runs[run_id]
+            if e.voids:
+                return math.inf, math.inf
+            if e.per_unit or k == 1:
+                events.append(e.event)
+                continue
+            run_eps = e.epsilon if e.epsilon is not None else min(
+                compose([e.event], e.delta or delta, "rdp"), compose([e.event], e.delta or delta, "pld"))
+            ge, gd = group_guarantee(run_eps, e.delta or delta, k)
+            extra_eps, extra_delta = extra_eps + ge, extra_delta + gd
+        base = min(self._compose_cached(events, delta, "rdp"), self._compose_cached(events, delta, "pld")) \
+            if events else 0.0
+        return base + extra_eps, delta + extra_delta
+
     def summaries(self) -> list[DatasetSummary]:
         return [self.summary(d["key"]) for d in self.datasets()]
 
@@ -685,7 +803,8 @@ class Ledger:
         return self._exposure(uses, all_runs, delta, extra=extra, extra_void=extra_void)
 
     def verdict(self, train_ids, *, dataset: str, data_dir: str | None, noise_multiplier: float | None,
-                sample_rate: float | None, steps: int, delta: float, insecure: bool = False) -> Verdict:
+                sample_rate: float | None, steps: int, delta: float, insecure: bool = False,
+                per_unit: bool = False) -> Verdict:
         """What a planned run (σ, q, T; σ None = non-private) would do to its images, against every budget
         set on a data set holding any of them (and on its own data set). Read-only."""
         matches, n_known = self.lookup(train_ids)
@@ -703,7 +822,8 @@ class Ledger:
                    and (k in holders or k == own_key)}
         d_ = min([float(d["budget_delta"]) for d in budgets.values() if d["budget_delta"]] or [delta])
         void = noise_multiplier is None or insecure
-        extra = [] if void else [(float(noise_multiplier), float(sample_rate), int(steps))]
+        extra = [] if void else [(float(noise_multiplier), float(sample_rate), int(steps))
+                                 + ((accounting.REPLACE,) if per_unit else ())]  # per image: replace-one, at most
         now = self.exposure_of(known, d_)
         after = self.exposure_of(known, d_, extra=extra, extra_void=void)
         fresh = sum(1 for m in matches if not m)

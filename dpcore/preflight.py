@@ -27,6 +27,7 @@ class Preflight:
     group: Any  # dpcore.data.groups.GroupInfo | None
     group_summary: dict[str, Any] | None
     unit: str = "image"
+    units: dict[str, Any] | None = None  # image- vs patient-level, side by side (dpcore.privacy.unit_guarantee)
 
     @property
     def guarantee_epsilon(self) -> float | None:
@@ -76,7 +77,13 @@ def preflight(config: RunConfig, ledger=None, splits=None) -> Preflight:
                                     test_fraction=config.test_fraction, cache_dir=config.cache_dir,
                                     medmnist_size=config.medmnist_size, split=config.split)
     n_train, n_test = len(splits.train), len(splits.test)
-    sampling = accounting.sampling_plan(n_train, config.batch_size, config.epochs)
+    group = train_groups(splits, config.dataset)
+    patient = config.privacy_unit == "patient"
+    if patient and group is None:
+        from .privacy.units import refuse_without_groups
+
+        raise refuse_without_groups(config.dataset)
+    sampling = accounting.sampling_plan(group.n_groups if patient else n_train, config.batch_size, config.epochs)
     sigma = eps = None
     private = config.private and not config.insecure_reproducible_noise
     if config.private:
@@ -101,14 +108,18 @@ def preflight(config: RunConfig, ledger=None, splits=None) -> Preflight:
         accountant=config.accountant)
     verdict = ledger.verdict(ids, dataset=config.dataset, data_dir=config.data_dir,
                              noise_multiplier=sigma if private else None, sample_rate=sampling.sample_rate,
-                             steps=sampling.steps, delta=config.delta)
-    group = train_groups(splits, config.dataset)
-    summary = None
-    if group is not None and private and guarantee.epsilon is not None:
+                             steps=sampling.steps, delta=config.delta, per_unit=patient)
+    summary = units = None
+    if group is not None and private and guarantee.epsilon is not None and not patient:
         summary = group_summary(guarantee.epsilon, config.delta, group)
+    if group is not None and private:
+        from .privacy.unit_guarantee import compare_units
+
+        units = compare_units(config, group, n_train)
     return Preflight(n_train=n_train, n_test=n_test, steps_per_epoch=sampling.steps_per_epoch,
                      total_steps=sampling.steps, sample_rate=sampling.sample_rate, noise_multiplier=sigma,
-                     planned_epsilon=eps, lineage=guarantee, verdict=verdict, group=group, group_summary=summary)
+                     planned_epsilon=eps, lineage=guarantee, verdict=verdict, group=group, group_summary=summary,
+                     unit=group.unit if patient else "image", units=units)
 
 
 __all__ = ["Preflight", "preflight", "weights_of"]

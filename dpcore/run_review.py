@@ -38,6 +38,21 @@ def guaranteed_epsilon(privacy: dict[str, Any]) -> float | None:
     return privacy.get("guarantee_epsilon") or privacy.get("epsilon")
 
 
+def owner_guarantee(privacy: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(ε, δ) per patient (lesion): a patient-level run's own; for an image-level run the group-privacy bound
+    of its largest patient (∞ where it overflows); (None, None) where the data name no owners."""
+    eps = guaranteed_epsilon(privacy)
+    if eps is None:
+        return None, None
+    if privacy.get("unit") not in (None, "image"):
+        return eps, privacy.get("delta")
+    group = privacy.get("group")
+    if not group:
+        return None, None
+    ge, gd = group.get("group_epsilon"), group.get("group_delta")
+    return (math.inf if ge is None else ge), (math.inf if gd is None else gd)
+
+
 def runs_table(store: RunStore) -> list[dict[str, Any]]:
     """One row per run, oldest first, with the columns a runs overview shows.
 

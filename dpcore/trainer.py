@@ -570,7 +570,7 @@ class _Run:
         self.group = train_groups(self.splits, cfg.dataset)
         verdict = ledger.verdict(ids_train, dataset=cfg.dataset, data_dir=cfg.data_dir,
                                  noise_multiplier=sigma if private else None, sample_rate=self.sample_rate,
-                                 steps=self.total_steps, delta=cfg.delta)
+                                 steps=self.total_steps, delta=cfg.delta, per_unit=self.units is not None)
         self.verdict = verdict
         self.log("privacy budget: " + verdict.message)
         if verdict.exceeds and not cfg.allow_over_budget:
@@ -584,7 +584,8 @@ class _Run:
                 noise_multiplier=sigma, sample_rate=self.sample_rate, planned_steps=self.total_steps,
                 delta=cfg.delta if cfg.private else None, accountant=cfg.accountant if cfg.private else None,
                 label=self._label(), unit=self.unit_name, runs_dir=str(self.store.root) if self.store else None,
-                over_budget=verdict.exceeds)
+                over_budget=verdict.exceeds,
+                owners=[self.group.ids[i] for i in self.train_kept] if self.group is not None else None)
         except LedgerError:
             raise
         except Exception as exc:  # sqlite, disk full, permissions: say what it means for the run

@@ -28,10 +28,16 @@ EPSILONS = [0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 8.0, 10.0, 1
 DELTAS = [1e-3, 1e-4, 1e-5, 1e-6, 1e-7]
 
 
-@st.cache_data(show_spinner="Reading the data set to count its training images…")
-def train_size(dataset: str, data_dir: str | None, seed: int, test_fraction: float, medmnist_size: int) -> int:
-    return len(load_dataset(dataset, data_dir, seed=seed, test_fraction=test_fraction,
-                            medmnist_size=medmnist_size).train)
+@st.cache_data(show_spinner="Reading the data set to count its training images and patients…")
+def train_size(dataset: str, data_dir: str | None, seed: int, test_fraction: float, medmnist_size: int,
+               split: str = "official") -> tuple[int, tuple[str, int] | None]:
+    """(training images, (unit, number of patients/lesions) or None where the data name no owners)."""
+    from dpcore.data.groups import train_groups
+
+    splits = load_dataset(dataset, data_dir, seed=seed, test_fraction=test_fraction, medmnist_size=medmnist_size,
+                          split=split)
+    group = train_groups(splits, dataset)
+    return len(splits.train), (None if group is None else (group.unit, group.n_groups))
 
 
 @st.cache_data(show_spinner="Checking the privacy ledger and the starting weights' lineage…", max_entries=32)
@@ -55,8 +61,14 @@ def guarantee_panel(config: RunConfig) -> RunConfig | None:
         st.error(f"**The privacy ledger cannot be checked** ({type(exc).__name__}: {exc}); a run that cannot record "
                  "its spending takes no step, so this one would fail at once.")
         return None
-    unit = "Privacy unit: **one image** — the guarantee is for adding or removing one image from the training data."
-    st.markdown(unit)
+    if pf.unit == "image":
+        st.markdown("Privacy unit: **one image** — the guarantee is for adding or removing one image from the "
+                    "training data.")
+    else:
+        st.markdown(f"Privacy unit: **one {pf.unit}** — the guarantee is for adding or removing one {pf.unit} with "
+                    f"all of their images ({pf.unit}s are sampled, and each {pf.unit}'s gradient is clipped, as one).")
+    if pf.units is not None:
+        unit_comparison(pf.units)
     lin = pf.lineage
     if lin is not None and lin.void:
         st.error(f"**No DP guarantee.** {lin.sentence}", icon="⛔")
@@ -78,6 +90,24 @@ def guarantee_panel(config: RunConfig) -> RunConfig | None:
     elif verdict.budget is not None or verdict.current > 0:
         st.caption(f"Privacy budget (per image, most-exposed image): {verdict.message}")
     return config
+
+
+def unit_comparison(u: dict) -> None:
+    """Image-level and patient-level DP side by side: what each promises one patient, before launch."""
+    st.markdown(f"**What each choice promises one {u['unit']}** ({u['n_units']:,} {u['unit']}s, {u['n_images']:,} "
+                f"images, the largest {u['largest']}; same target ε, epochs and images per step):")
+    cols = st.columns(2)
+    for col, key, title in ((cols[0], "image", "Image-level DP"), (cols[1], "patient", f"{u['unit'].title()}-level DP")):
+        d = u[key]
+        chosen = " — this run" if u["chosen"] == key else ""
+        body = (f"**{title}{chosen}**  \nbatch {d['batch_size']:,} {'images' if key == 'image' else u['unit'] + 's'}"
+                f", q = {d['sample_rate']:.4g}, T = {d['steps']:,}, σ = {d['noise_multiplier']:.3g}  \n{d['sentence']}")
+        if d["meaningful"]:
+            col.success(body, icon="🛡️")
+        else:
+            col.error(body, icon="⛔")
+    st.caption(f"Owner ids: {u['source']}" + ("" if u["coverage"] == 1 else
+               f" ({1 - u['coverage']:.1%} of images have none and count as their own {u['unit']})."))
 
 
 @st.cache_data(show_spinner="Calibrating the noise σ for this plan…")
@@ -155,6 +185,11 @@ with c2:
                "weaker privacy. Keep δ well below 1 / (number of training images).")
     accountant = st.radio("Accountant", ["rdp", "pld"], key="tr_acc", horizontal=True, disabled=non_private,
                           help="Both give valid upper bounds; PLD is tighter (smaller σ for the same ε), RDP faster.")
+    unit_choice = st.radio("Privacy unit", ["image", "patient"], key="tr_unit", horizontal=True,
+                           disabled=non_private or dataset not in ("folder", "ham10000"),
+                           help="image: protects one image. patient: protects one patient with all of their images "
+                                "(patients are Poisson-sampled, each one's mean gradient clipped; the batch size then "
+                                "counts patients). HAM10000's unit is the lesion. Needs data that name patients.")
     clip = st.number_input("Clip norm C", 0.01, 100.0, key="tr_clip")
 with c3:
     st.markdown("**Optimisation**")
@@ -185,7 +220,9 @@ fields = {"dataset": dataset, "data_dir": (data_dir or None) if dataset not in (
               "backbone": backbone, "pretrained": pretrained, "scope": scope, "epsilon": None if non_private else float(eps),
               "delta": float(delta), "accountant": accountant, "epochs": int(epochs), "batch_size": int(batch),
               "max_physical_batch_size": int(physical), "lr": float(lr), "clip_norm": float(clip),
-              "image_size": int(image_size) or None, "seed": int(seed), "split": split if dataset in ("folder", "ham10000") else "official", "augmult": int(augmult),
+              "image_size": int(image_size) or None, "seed": int(seed), "split": split if dataset in ("folder", "ham10000") else "official",
+              "privacy_unit": unit_choice if dataset in ("folder", "ham10000") and not non_private else "image",
+              "augmult": int(augmult),
               "augment": augment_policy, "ema_decay": float(ema_decay) if use_ema else None,
               "weight_standardization": bool(ws), "lr_schedule": schedule, "warmup_fraction": float(warmup),
               "trainable_blocks": int(blocks)}
@@ -193,7 +230,12 @@ config = n_train = None
 try:
     config = RunConfig(**fields)
     config.check_paths()
-    n_train = train_size(config.dataset, config.data_dir, config.seed, config.test_fraction, config.medmnist_size)
+    n_train, owners = train_size(config.dataset, config.data_dir, config.seed, config.test_fraction,
+                                 config.medmnist_size, config.split)
+    if config.privacy_unit == "patient" and owners is None:
+        from dpcore.privacy.units import refuse_without_groups
+
+        raise refuse_without_groups(config.dataset)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PrivacyWarning)
         config.check_against_data(n_train)
@@ -208,12 +250,16 @@ except DPCoreError as exc:
 
 if config is not None:
     st.subheader("The plan")
-    sampling = accounting.sampling_plan(n_train, config.batch_size, config.epochs)
+    patient = config.privacy_unit == "patient"
+    n_sampled = owners[1] if patient else n_train
+    sampling = accounting.sampling_plan(n_sampled, config.batch_size, config.epochs)
     spe, total, q = sampling.steps_per_epoch, sampling.steps, sampling.sample_rate
     cols = st.columns(5)
-    cols[0].metric("Training images n", f"{n_train:,}")
+    cols[0].metric("Training images n", f"{n_train:,}", help=(f"in {owners[1]:,} {owners[0]}s, each sampled with all "
+                                                               "of their images" if patient else None))
     cols[1].metric("Steps T", f"{total:,}", help=f"{config.epochs} epochs × {spe} steps per epoch")
-    cols[2].metric("Sample rate q", f"{q:.4g}", help="Each image joins each step independently with probability q")
+    cols[2].metric("Sample rate q", f"{q:.4g}", help=f"Each {owners[0] if patient else 'image'} joins each step "
+                   "independently with probability q")
     if config.private:
         plan = privacy_plan(config.epsilon, config.delta, q, total, config.accountant)
         cols[3].metric("Noise σ", f"{plan['noise_multiplier']:.4g}", help="calibrated by dpcore.accounting")
@@ -222,7 +268,8 @@ if config is not None:
         st.plotly_chart(figures.epsilon_curve_figure({config.accountant.upper(): curve}, target=config.epsilon,
                                                      title="ε spent vs training step (planned)"), key="plan-curve")
         st.caption(guarantee_sentence({"private": True, "epsilon": plan["epsilon"], "delta": config.delta,
-                                       "accountant": config.accountant, "steps": total}, "image")
+                                       "accountant": config.accountant, "steps": total,
+                                       "unit": owners[0] if patient else "image"}, "image")
                    + " Only the noisy model and its test-split results are released: no training loss, no "
                      "statistic of the training images.")
     else:
