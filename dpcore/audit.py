@@ -347,16 +347,24 @@ def audit_arrays(x: torch.Tensor, y: torch.Tensor, make_model: Callable[[int], t
                  settings: AuditSettings, *, spending, mechanism: tuple[float | None, float, int] | None = None,
                  normalize: torch.nn.Module | None = None, physical_batch: int | None = None,
                  head_only: bool = False, created_weights: dict | None = None, progress: Progress | None = None,
-                 cancel: threading.Event | None = None) -> dict[str, Any]:
+                 cancel: threading.Event | None = None, owners=None) -> dict[str, Any]:
     """Train the target (each candidate in with probability 1/2) and S shadows (each candidate IN for half of
     them) on the candidates (x, y) with `dpcore.trainer.fit_arrays(config, …, mechanism=mechanism)`, score
     every candidate with each attack and bound ε. `make_model(seed)` returns a fresh model to train;
-    `spending` is the ledger hold every fit counts its steps on (the caller records the use first)."""
+    `spending` is the ledger hold every fit counts its steps on (the caller records the use first).
+
+    ``owners`` (one patient / lesion id per candidate; a patient-level run): membership is that of a whole
+    patient — all of their images in or out together, each patient with probability 1/2 —, every model trains
+    patient-level DP-SGD over its patients, a patient's score is the mean of their images' scores, and the
+    bound is over patients."""
     from . import trainer
+    from .privacy.units import UnitPlan
 
     if settings.shadows < 2:
         raise DPCoreError("LiRA needs at least 2 shadow models (8 to 16 is usual)")
-    n = len(y)
+    unit_of_row = None if owners is None else np.unique(np.asarray(owners, dtype=object).astype(str),
+                                                        return_inverse=True)[1]
+    n = len(y) if unit_of_row is None else int(unit_of_row.max()) + 1  # the candidates: images, or patients
     if n < 20:
         raise DPCoreError(f"{n} candidates are too few for a membership audit")
     _check_m_delta(n, config.delta)
@@ -364,6 +372,14 @@ def audit_arrays(x: torch.Tensor, y: torch.Tensor, make_model: Callable[[int], t
     # (in epsilon_bounds) the attacker's tie-breaking must not share random bits.
     target_in = np.random.default_rng([settings.seed, 0]).random(n) < 0.5
     keep = membership_matrix(n, settings.shadows, np.random.default_rng([settings.seed, 1]))
+
+    def rows_of(member: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(member if unit_of_row is None else member[unit_of_row])
+
+    def per_candidate(v: np.ndarray) -> np.ndarray:  # image values → the mean over each patient's images
+        if unit_of_row is None:
+            return v
+        return np.bincount(unit_of_row, weights=v, minlength=n) / np.bincount(unit_of_row, minlength=n)
     total = settings.shadows + 1
     report = progress or (lambda done, tot, msg: None)
     phis, losses, infos, timings = [], [], [], []
@@ -373,19 +389,21 @@ def audit_arrays(x: torch.Tensor, y: torch.Tensor, make_model: Callable[[int], t
         t = time.time()
         seed = settings.seed * 1000 + k
         torch.manual_seed(seed)  # the public randomness (init, augmentation, shuffling); DP noise is secret
-        idx = torch.as_tensor(np.flatnonzero(member))
+        rows = rows_of(member)
+        idx = torch.as_tensor(rows)
         try:
             model, info = trainer.fit_arrays(
                 config, make_model(seed), x[idx], y[idx], spending=spending, normalize=normalize,
                 device=settings.device, mechanism=mechanism, physical_batch=physical_batch, head_only=head_only,
-                cancel=cancel, created_weights=created_weights)
+                cancel=cancel, created_weights=created_weights,
+                units=None if unit_of_row is None else UnitPlan(unit_of_row[rows], name="patient"))
         except trainer.Cancelled as exc:
             raise AuditCancelled("audit cancelled") from exc
         if mechanism is not None and info["steps"] != int(mechanism[2]):
             raise RuntimeError(f"model {k} took {info['steps']} steps, the run {mechanism[2]}: not the run's mechanism")
         phi, loss = confidences(model, x, y, normalize=normalize, device=settings.device)
-        phis.append(phi)
-        losses.append(loss)
+        phis.append(per_candidate(phi))
+        losses.append(per_candidate(loss))
         infos.append({key: info.get(key) for key in ("private", "epsilon", "delta", "noise_multiplier",
                                                      "sample_rate", "steps", "expected_batch_size", "clip_norm")})
         timings.append(time.time() - t)
@@ -400,7 +418,12 @@ def audit_arrays(x: torch.Tensor, y: torch.Tensor, make_model: Callable[[int], t
     return {
         "attacks": attacks, "bound": bounds,
         "n_candidates": n, "n_members": int(target_in.sum()), "n_nonmembers": int((~target_in).sum()),
-        "membership": "each candidate in the target's training set independently with probability 1/2",
+        "candidate_unit": "image" if unit_of_row is None else "patient",
+        "n_candidate_images": len(y),
+        "membership": ("each candidate in the target's training set independently with probability 1/2"
+                       if unit_of_row is None else
+                       "each patient (with ALL of their images) in the target's training set independently with "
+                       "probability 1/2; a patient's score is the mean of their images' scores"),
         "target": {"train_accuracy_proxy": float(np.mean(phi_t[target_in] > 0)),
                    "mean_loss_members": float(loss_t[target_in].mean()),
                    "mean_loss_nonmembers": float(loss_t[~target_in].mean()), **infos[0]},
@@ -439,11 +462,14 @@ class _Pool:
     fit_config: RunConfig
     created_weights: dict
     proxy_changes: dict[str, Any] | None
+    owners: np.ndarray | None = None  # patient-level runs: each candidate's patient (lesion)
 
     def take(self, rows: np.ndarray) -> None:
         idx = torch.as_tensor(rows)
         self.x, self.y = self.x[idx], self.y[idx]
         self.is_train, self.source_index = self.is_train[rows], self.source_index[rows]
+        if self.owners is not None:
+            self.owners = self.owners[rows]
 
 
 def _proxy_config(config: RunConfig) -> tuple[RunConfig, dict[str, Any] | None]:
@@ -530,9 +556,44 @@ def _pool(store: RunStore, config: RunConfig, scope: str, device: torch.device, 
             models.set_trainable(m, config.scope, config.trainable_blocks)
             return m
     is_train = np.r_[np.ones(len(kept[0]), bool), np.zeros(len(kept[1]), bool)]
-    return _Pool(x=x, y=y, is_train=is_train, source_index=np.r_[kept[0], kept[1]].astype(np.int64),
+    pool = _Pool(x=x, y=y, is_train=is_train, source_index=np.r_[kept[0], kept[1]].astype(np.int64),
                  splits=splits, make_model=make_model, normalize=normalize, physical=physical,
                  fit_config=fit_config, created_weights=created.weights, proxy_changes=proxy)
+    if config.privacy_unit == "patient":
+        pool.owners = _owners(splits, config.dataset, kept)
+    return pool
+
+
+def _owners(splits, dataset: str, kept) -> np.ndarray:
+    """Each candidate's owner id (train rows, then test rows); one id for a patient in both splits, and an image
+    with no known owner its own."""
+    from .data.groups import groups_of
+
+    out = []
+    for part, (images, meta) in enumerate(((splits.train, splits.train_metadata), (splits.test, splits.test_metadata))):
+        group = groups_of(images, meta, dataset)
+        for i in kept[part]:
+            owner = group.ids[i] if group is not None else None
+            out.append(owner if owner is not None else f"\tunknown:{part}:{i}")
+    return np.array(out, dtype=object)
+
+
+def _choose_owner_candidates(owners: np.ndarray, settings: AuditSettings, delta: float,
+                             log: Callable[[str], None]) -> np.ndarray:
+    """Rows of whole patients: all, or random patients up to `pool_size` images, at most 1/(2δ) patients."""
+    unique = np.unique(owners.astype(str))
+    cap = math.floor(1 / (2 * delta)) if delta > 0 else len(unique)
+    rng = np.random.default_rng(settings.seed + 7919)
+    chosen, rows_total = [], 0
+    by_owner = {o: np.flatnonzero(owners.astype(str) == o) for o in unique}
+    for o in rng.permutation(unique):
+        if len(chosen) >= cap or (settings.pool_size and rows_total + len(by_owner[o]) > settings.pool_size):
+            break
+        chosen.append(o)
+        rows_total += len(by_owner[o])
+    if len(chosen) < len(unique):
+        log(f"auditing {len(chosen)} of the {len(unique)} patients ({rows_total} images)")
+    return np.sort(np.concatenate([by_owner[o] for o in chosen]))
 
 
 def _choose_candidates(total: int, settings: AuditSettings, delta: float, log: Callable[[str], None]) -> np.ndarray:
@@ -629,7 +690,8 @@ def audit_run(store: RunStore, run_id: str, settings: AuditSettings | None = Non
     device = resolve_device(settings.device)
     pool = _pool(store, config, scope, device, log)
     pool_total = len(pool.y)
-    pool.take(_choose_candidates(pool_total, settings, config.delta, log))
+    pool.take(_choose_candidates(pool_total, settings, config.delta, log) if pool.owners is None
+              else _choose_owner_candidates(pool.owners, settings, config.delta, log))
     sigma, q, steps = mechanism
     log(f"audit of {run_id}: {len(pool.y)} candidates, target + {settings.shadows} shadows, scope {scope}, "
         + (f"σ={sigma:.4f}, q={q:.5f}, T={steps}" if sigma is not None else f"non-private, q={q:.5f}, T={steps}"))
@@ -637,7 +699,7 @@ def audit_run(store: RunStore, run_id: str, settings: AuditSettings | None = Non
     result = audit_arrays(pool.x, pool.y, pool.make_model, pool.fit_config,
                           dataclasses.replace(settings, device=str(device)), spending=hold, mechanism=mechanism,
                           normalize=pool.normalize, physical_batch=pool.physical, head_only=scope == "head",
-                          created_weights=pool.created_weights, progress=progress, cancel=cancel)
+                          created_weights=pool.created_weights, progress=progress, cancel=cancel, owners=pool.owners)
     payload = {
         "audit_version": AUDIT_VERSION,
         "run_id": run_id,

@@ -43,7 +43,7 @@ def describe(run_id: str) -> str:
     data = f"{r.dataset} ({Path(r.config.data_dir).name})" if r.config.data_dir else r.dataset
     eps = run_review.guaranteed_epsilon(r.privacy or {}) if r.private else None
     privacy = ("non-private" if not r.private else "no DP guarantee" if eps is None or math.isinf(eps)
-               else f"ε={eps:.3g} per image")
+               else f"ε={eps:.3g} per {(r.privacy or {}).get('unit') or 'image'}")
     auc = (r.metrics or {}).get("roc_auc")
     return f"{data} · {r.backbone} · {privacy}" + (f" · AUC {auc:.3f}" if auc is not None else "") + f" · {run_id}"
 

@@ -182,8 +182,10 @@ def privacy_headline(card: dict) -> str:
     if not p.get("guarantee_holds", True):
         return "**none** — see below"
     eps = p.get("guarantee_epsilon") or card.get("epsilon")
+    unit = p.get("unit") or "image"
+    what = "one image" if unit == "image" else f"one {unit} with all of their images"
     return (f"ε = {fmt_eps(eps)}, δ = {'—' if card.get('delta') is None else format(card['delta'], '.0e')} "
-            f"per image (adding or removing one image; {str(card.get('accountant')).upper()} accountant)")
+            f"per {unit} (adding or removing {what}; {str(card.get('accountant')).upper()} accountant)")
 
 
 def show_guarantee(card: dict) -> None:
@@ -197,6 +199,14 @@ def show_guarantee(card: dict) -> None:
     group = p.get("group")
     if group and group.get("largest", 1) > 1:
         st.warning(f"**Patients and lesions:** {group['sentence']}", icon="👥")
+    per_image = p.get("per_image")
+    if p.get("unit") not in (None, "image") and per_image and p.get("guarantee_holds", True):
+        unit = p["unit"]
+        st.success(f"**{unit.title()}-level privacy:** {unit}s were sampled and clipped as a whole, so the guarantee "
+                   f"covers each {unit} with all of their images ({p.get('n_units', 0):,} {unit}s, the largest with "
+                   f"{p.get('largest_unit', '?')} images). One single image of a {unit} who has several is protected "
+                   f"at ε = {fmt_eps(per_image.get('epsilon_replace_one'))} (changing one image changes that "
+                   f"{unit}'s contribution: replace-one, PLD).", icon="🛡️")
 
 
 # -- formatting ---------------------------------------------------------------------------------

@@ -49,8 +49,9 @@ with left:
         "that factor is about 1.6, at ε = 2 about 7.4, at ε = 8 about 3,000. So a small ε means someone "
         "inspecting the model can learn almost nothing about whether — or what — your image contributed. "
         "**δ** is the small probability (e.g. one in 100,000) that this promise fails; it should be far below "
-        "1 / (number of training images). The guarantee is per image: a patient with several images is "
-        "protected less than the number suggests."
+        "1 / (number of training images). An image-level guarantee is per image: a patient with several images is "
+        "protected less than the number suggests. A **patient-level** run (Train page, privacy unit: patient) "
+        "protects each patient with all of their images at its ε."
     )
 with right:
     st.subheader("This machine")

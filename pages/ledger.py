@@ -14,8 +14,9 @@ st.title("💰 Privacy budget")
 st.caption("Every use of an image spends privacy — tuning runs, failed and killed runs, another seed's split, a "
            "resized copy in another folder. The machine's ledger identifies each image by its content and records "
            "which runs trained on it; **an image's ε composes every run that included it** (dp-accounting, RDP and "
-           "PLD; per image the tighter). Deleting a run keeps its record. The unit is one image; a patient with "
-           "several images is protected less (group privacy, see the Train page). From a terminal: "
+           "PLD; per image the tighter). Deleting a run keeps its record. Beside the per-image account, where the "
+           "data name patients (or lesions), **each patient's ε** composes every run that held any of their images: "
+           "patient-level runs by their own ε, image-level runs by group privacy. From a terminal: "
            "`python -m dpcore ledger`.")
 
 
@@ -26,7 +27,7 @@ def _f(v, digits: int = 4) -> str:
 @st.cache_data(show_spinner="Composing every image's runs…", max_entries=16)
 def _summary(path: str, key: str, stamp: tuple):
     s = Ledger(path).summary(key)
-    return s, Ledger(path).cumulative(key)
+    return s, Ledger(path).cumulative(key), Ledger(path).owner_exposure(key).to_dict()
 
 
 try:
@@ -43,7 +44,7 @@ if not sets:
 key = st.selectbox("Data set", [d["key"] for d in sets], key="ledger_ds",
                    format_func=lambda k: next(f"{d['name']} · {d['n_images']:,} images" for d in sets
                                               if d["key"] == k))
-s, points = _summary(str(ledger.path), key, ledger.stamp())
+s, points, owners = _summary(str(ledger.path), key, ledger.stamp())
 info = s.to_dict()
 if s.n_void:
     voiding = [r for r in s.runs if r.voids]
@@ -60,6 +61,18 @@ cols[2].metric("Images trained on", f"{s.n_trained:,}",
 cols[3].metric("Remaining of budget", (_f(s.remaining) if not s.void else "none (void)")
                if s.budget_epsilon is not None else "no budget")
 
+if owners["n_owners"]:
+    unit = "lesion" if any(r.unit == "lesion" for r in s.runs) else "patient"
+    o = st.columns(4)
+    o[0].metric(f"Most-exposed {unit}: ε", _f(owners["epsilon_max"]),
+                help=f"{owners['worst_owner']}, at δ = {_f(owners['delta_of_max'], 3)}: {unit}-level runs count with "
+                     f"their own ε; an image-level run that held k ≥ 2 of the {unit}'s images by group privacy "
+                     "(kε, k·e^{(k−1)ε}·δ), added to the rest — a valid bound, not a tight one")
+    o[1].metric(f"Median {unit}: ε", _f(owners["epsilon_median"]))
+    o[2].metric(f"{unit.title()}s trained on", f"{owners['n_owners']:,}")
+    if owners["n_without_owner_record"]:
+        o[3].caption(f"{owners['n_without_owner_record']:,} training images of older runs have no {unit} recorded "
+                     "and are not in these figures.")
 st.plotly_chart(image_epsilon_figure(s.exposure.histogram(), s.budget_epsilon, title=f"ε spent per image — {s.name}"),
                 key="ledger_hist")
 st.caption("Images that were trained on by the same runs share one ε, so the bars are few. A second run on a "

@@ -174,3 +174,123 @@ def test_replace_one_epsilon_is_dp_accountings():
     acc.compose(accounting.dp_sgd_event(1.1, 0.02, 300))
     assert accounting.epsilon_replace_one(1.1, 0.02, 300, 1e-5) == pytest.approx(acc.get_epsilon(1e-5), rel=1e-3)
     assert accounting.epsilon_replace_one(1.1, 0.02, 300, 1e-5) > accounting.epsilon(1.1, 0.02, 300, 1e-5, "pld")
+
+
+def _kermany_folder(root):
+    """40 patients of 1-4 images (one of 13), Kermany names; a few also have an official test image."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for p in range(1, 41):
+        cls = "PNEUMONIA" if p % 2 else "NORMAL"
+        for i in range(1 + p % 4 + (9 if p == 3 else 0)):
+            name = f"person{p}_virus_{i}.png" if cls == "PNEUMONIA" else f"IM-{p:04d}-{i:04d}.png"
+            for split in ("train",) + (("test",) if i == 0 and p % 3 == 0 else ()):
+                d = root / split / cls
+                d.mkdir(parents=True, exist_ok=True)
+                arr = (rng.random((12, 12, 3)) * (120 if cls == "NORMAL" else 255)).astype("uint8")
+                Image.fromarray(arr).save(d / name)
+    return root
+
+
+def test_a_patient_level_run_states_and_records_a_per_patient_guarantee(tmp_path, fresh_ledger):
+    from dpcore.data import load_dataset
+    from dpcore.data.groups import groups_of
+    from dpcore.ledger import Ledger
+    from dpcore.store import RunStore
+
+    root = _kermany_folder(tmp_path / "xr")
+    cfg = RunConfig(dataset="folder", data_dir=str(root), backbone="tiny_cnn", epsilon=4.0, delta=1e-3, epochs=2,
+                    batch_size=8, max_physical_batch_size=8, privacy_unit="patient", split="grouped", image_size=16,
+                    device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        card = trainer.train(cfg, RunStore(tmp_path / "runs")).card
+    splits = load_dataset("folder", root, split="grouped", seed=0)
+    train_owners = groups_of(splits.train, splits.train_metadata, "folder")
+    test_owners = groups_of(splits.test, splits.test_metadata, "folder")
+    assert not train_owners.shared_with(test_owners)  # no patient in both splits
+    P = train_owners.n_groups
+    p = card["privacy"]
+    assert p["unit"] == "patient" and p["n_units"] == P and card["dataset"]["n_train"] == len(splits.train)
+    q = 1 / math.ceil(P / 8)  # the rate is over patients, not images
+    assert p["sample_rate"] == pytest.approx(q) and p["steps"] == 2 * math.ceil(P / 8)
+    assert p["expected_batch_size"] == pytest.approx(P * q)
+    # the card's ε is dp-accounting's for the patient-level (σ, q, T, δ)
+    from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    acc = rdp_privacy_accountant.RdpAccountant()
+    acc.compose(PoissonSampledDpEvent(q, GaussianDpEvent(p["noise_multiplier"])), p["steps"])
+    assert card["epsilon"] == pytest.approx(acc.get_epsilon(1e-3), rel=1e-6)
+    assert "per patient" in card["guarantee"] and "with all of their images" in card["guarantee"]
+    assert "one patient" in p["adjacency"] and card["privacy_facts"]["unit"] == "patient"
+    assert p["per_image"]["epsilon_replace_one"] > card["epsilon"]
+    assert "group" not in p  # group privacy is the image-level runs' caveat
+
+    ledger = Ledger()
+    entry = ledger.entry(card["run_id"])
+    assert entry.unit == "patient" and entry.per_unit
+    owners = ledger.owners_of(card["run_id"])
+    assert len(owners) == len(splits.train)
+    counts = {o: list(owners.values()).count(o) for o in set(owners.values())}
+    multi = [i for i, o in owners.items() if counts[o] > 1]
+    single = [i for i, o in owners.items() if counts[o] == 1]
+    ex = ledger.exposure_of(multi + single, 1e-3)
+    by_id = dict(zip(ex.image_ids.tolist(), ex.epsilon.tolist()))
+    sigma, steps = p["noise_multiplier"], p["steps"]
+    assert by_id[multi[0]] == pytest.approx(accounting.epsilon_replace_one(sigma, q, steps, 1e-3), rel=1e-6)
+    add_remove = min(accounting.epsilon(sigma, q, steps, 1e-3, "rdp"), accounting.epsilon(sigma, q, steps, 1e-3, "pld"))
+    assert by_id[single[0]] == pytest.approx(add_remove, rel=1e-6)
+    per_owner = ledger.owner_exposure(entry.dataset_key)
+    assert len(per_owner.owners) == P and per_owner.epsilon.max() == pytest.approx(add_remove, rel=1e-6)
+
+    # an image-level run on the same patients: a patient with k ≥ 2 images now also carries that run's group bound
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        image_card = trainer.train(cfg.replace(privacy_unit="image", batch_size=16), RunStore(tmp_path / "runs")).card
+    assert image_card["privacy"]["unit"] == "image" and image_card["privacy"]["group"]["largest"] == train_owners.largest > 1
+    after = ledger.owner_exposure(entry.dataset_key)
+    k = int(after.images.max())
+    from dpcore.privacy.group_privacy import group_guarantee
+
+    ge, gd = group_guarantee(image_card["epsilon"], 1e-3, k)
+    worst = int(np.argmax(after.images))
+    assert after.epsilon[worst] == pytest.approx(add_remove + ge, rel=1e-6)
+    assert after.delta[worst] == pytest.approx(1e-3 + gd, rel=1e-6)
+
+
+def test_the_audit_of_a_patient_level_run_puts_whole_patients_in_or_out(monkeypatch):
+    """Membership is per patient: each model trains patient-level DP-SGD on all images of its member patients
+    (none of the others), and the bound is over patients."""
+    from dpcore import audit
+
+    sizes = [1 + (i % 4) for i in range(60)]
+    x, y, owner = _data(sizes, shape=(6,), seed=5)
+    seen = []
+    real = trainer.fit_arrays
+
+    def spy(config, model, tx, ty, **kw):
+        seen.append((len(ty), kw["units"]))
+        return real(config, model, tx, ty, **kw)
+
+    monkeypatch.setattr(trainer, "fit_arrays", spy)
+    q, steps = 0.25, 8
+    sigma = accounting.calibrate_noise(2.0, 1e-3, q, steps, "rdp")
+    cfg = RunConfig(dataset="digits", backbone="tiny_cnn", scope="head", device="cpu", epsilon=2.0, delta=1e-3,
+                    privacy_unit="patient", batch_size=10, epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = audit.audit_arrays(x, y, lambda seed: nn.Linear(6, 3), cfg, audit.AuditSettings(shadows=2, seed=0),
+                                 spending=RecordedUse("audit-patients"), mechanism=(sigma, q, steps),
+                                 physical_batch=64, head_only=True, owners=owner.astype(str))
+    assert out["candidate_unit"] == "patient" and out["n_candidates"] == 60 and out["n_candidate_images"] == len(y)
+    target_images, target_units = seen[0]
+    member_units = target_units.n_units
+    assert member_units == out["n_members"]  # the target trained on exactly its member patients ...
+    names, counts = np.unique(owner.astype(str), return_counts=True)
+    member = np.random.default_rng([0, 0]).random(60) < 0.5  # the audit's own draw, over patients
+    assert sorted(target_units.sizes) == sorted(counts[member])  # ... with all of their images
+    assert target_images == counts[member].sum()
+    assert all(info["steps"] == steps and info["sample_rate"] == q for info in out["models"])
+    assert out["target"]["epsilon"] == pytest.approx(accounting.epsilon(sigma, q, steps, 1e-3, "rdp"))
