@@ -260,7 +260,14 @@ class ProgressPrinter:
                 line += (f"; σ={d['noise_multiplier']:.4f}, q={d['sample_rate']:.5f}, C={d['clip_norm']:g}, "
                          f"planned ε={d['epsilon']:.4f} (target {d['target_epsilon']:g}, δ={d['delta']:g}, "
                          f"{d['accountant'].upper()})")
+            if d.get("privacy_unit", "image") != "image":
+                line += f"; privacy unit: one {d['privacy_unit']} ({d.get('n_units')} of them, q over them)"
             self._print(line)
+            u = d.get("unit_comparison")
+            if u:
+                self._print(f"per {u['unit']}: image-level DP: {u['image']['sentence']}")
+                self._print(f"per {u['unit']}: {u['unit']}-level DP: {u['patient']['sentence']}"
+                            + ("  <- this run" if u["chosen"] == "patient" else ""))
         elif ev.kind == "log":
             self._print(ev.message)
         elif ev.kind == "step" and (ev.step % self.every == 0 or ev.step == ev.total_steps):

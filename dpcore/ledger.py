@@ -958,10 +958,15 @@ def backfill(runs_dir: str | Path, ledger: Ledger | None = None, store=None) -> 
                                          split=cfg.split)
         splits = loaded[split]
         skipped = (card.get("dataset") or {}).get("skipped_unreadable") or {}
-        parts = []
+        parts, kept = [], {}
         for images, key in ((splits.train, "train"), (splits.test, "test")):
             bad = {s[0] for s in skipped.get(key, [])}
-            parts.append(images.subset([i for i in range(len(images)) if images.source(i) not in bad]))
+            kept[key] = [i for i in range(len(images)) if images.source(i) not in bad]
+            parts.append(images.subset(kept[key]))
+        from .data.groups import train_groups
+
+        group = train_groups(splits, cfg.dataset)
+        owners = [group.ids[i] for i in kept["train"]] if group is not None else None
         privacy = card.get("privacy") or {"private": False, "steps": card.get("steps") or 0}
         private = bool(privacy.get("private"))
         insecure = bool(privacy.get("insecure_reproducible_noise"))
@@ -972,7 +977,8 @@ def backfill(runs_dir: str | Path, ledger: Ledger | None = None, store=None) -> 
             data_dir=cfg.data_dir, kind="backfill", private=private, insecure=insecure,
             noise_multiplier=privacy.get("noise_multiplier"), sample_rate=privacy.get("sample_rate"),
             planned_steps=steps, delta=privacy.get("delta"), accountant=privacy.get("accountant"), label=label,
-            runs_dir=str(store.root), note="recorded afterwards from the run's card")
+            runs_dir=str(store.root), note="recorded afterwards from the run's card",
+            unit=privacy.get("unit") or "image" if private else "image", owners=owners)
         spending.ensure(steps) if steps else None
         ledger.finish(rec.run_id, card.get("status", rec.status), steps,
                       privacy.get("epsilon") if private and not insecure else None)

@@ -567,6 +567,11 @@ class _Run:
                                       mechanism=(sigma, self.sample_rate, self.total_steps) if private else None,
                                       delta=cfg.delta, accountant=cfg.accountant)
         self.log(self.lineage.sentence)
+        if self.units is not None and self.lineage.composed and not self.lineage.void:
+            raise ConfigError("pretrained", "these starting weights were trained with DP on some of the same images, "
+                              "and composing their per-image guarantee into a per-patient one is not implemented",
+                              "start the patient-level run from public weights (hub, bundled, none), or train "
+                              "image-level")
         self.group = train_groups(self.splits, cfg.dataset)
         verdict = ledger.verdict(ids_train, dataset=cfg.dataset, data_dir=cfg.data_dir,
                                  noise_multiplier=sigma if private else None, sample_rate=self.sample_rate,
@@ -663,6 +668,9 @@ class _Run:
         if self.group is not None and cfg.private and self.units is None:
             from .privacy.group_privacy import group_summary
             out["group_privacy"] = group_summary(self.privacy_plan.epsilon, cfg.delta, self.group)
+        if self.group is not None and cfg.private and self.kind == "train" and self.run_id != "fit":
+            from .privacy.unit_guarantee import compare_units
+            out["unit_comparison"] = compare_units(cfg, self.group, self.n_train)
         if self.features is not None:
             out["features"] = self.features_info()
         if cfg.private:

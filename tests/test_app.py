@@ -262,3 +262,32 @@ def test_train_page_default_weights_resolve_offline_or_say_what_is_missing(tmp_p
     assert not at.exception
     shown = texts(at, "error")
     assert "DPCORE_WEIGHTS_DIR" in shown and at.button(key="launch").disabled
+
+
+def test_train_page_shows_both_privacy_units_side_by_side_and_launches_a_patient_level_run(tmp_path, monkeypatch):
+    from test_patient_dp import _kermany_folder
+
+    data = _kermany_folder(tmp_path / "xr")
+    monkeypatch.setenv("DPCORE_LEDGER", str(tmp_path / "ledger.sqlite"))
+    at = open_page("pages/train.py", tmp_path / "runs", monkeypatch)
+    at.selectbox(key="tr_dataset").set_value("folder").run()
+    at.text_input(key="tr_dir_folder").set_value(str(data))
+    for key, value in [("tr_size", 16), ("tr_epochs", 1), ("tr_batch", 8), ("tr_phys", 16)]:
+        at.number_input(key=key).set_value(value)
+    at.radio(key="tr_unit").set_value("patient")
+    at.run()
+    assert not at.exception
+    # the one red box: image-level DP gives the 13-image patient no guarantee at all
+    assert [e.value.startswith("**Image-level DP**") and "no guarantee at all" in e.value for e in at.error] == [True]
+    shown = texts(at) + " ".join(s.value for s in at.success) + " ".join(e.value for e in at.error)
+    assert "Image-level DP" in shown and "Patient-level DP — this run" in shown
+    assert "per patient, with all of their images" in shown and "the largest patient (13 images)" in shown
+    assert "Privacy unit: **one patient**" in texts(at)
+    at.button(key="launch").click().run()
+    run_id = at.query_params["run"][0] if isinstance(at.query_params["run"], list) else at.query_params["run"]
+    assert RunStore(tmp_path / "runs").get_run(run_id).config.privacy_unit == "patient"
+    deadline = time.time() + 120
+    while RunStore(tmp_path / "runs").get_run(run_id).status in ("queued", "running") and time.time() < deadline:
+        time.sleep(0.5)
+    card = RunStore(tmp_path / "runs").card(run_id)
+    assert card["status"] == "done" and card["privacy"]["unit"] == "patient"

@@ -35,7 +35,7 @@ def run_record(*, run_id: str, ledger_id: str, kind: str, config, privacy: dict[
     return {
         "lineage_version": LINEAGE_VERSION, "kind": kind, "run_id": run_id, "ledger_id": ledger_id,
         "private": private, "mechanism": mech, "epsilon": privacy.get("epsilon") if private else None,
-        "privacy_unit": "image", "dataset": dataset_name, "n_train": int(n_train),
+        "privacy_unit": privacy.get("unit") or "image", "dataset": dataset_name, "n_train": int(n_train),
         "declared_public": kind == "pretrain",
         "insecure_reproducible_noise": bool(privacy.get("insecure_reproducible_noise")),
         "guarantee_epsilon": guarantee.epsilon if guarantee is not None else None,
