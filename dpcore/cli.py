@@ -398,17 +398,19 @@ def _cmd_runs(args) -> int:
     if not runs:
         print(f"no runs in {args.runs_dir}")
         return 0
-    head = f"{'run id':<23} {'status':<9} {'dataset':<14} {'backbone':<22} {'ε':>7} {'δ':>7} {'acc':>6} {'auc':>6} {'secs':>6}  created"
+    head = (f"{'run id':<23} {'status':<9} {'dataset':<14} {'backbone':<22} {'ε':>7} {'per':<7} {'δ':>7} {'acc':>6} "
+            f"{'auc':>6} {'secs':>6}  created")
     print(head)
     for r in runs:
         p, m = r.privacy or {}, r.metrics or {}
         eps = f"{p['epsilon']:.3f}" if p.get("epsilon") is not None else ("-" if r.private else "nonDP")
         delta = f"{p['delta']:.0e}" if p.get("delta") else "-"
+        unit = (p.get("unit") or "image") if p.get("epsilon") is not None else "-"
         acc = f"{m['accuracy']:.3f}" if m.get("accuracy") is not None else "-"
         auc = f"{m['roc_auc']:.3f}" if m.get("roc_auc") is not None else "-"
         secs = f"{r.duration:.0f}" if r.duration is not None else "-"
         created = datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M")
-        print(f"{r.run_id:<23} {r.status:<9} {r.dataset:<14} {r.backbone[:22]:<22} {eps:>7} {delta:>7} {acc:>6} "
+        print(f"{r.run_id:<23} {r.status:<9} {r.dataset:<14} {r.backbone[:22]:<22} {eps:>7} {unit:<7} {delta:>7} {acc:>6} "
               f"{auc:>6} {secs:>6}  {created}")
     return 0
 

@@ -66,6 +66,7 @@ def runs_table(store: RunStore) -> list[dict[str, Any]]:
             "run_id": rec.run_id, "status": rec.status, "dataset": rec.dataset, "backbone": rec.backbone,
             "pretrained": cfg.pretrained, "scope": cfg.scope, "private": rec.private,
             "epsilon": _spent_epsilon(rec), "target_epsilon": rec.target_epsilon,
+            "unit": ((rec.privacy or {}).get("unit") or cfg.privacy_unit) if rec.private else None,
             "delta": cfg.delta if rec.private else None, "accountant": cfg.accountant if rec.private else None,
             "test_accuracy": m.get("accuracy"), "test_roc_auc": m.get("roc_auc"),
             "duration_s": rec.duration, "created": _iso(rec.created_at),
@@ -75,7 +76,8 @@ def runs_table(store: RunStore) -> list[dict[str, Any]]:
 
 def _label(rec: RunRecord) -> str:
     cfg = rec.config
-    budget = f"ε={rec.privacy['epsilon']:.3g}" if _spent_epsilon(rec) is not None else "non-private"
+    unit = (rec.privacy or {}).get("unit") or "image"
+    budget = (f"ε={rec.privacy['epsilon']:.3g} per {unit}" if _spent_epsilon(rec) is not None else "non-private")
     weights = {"none": "from scratch", "hub": "pretrained"}.get(cfg.pretrained, "weights from file")
     return f"{budget}, {cfg.epochs} epochs, {cfg.scope}, {weights}"
 

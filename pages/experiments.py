@@ -116,6 +116,11 @@ def _results() -> None:
         "accuracy": st.column_config.NumberColumn("test accuracy", format="%.4f"),
         "balanced_accuracy": st.column_config.NumberColumn("balanced accuracy", format="%.4f"),
         "roc_auc": st.column_config.NumberColumn("ROC-AUC", format="%.4f"),
+        "patient_epsilon": st.column_config.NumberColumn(
+            "ε per patient", format="%.3g", help="patient-level runs: their ε; image-level runs: the group-privacy ε "
+            "of the largest patient (inf: no finite bound); empty where the data name no patients"),
+        "patient_delta": st.column_config.NumberColumn("δ per patient", format="%.3g",
+                                                       help="≥ 1 (or inf) promises nothing"),
         "reference_accuracy": st.column_config.NumberColumn("reported accuracy", format="%.4f"),
         "reference_roc_auc": st.column_config.NumberColumn("reported ROC-AUC", format="%.3f"),
     })

@@ -65,10 +65,12 @@ if not table:
 df = pd.DataFrame(table)
 df["duration"] = df["duration_s"].map(fmt_duration)
 df["created"] = df["created"].map(lambda v: fmt_time(v) if isinstance(v, (int, float)) else v)
-shown = ["run_id", "status", "dataset", "backbone", "pretrained", "scope", "epsilon", "target_epsilon", "delta",
+shown = ["run_id", "status", "dataset", "backbone", "pretrained", "scope", "epsilon", "unit", "target_epsilon", "delta",
          "accountant", "test_accuracy", "test_roc_auc", "duration", "created"]
 st.dataframe(df[[c for c in shown if c in df.columns]], hide_index=True, column_config={
     "epsilon": st.column_config.NumberColumn("ε spent", format="%.3g", help="empty = non-private"),
+    "unit": st.column_config.TextColumn("per", help="the privacy unit ε is stated for: an image, or a patient "
+                                                   "(lesion) with all of their images"),
     "target_epsilon": st.column_config.NumberColumn("target ε", format="%.3g"),
     "delta": st.column_config.NumberColumn("δ", format="%.0e"),
     "test_accuracy": st.column_config.NumberColumn("test accuracy", format="percent"),
