@@ -693,7 +693,9 @@ def audit_run(store: RunStore, run_id: str, settings: AuditSettings | None = Non
     pool.take(_choose_candidates(pool_total, settings, config.delta, log) if pool.owners is None
               else _choose_owner_candidates(pool.owners, settings, config.delta, log))
     sigma, q, steps = mechanism
-    log(f"audit of {run_id}: {len(pool.y)} candidates, target + {settings.shadows} shadows, scope {scope}, "
+    what = (f"{len(pool.y)} candidates" if pool.owners is None else
+            f"{len(np.unique(pool.owners.astype(str)))} candidate patients ({len(pool.y)} images, in or out together)")
+    log(f"audit of {run_id}: {what}, target + {settings.shadows} shadows, scope {scope}, "
         + (f"σ={sigma:.4f}, q={q:.5f}, T={steps}" if sigma is not None else f"non-private, q={q:.5f}, T={steps}"))
     hold, ledger_info = record_audit_use(pool, run_id, config, store, settings.shadows + 1, log)
     result = audit_arrays(pool.x, pool.y, pool.make_model, pool.fit_config,
@@ -765,7 +767,9 @@ def format_table(audit: dict[str, Any]) -> str:
     cfg, bound, s = audit["config"], audit["bound"], audit["summary"]
     claimed = audit.get("claimed_epsilon")
     lines = [f"== membership audit of run {audit['run_id']}'s mechanism ==",
-             (f"candidates {audit['n_candidates']} (each in the audit target with probability 1/2: "
+             (f"candidates {audit['n_candidates']} {audit.get('candidate_unit', 'image')}s"
+              + (f" ({audit['n_candidate_images']} images)" if audit.get("candidate_unit") == "patient" else "")
+              + f" (each in the audit target with probability 1/2: "
               f"{audit['n_members']} were), {cfg['shadows']} shadows, scope {cfg['scope']}"
               f"{' (head-only proxy)' if cfg.get('proxy') else ''}, seed {cfg['seed']}, "
               f"{audit['timings']['total_s']:.1f} s"),

@@ -362,6 +362,16 @@ class _Run:
             raise refuse_without_groups(cfg.dataset)
         self.units = unit_plan(group, self.train_kept)
         P = self.units.n_units
+        from .data.groups import groups_of
+
+        test_group = groups_of(self.splits.test, self.splits.test_metadata, cfg.dataset)
+        shared = group.shared_with(test_group) if test_group is not None else set()
+        if shared:
+            msg = (f"{len(shared)} {group.unit}s of the test split also have training images ({cfg.split} split): the "
+                   f"test metrics partly measure {group.unit}s the model has seen. Use --split grouped for a test "
+                   f"split of unseen {group.unit}s")
+            self.warnings.append(msg)
+            self.log("warning: " + msg)
         if cfg.batch_size > P:
             raise ConfigError("batch_size", f"with --privacy-unit patient the logical batch counts {group.unit}s, and "
                               f"{cfg.batch_size} is more than the {P} {group.unit}s in the training split",

@@ -75,7 +75,11 @@ def _show(result: dict) -> None:
     claimed = result.get("claimed_epsilon")
     level = f"{bound['confidence']:.0%}"
     st.subheader("Result")
-    st.caption(f"Audited {fmt_time(result.get('created_at'))}: {result['n_candidates']:,} candidate images "
+    unit = result.get("candidate_unit", "image")
+    what = (f"{result['n_candidates']:,} candidate patients ({result.get('n_candidate_images', 0):,} images; each "
+            "patient in or out with ALL of their images)" if unit == "patient" else
+            f"{result['n_candidates']:,} candidate images")
+    st.caption(f"Audited {fmt_time(result.get('created_at'))}: {what} "
                f"(each in the audit target with probability 1/2: {result['n_members']:,} were), {cfg['shadows']} "
                f"shadow models, scope {cfg['scope']}{' (head-only proxy)' if cfg.get('proxy') else ''}, seed "
                f"{cfg['seed']}, {fmt_duration(result['timings']['total_s'])}.")
