@@ -76,7 +76,7 @@ def _one_step(model, x, y, owner, *, mode, monkeypatch, physical_batch, augmult=
     return [(b - a.detach()) * plan.n_units for b, a in zip(before, trained.parameters())], trained
 
 
-@pytest.mark.parametrize("mode", ["hooks", "bk"])
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "bk"])
 @pytest.mark.parametrize("augmult", [1, 3])
 def test_each_patient_is_clipped_as_one_on_every_path(mode, augmult, monkeypatch):
     # patients of 1, 2, 3 and 7 images; a physical batch of 6 rows: the 7-image patient (and at K = 3 the
