@@ -1,7 +1,9 @@
-"""A process-wide queue of training jobs run one at a time on a background thread.
+"""A process-wide queue of training jobs run one at a time, each in its own worker process.
 
 The app holds one JobManager (via `st.cache_resource`) so every tab and every rerun sees the same
-jobs; the worker thread never touches any UI, it only feeds each job's thread-safe event log.
+jobs; its background thread starts and supervises one training process at a time (`dpcore.worker`: the
+training never shares the app's GIL, and a worker that dies cannot take the app down) and feeds each
+job's thread-safe event log from the worker's events; it never touches any UI.
 Jobs are created as 'queued' runs in the store at submission, so a queue survives in the Runs table.
 """
 from __future__ import annotations
@@ -65,7 +67,7 @@ class JobManager:
 
     def __init__(self, store: RunStore, train_fn: TrainFn | None = None):
         if train_fn is None:
-            from .trainer import train as train_fn
+            from .worker import train_in_worker as train_fn
         self.store = store
         store.reap_orphans()  # runs left queued/running by a process that has since died
         self._train = train_fn

@@ -4,46 +4,13 @@ Chromium, watch the live charts grow while the job runs, and wait for the run to
 Needs Debian's `chromium` (`.ci/run` installs it). Skipped where it is absent, except in CI.
 """
 import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from bench.app_server import CHART_POINTS_JS, CHROMIUM, FLAGS, READY, busy_cores, click_preset, serve
 from dpcore.store import RunStore
-
-CHROMIUM = "/usr/bin/chromium"
-ROOT = Path(__file__).resolve().parents[1]
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--disable-quic", "--no-first-run"]
-
-# Point counts of every plotly chart on the page (plotly keeps its traces on the graph div).
-CHART_POINTS_JS = """() => Array.from(document.querySelectorAll('.js-plotly-plot'))
-    .map(g => Math.max(0, ...(g.data || []).map(t => (t.x || []).length)))"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"streamlit exited with {proc.returncode}: {proc.stdout.read()}")
-        try:
-            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
-                if r.read().strip() == b"ok":
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("streamlit did not become healthy")
 
 
 @pytest.fixture
@@ -53,26 +20,13 @@ def app_server(tmp_path):
             pytest.fail(f"{CHROMIUM} is missing in CI: .ci/run must apt-get install chromium")
         pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
     runs = tmp_path / "runs"
-    port = _free_port()
-    env = dict(os.environ, DPCORE_RUNS_DIR=str(runs), PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port",
-         str(port), "--server.address", "127.0.0.1", "--server.fileWatcherType", "none",
-         "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, proc)
+    with serve(runs) as url:
         yield url, runs
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_teaching_demo_trains_live_in_the_browser(app_server, tmp_path):
+    """On a machine loaded on purpose (two busy-loop processes on its cores): training runs in a worker process,
+    so the watched page's re-rendering does not starve it (it did when training shared the app's process)."""
     from playwright.sync_api import sync_playwright
 
     url, runs = app_server
@@ -84,30 +38,30 @@ def test_teaching_demo_trains_live_in_the_browser(app_server, tmp_path):
             viewport={"width": 1400, "height": 1800})
         page = browser.new_page()
         page.goto(url)
-        page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=60_000)
-        # the preset's button (Streamlit tags a keyed widget's container with st-key-<key>)
-        button = page.locator(".st-key-preset-teaching-demo button").or_(
-            page.get_by_role("button", name="Teaching demo"))
-        button.first.click()
-
-        store = RunStore(runs)
-        live_points, finished = 0, False
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            points = page.evaluate(CHART_POINTS_JS)
-            status = [r.status for r in store.list_runs()]
-            if status and status[0] == "running" and points:
-                live_points = max(live_points, max(points))
-            if status and status[0] in ("done", "failed", "cancelled"):
-                finished = status[0] == "done"
-                break
-            page.wait_for_timeout(500)
+        with busy_cores(2):
+            click_preset(page)
+            store = RunStore(runs)
+            live_points, finished = _follow(page, store)
         assert finished, f"the demo run did not finish: {[r.status for r in store.list_runs()]}"
         assert live_points >= 2, "no chart showed two or more points while the run was training"
         page.wait_for_timeout(2500)  # one more refresh so the page shows the finished state
         page.screenshot(path=str(shots / "teaching_demo_finished.png"), full_page=True)
         assert max(page.evaluate(CHART_POINTS_JS) or [0]) >= 2
         browser.close()
+
+
+def _follow(page, store: RunStore, timeout: float = 480) -> tuple[int, bool]:
+    """Poll the page's charts and the run's status until it ends: (most chart points seen live, finished)."""
+    live_points, deadline = 0, time.time() + timeout
+    while time.time() < deadline:
+        points = page.evaluate(CHART_POINTS_JS)
+        status = [r.status for r in store.list_runs()]
+        if status and status[0] == "running" and points:
+            live_points = max(live_points, max(points))
+        if status and status[0] in ("done", "failed", "cancelled"):
+            return live_points, status[0] == "done"
+        page.wait_for_timeout(500)
+    return live_points, False
 
 
 def test_audit_page_opens_in_the_browser(app_server, tmp_path):
@@ -121,7 +75,7 @@ def test_audit_page_opens_in_the_browser(app_server, tmp_path):
             viewport={"width": 1200, "height": 900})
         page = browser.new_page()
         page.goto(url + "/audit")
-        page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=60_000)
+        page.wait_for_selector(READY, timeout=60_000)
         heading = page.get_by_role("heading", name="Membership-inference audit")
         heading.first.wait_for(timeout=30_000)
         assert page.get_by_text("No finished run yet").count() >= 1
@@ -150,7 +104,7 @@ def test_privacy_budget_page_shows_the_ledger_in_the_browser(fresh_ledger, app_s
             viewport={"width": 1200, "height": 1400})
         page = browser.new_page()
         page.goto(url + "/ledger")
-        page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=60_000)
+        page.wait_for_selector(READY, timeout=60_000)
         page.get_by_role("heading", name="Privacy budget").first.wait_for(timeout=30_000)
         page.get_by_text("Most-exposed image: ε").first.wait_for(timeout=30_000)
         assert page.get_by_text(total, exact=True).count() >= 1
