@@ -1,10 +1,15 @@
 """DP Explorer: the Streamlit app. This file only routes; each page lives in pages/.
 
 Run: DPCORE_RUNS_DIR=runs streamlit run app.py
+(.streamlit/config.toml binds it to localhost; every page warns when it is reachable from the network.)
 """
 import streamlit as st
 
+from dpcore.store import StoreError
+from pages.banner import show_network_warning
+
 st.set_page_config(page_title="DP Explorer", page_icon="🔒", layout="wide")
+show_network_warning()
 
 PAGES = [
     st.Page("pages/home.py", title="Home", icon="🏠", default=True),
@@ -18,4 +23,7 @@ PAGES = [
     st.Page("pages/clinician.py", title="Clinician", icon="🩺"),
 ]
 
-st.navigation(PAGES).run()
+try:
+    st.navigation(PAGES).run()
+except StoreError as exc:  # a damaged index, a full disk, a read-only folder: say what to do, not just the type
+    st.error(f"The runs folder cannot be used: {exc}")

@@ -214,7 +214,8 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
-COMMAND_MODULES = ("dpcore.cli_experiments", "dpcore.cli_privacy", "dpcore.cli_ledger", "dpcore.cli_fairness")
+COMMAND_MODULES = ("dpcore.cli_experiments", "dpcore.cli_privacy", "dpcore.cli_ledger", "dpcore.cli_fairness",
+                   "dpcore.cli_store", "dpcore.cli_resume")
 
 
 def _command_modules():

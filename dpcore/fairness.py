@@ -283,11 +283,12 @@ def _predict_test(store: RunStore, run_id: str, splits, batch_size: int, device:
         idx = list(range(start, min(start + batch_size, len(test))))
         probs.append(loaded.predict_proba([test.image(i) for i in idx], batch_size=batch_size))
         kept += idx
+    from .store import atomic_write
+
     path = store.run_dir(run_id) / "test_predictions.npz"
-    tmp = path.with_name("test_predictions.tmp.npz")
-    np.savez(tmp, probs=np.concatenate(probs) if probs else np.zeros((0, len(loaded.class_names))),
-             labels=np.asarray(test.labels, dtype=np.int64), test_index=np.asarray(kept, dtype=np.int64))
-    tmp.replace(path)
+    all_probs = np.concatenate(probs) if probs else np.zeros((0, len(loaded.class_names)))
+    atomic_write(path, lambda tmp: np.savez(tmp, probs=all_probs, labels=np.asarray(test.labels, dtype=np.int64),
+                                            test_index=np.asarray(kept, dtype=np.int64)))
 
 
 def load_run_test_data(store: RunStore, run_id: str, *, batch_size: int = 128, device: str = "cpu") -> RunTestData:

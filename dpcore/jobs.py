@@ -33,6 +33,7 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     error: str | None = None
+    resume: bool = False  # continue the stored run from its checkpoint
 
     @property
     def finished(self) -> bool:
@@ -84,6 +85,22 @@ class JobManager:
         """Queue a run; it is stored at once as 'queued' and starts when the jobs before it end."""
         run_id = self.store.create_run(config, status="queued")
         job = Job(run_id=run_id, config=config, label=label)
+        with self._wakeup:
+            self._jobs[run_id] = job
+            self._queue.append(job)
+            self._wakeup.notify()
+        return job
+
+    def submit_resume(self, run_id: str, label: str = "") -> Job:
+        """Queue the continuation of a stopped run from its checkpoint (`dpcore.checkpoint`)."""
+        from .checkpoint import load
+
+        record = self.store.get_run(run_id)
+        if record.status not in ("failed", "cancelled"):
+            raise ValueError(f"run {run_id} is {record.status}: only a failed or cancelled run can be resumed")
+        load(self.store.run_dir(run_id))  # refuses now, with the reason, when there is nothing to resume from
+        job = Job(run_id=run_id, config=record.config, label=label or f"resume {run_id}", resume=True)
+        self.store.set_status(run_id, "queued")
         with self._wakeup:
             self._jobs[run_id] = job
             self._queue.append(job)
@@ -164,8 +181,9 @@ class JobManager:
                 if isinstance(job, SweepJob):
                     status, error = self._run_sweep(job), None
                 else:
+                    extra = {"resume": True} if job.resume else {}
                     result = self._train(job.config, self.store, listener=job.events, cancel=job.cancel_event,
-                                         run_id=job.run_id)
+                                         run_id=job.run_id, **extra)
                     status, error = result.status, None
             except Exception as exc:  # the trainer has already stored the failure
                 status, error = "failed", f"{type(exc).__name__}: {exc}"

@@ -10,20 +10,21 @@ from safetensors import safe_open
 from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_model as _st_save_model
 
+from .store import atomic_write
+
 
 def save_model(model: torch.nn.Module, path: Path, class_names: list[str], data_config: dict[str, Any],
                run_id: str, lineage: list[dict[str, Any]] | None = None) -> None:
     """Weights plus the class names, preprocessing config and lineage (which trainings on which images,
-    `dpcore.privacy.lineage`) as safetensors string metadata."""
+    `dpcore.privacy.lineage`) as safetensors string metadata. Written atomically (`store.atomic_write`)."""
     from .privacy.lineage import METADATA_KEY, to_metadata
 
     meta = {"class_names": json.dumps(class_names), "data_config": json.dumps(data_config, default=list),
             "run_id": run_id, "format": "dpcore-run-v1"}
     if lineage is not None:
         meta[METADATA_KEY] = to_metadata(lineage)
-    tmp = Path(path).with_suffix(".tmp")
-    _st_save_model(model, str(tmp), metadata=meta)
-    tmp.replace(path)
+    # A temporary file beside it, fsynced, then renamed: a crash leaves the old weights or the new ones.
+    atomic_write(Path(path), lambda tmp: _st_save_model(model, str(tmp), metadata=meta))
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

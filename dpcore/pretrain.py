@@ -105,14 +105,15 @@ def pretrain(dataset: str, out: str | Path, *, data_dir: str | None = None, back
         "privacy": "none: the pretraining images are treated as public and get no DP protection",
         "versions": {k: card["versions"].get(k) for k in ("torch", "opacus", "timm")},
     }
-    tmp_out = out.with_name(out.name + ".tmp")
+    from .store import atomic_write
+
     meta = {"format": FORMAT, "backbone": backbone, "pretraining": json.dumps(facts, default=list)}
     if lineage_meta:
         meta[METADATA_KEY] = lineage_meta
-    save_file(backbone_state, str(tmp_out), metadata=meta)
-    tmp_out.replace(out)
+    atomic_write(out, lambda tmp: save_file(backbone_state, str(tmp), metadata=meta))
     side = sidecar_path(out)
-    side.write_text(json.dumps({**facts, "weights_file": out.name, "sha256": sha256_file(out)}, indent=2, default=list))
+    atomic_write(side, json.dumps({**facts, "weights_file": out.name, "sha256": sha256_file(out)}, indent=2,
+                                  default=list))
     return PretrainResult(out, side, facts)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 import time
 import traceback
@@ -36,7 +37,7 @@ from .model_io import save_model
 from .preprocess import Normalizer, make_to_uint8
 from .privacy.randomness import SecretRandomness
 from .schedule import LRSchedule
-from .store import BufferedEventWriter, RunStore
+from .store import BufferedEventWriter, RunStore, atomic_write
 
 # Opacus' hooks on the first layer fire once per step with this torch warning (the input images need
 # no gradient); it is expected and says nothing about the run, so it is not shown to users.
@@ -70,6 +71,8 @@ def collate_rows(batch):
 
 
 TRAINER_MODES = ("hooks", "functorch", "bk")  # per-example clipping modes the loop supports
+CHECKPOINT_ENV = "DPCORE_CHECKPOINT_EVERY"  # seconds between checkpoints (0: none)
+DEFAULT_CHECKPOINT_EVERY = 300.0
 
 
 class Cancelled(Exception):
@@ -179,11 +182,16 @@ def train(
     *,
     kind: str = "train",
     force_public: bool = False,
+    resume: bool = False,
+    checkpoint_every: float | None = None,
 ) -> TrainResult:
     """Train one run end to end and store it. Re-raises the error of a failed run after recording it.
 
     ``kind="pretrain"`` marks a non-private run on data declared public (`dpcore.pretrain`): it is
     refused when the ledger knows any of its images from a private run, unless ``force_public``.
+    ``resume=True`` continues the stored run `run_id` from its checkpoint (`dpcore.checkpoint`; written every
+    ``checkpoint_every`` seconds, default $DPCORE_CHECKPOINT_EVERY or 300, 0 = never) with fresh secret noise
+    and sampling, under a new ledger entry for the remaining steps.
     """
     run_id = run_id or store.create_run(config)
     cancel = cancel or threading.Event()
@@ -192,7 +200,8 @@ def train(
     store.set_status(run_id, "running")
     emit(Event("started", run_id, message=f"{config.dataset} / {config.backbone} / "
                + (f"ε={config.epsilon:g}" if config.private else "non-private")))
-    run = _Run(config, emit, cancel, t0, run_id=run_id, store=store, kind=kind, force_public=force_public)
+    run = _Run(config, emit, cancel, t0, run_id=run_id, store=store, kind=kind, force_public=force_public,
+               resume=resume, checkpoint_every=checkpoint_every)
     try:
         return run.execute()
     except KeyboardInterrupt:
@@ -258,10 +267,18 @@ class _Run:
     """The state of one run while it trains; split out of `train` so each phase reads on its own."""
 
     def __init__(self, config: RunConfig, emit: Listener, cancel: threading.Event, t0: float, *,
-                 run_id: str, store: RunStore | None = None, kind: str = "train", force_public: bool = False):
+                 run_id: str, store: RunStore | None = None, kind: str = "train", force_public: bool = False,
+                 resume: bool = False, checkpoint_every: float | None = None):
         self.config, self.store, self.run_id, self.emit, self.cancel, self.t0 = (
             config, store, run_id, emit, cancel, t0)
         self.kind, self.force_public = kind, force_public
+        self.resume = resume
+        if checkpoint_every is None:
+            checkpoint_every = float(os.environ.get(CHECKPOINT_ENV) or DEFAULT_CHECKPOINT_EVERY)
+        self.checkpoint_every = checkpoint_every
+        self._last_checkpoint = time.time()
+        self.step_offset = 0  # steps taken before this process (a resumed run): not in this Opacus engine's record
+        self.resumed: dict[str, Any] | None = None
         self.step = 0
         self.noise_draws = 0  # noise additions actually made (counted after the ledger accepted each)
         self.last_metrics: dict[str, Any] | None = None
@@ -317,6 +334,8 @@ class _Run:
         if cfg.privacy_unit == "patient":
             self._prepare_units()
         self._configure()
+        if self.resume:
+            self._restore()
         self._open_ledger()  # before any step: a run that cannot record its spending takes none
         self.emit(Event("plan", self.run_id, total_steps=self.total_steps, elapsed=self.elapsed(),
                         data=self.plan_summary()))
@@ -546,7 +565,7 @@ class _Run:
         """Fail closed: the ledger counts this step before its noise is drawn, or the step is not taken."""
         if self.spending is None:
             raise RuntimeError("no privacy-ledger entry for this run: refusing to take a noisy step")
-        self.spending.ensure(self.step + 1)
+        self.spending.ensure(self.step + 1 - self.step_offset)  # this entry's steps (a resume has its own)
         self.noise_draws += 1
 
     # -- the privacy ledger, before the first step ----------------------------------------
@@ -585,7 +604,8 @@ class _Run:
         self.group = train_groups(self.splits, cfg.dataset)
         verdict = ledger.verdict(ids_train, dataset=cfg.dataset, data_dir=cfg.data_dir,
                                  noise_multiplier=sigma if private else None, sample_rate=self.sample_rate,
-                                 steps=self.total_steps, delta=cfg.delta, per_unit=self.units is not None)
+                                 steps=self.total_steps - self.step_offset, delta=cfg.delta,
+                                 per_unit=self.units is not None)
         self.verdict = verdict
         self.log("privacy budget: " + verdict.message)
         if verdict.exceeds and not cfg.allow_over_budget:
@@ -594,11 +614,13 @@ class _Run:
             self.log("WARNING: launched past the privacy budget with --allow-over-budget; the ledger records it")
         try:
             self.spending = ledger.begin(
-                self.run_id, train=ids_train, test=ids_test, dataset=cfg.dataset, data_dir=cfg.data_dir,
+                self.ledger_run_id, train=ids_train, test=ids_test, dataset=cfg.dataset, data_dir=cfg.data_dir,
                 kind=self.kind, private=cfg.private, insecure=cfg.insecure_reproducible_noise,
-                noise_multiplier=sigma, sample_rate=self.sample_rate, planned_steps=self.total_steps,
+                noise_multiplier=sigma, sample_rate=self.sample_rate,
+                planned_steps=self.total_steps - self.step_offset,
                 delta=cfg.delta if cfg.private else None, accountant=cfg.accountant if cfg.private else None,
-                label=self._label(), unit=self.unit_name, runs_dir=str(self.store.root) if self.store else None,
+                label=self._label() + (f" (resumed at step {self.step_offset})" if self.resumed else ""),
+                unit=self.unit_name, runs_dir=str(self.store.root) if self.store else None,
                 over_budget=verdict.exceeds,
                 owners=[self.group.ids[i] for i in self.train_kept] if self.group is not None else None)
         except LedgerError:
@@ -699,7 +721,7 @@ class _Run:
         if small:
             torch.set_num_threads(1)
         try:
-            for epoch in range(self.epochs):
+            for epoch in range(self.step // self.spe, self.epochs):  # a resumed run starts mid-way
                 if self.step >= self.total_steps:
                     break
                 if self.config.private and self.units is not None:
@@ -722,6 +744,7 @@ class _Run:
             stepped.append(True)
 
         self.optimizer.attach_step_hook(on_real_step)
+        self.loader.batch_sampler.steps = (epoch + 1) * self.spe - self.step  # all of it, unless resumed mid-epoch
         with BatchMemoryManager(data_loader=self.loader, max_physical_batch_size=self._examples_per_batch(),
                                 optimizer=self.optimizer) as physical_loader:
             for x, y in physical_loader:
@@ -748,7 +771,7 @@ class _Run:
     # -- patient-level DP-SGD (dpcore.privacy.units) -----------------------------------------
     def _patient_epoch(self, epoch: int) -> None:
         """1/q logical steps: Poisson-sample patients, cut their images into physical batches, one noisy step."""
-        for _ in range(self.spe):
+        for _ in range((epoch + 1) * self.spe - self.step):
             if self.step >= self.total_steps:
                 break
             self._check_cancel()
@@ -851,7 +874,8 @@ class _Run:
     def _nonprivate_epoch(self, epoch: int) -> None:
         cfg = self.config
         order = torch.randperm(self.n_train)
-        for start in range(0, self.n_train, cfg.batch_size):
+        done = self.step - epoch * self.spe  # batches of this epoch taken before a resume
+        for start in range(done * cfg.batch_size, self.n_train, cfg.batch_size):
             if self.step >= self.total_steps:
                 break
             idx = order[start:start + cfg.batch_size]
@@ -867,7 +891,7 @@ class _Run:
                 losses.append((float(loss.detach()), len(chunk)))
             if self.spending is None:
                 raise RuntimeError("no privacy-ledger entry for this run: refusing to train")
-            self.spending.ensure(self.step + 1)  # a non-private step voids its images: counted before it is taken
+            self.spending.ensure(self.step + 1 - self.step_offset)  # counted before it is taken: it voids its images
             self.optimizer.step()
             self._after_step(epoch, losses)
 
@@ -919,6 +943,9 @@ class _Run:
             self.emit(Event("eval", self.run_id, step=self.step, total_steps=self.total_steps,
                             epoch=self.step / self.spe, epsilon=eps, metrics=self.last_metrics,
                             elapsed=self.elapsed(), eta=eta))
+        if (self.store is not None and self.checkpoint_every and self.step < self.total_steps
+                and time.time() - self._last_checkpoint >= self.checkpoint_every):
+            self._save_checkpoint()
 
     def evaluate_all(self) -> dict[str, Any]:
         """Evaluate the raw weights and, with EMA, the averaged ones; returns (and keeps the predictions
@@ -984,10 +1011,10 @@ class _Run:
         save_model(saved, run_dir / "model.safetensors", self.splits.class_names, self.created.data_config,
                    self.run_id, lineage=lineage_out)
         if self.last_probs is not None:  # test-split predictions, for the confusion matrix, ROC and gallery
-            tmp = run_dir / "test_predictions.tmp.npz"
-            np.savez(tmp, probs=self.last_probs, labels=self.test_y.numpy(),
-                     test_index=np.asarray(self.test_kept, dtype=np.int64))
-            tmp.replace(run_dir / "test_predictions.npz")
+            probs, labels = self.last_probs, self.test_y.numpy()
+            kept = np.asarray(self.test_kept, dtype=np.int64)
+            atomic_write(run_dir / "test_predictions.npz",
+                         lambda tmp: np.savez(tmp, probs=probs, labels=labels, test_index=kept))
         card = build_card(
             run_id=self.run_id, config=cfg, status=status, splits=self.splits, n_train=self.n_train,
             n_test=self.n_test, skipped=self.skipped, created=self.created, trainable=self.trainable,
@@ -999,6 +1026,10 @@ class _Run:
         if self.features is not None:
             card["model"]["features"] = self.features_info()
         self.store.write_json(self.run_id, "card.json", card)
+        if status == "done":  # a finished run is never resumed: its checkpoint is dead weight
+            from . import checkpoint
+
+            checkpoint.remove(run_dir)
         self.store.record_results(self.run_id, self.last_metrics, card["privacy"])  # with the guarantee's facts
         self.store.set_status(self.run_id, status)
         self.emit(Event("finished" if status == "done" else "cancelled", self.run_id, step=self.step,
@@ -1025,7 +1056,7 @@ class _Run:
     def _finish_ledger(self, status: str, privacy: dict[str, Any] | None) -> None:
         if self.spending is None:
             return
-        steps = self._steps_counted() if self.config.private else self.step
+        steps = self._steps_counted() if self.config.private else self.step - self.step_offset  # this entry's
         eps = privacy.get("epsilon") if privacy and privacy.get("private") and \
             not self.config.insecure_reproducible_noise else None
         try:
@@ -1073,9 +1104,10 @@ class _Run:
         sigma = self.privacy_plan.noise_multiplier
         if any(abs(s - sigma) > 1e-12 or abs(q - self.sample_rate) > 1e-12 for s, q, _ in history):
             raise RuntimeError(f"Opacus recorded steps with other (σ, q) than planned: {history}")
-        steps = sum(n for _, _, n in history)
+        steps = sum(n for _, _, n in history) + self.step_offset
         if steps != self.step:
-            raise RuntimeError(f"Opacus counted {steps} noisy steps, the loop counted {self.step}")
+            raise RuntimeError(f"Opacus counted {steps - self.step_offset} noisy steps (+ {self.step_offset} before "
+                               f"a resume), the loop counted {self.step}")
         eps = accounting.epsilon(sigma, self.sample_rate, steps, cfg.delta, cfg.accountant)
         return {"private": True, "epsilon": eps, "delta": cfg.delta, "accountant": cfg.accountant,
                 "noise_multiplier": sigma, "sample_rate": self.sample_rate, "steps": steps,
@@ -1086,7 +1118,8 @@ class _Run:
                 "noise_randomness": ("REPLAYABLE from the user's seed (--insecure-reproducible-noise): no guarantee"
                                      if cfg.insecure_reproducible_noise else
                                      "secret: OS-seeded, reseeded every noisy step, never stored"),
-                "insecure_reproducible_noise": bool(cfg.insecure_reproducible_noise)}
+                "insecure_reproducible_noise": bool(cfg.insecure_reproducible_noise),
+                **({"resumed": self.resumed} if self.resumed else {})}
 
     @property
     def unit_name(self) -> str:
@@ -1116,6 +1149,82 @@ class _Run:
                          "gradient, i.e. replace-one adjacency, whose ε (PLD) is epsilon_replace_one"),
             }
         return out
+
+    # -- checkpoints and resume (dpcore.checkpoint) ------------------------------------------
+    def _optimizer_core(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "original_optimizer", self.optimizer)
+
+    def _save_checkpoint(self) -> None:
+        """Weights, optimizer, EMA, public RNG and step; never the secret noise/sampling generators."""
+        from . import checkpoint
+
+        cfg = self.config
+        meta = {"run_id": self.run_id, "total_steps": self.total_steps, "sample_rate": self.sample_rate,
+                "noise_multiplier": self.privacy_plan.noise_multiplier if cfg.private else None,
+                "privacy_unit": self.unit_name, "eval_history": self.eval_history, "last_metrics": self.last_metrics,
+                "ema_updates": self.ema.updates if self.ema is not None else None, "saved_at": time.time()}
+        try:
+            checkpoint.save(self.store.run_dir(self.run_id), step=self.step, model=self._inner_model(),
+                            optimizer=self._optimizer_core(), ema_shadow=self.ema.shadow if self.ema else None,
+                            meta=meta)
+        except Exception as exc:  # noqa: BLE001 - a failed checkpoint must not end a healthy run; say so
+            self.log(f"WARNING: could not write a checkpoint at step {self.step} ({type(exc).__name__}: {exc})")
+        else:
+            self.log(f"checkpoint at step {self.step} of {self.total_steps}")
+        self._last_checkpoint = time.time()
+
+    def _restore(self) -> None:
+        """Continue from the checkpoint: same plan (σ, q, T) or refused; weights, optimizer, EMA, public RNG."""
+        from . import checkpoint
+
+        cfg = self.config
+        ck = checkpoint.load(self.store.run_dir(self.run_id))
+        meta = ck.meta
+        sigma = self.privacy_plan.noise_multiplier if cfg.private else None
+        same = (meta["total_steps"] == self.total_steps and abs(meta["sample_rate"] - self.sample_rate) < 1e-15
+                and (sigma is None) == (meta["noise_multiplier"] is None)
+                and (sigma is None or abs(meta["noise_multiplier"] - sigma) < 1e-12))
+        if not same:
+            raise checkpoint.CheckpointError(
+                f"run {self.run_id}'s checkpoint was made for (σ={meta['noise_multiplier']}, q={meta['sample_rate']}, "
+                f"T={meta['total_steps']}) but the run now plans (σ={sigma}, q={self.sample_rate}, T={self.total_steps}): "
+                "its data or configuration changed. Fix: train it again as a new run")
+        self._inner_model().load_state_dict({k: v.to(self.device) for k, v in ck.prefixed("model/").items()})
+        self._optimizer_core().load_state_dict(checkpoint.optimizer_state(ck.prefixed("optim/"), meta["optimizer"]))
+        if self.ema is not None:
+            self.ema.shadow = {k: v.to(self.device) for k, v in ck.prefixed("ema/").items()}
+            self.ema.updates = int(meta["ema_updates"] or 0)
+        torch.set_rng_state(ck.tensors["rng/torch"])
+        self.step = self.step_offset = ck.step
+        self.eval_history = list(meta.get("eval_history") or [])
+        self.last_metrics = meta.get("last_metrics")
+        self.lr_schedule.apply(self.step)
+        previous = [e for e in self._ledger_entries_of_run()]
+        self.resumed = {"from_step": ck.step, "checkpoint_saved_at": meta.get("saved_at"),
+                        "earlier_ledger_entries": previous,
+                        "note": ("ε is that of the T steps that produced this model: steps 1.."
+                                 f"{ck.step} before the checkpoint and the rest after resuming. Steps taken after the "
+                                 "checkpoint but before the run stopped were discarded and redone: the privacy ledger "
+                                 "counts them twice (every noisy step ever taken, under each entry), since their "
+                                 "evaluations were released")}
+        self.log(f"resuming from the checkpoint at step {ck.step} of {self.total_steps} (fresh secret noise and "
+                 "sampling; the ledger records the remaining steps as a new entry)")
+
+    def _ledger_entries_of_run(self) -> list[str]:
+        from .ledger import Ledger
+
+        try:
+            ids = [e.run_id for e in Ledger().entries()]
+        except Exception:  # noqa: BLE001 - _open_ledger reports ledger problems properly
+            return []
+        return [i for i in ids if i == self.run_id or i.startswith(self.run_id + "+resume")]
+
+    @property
+    def ledger_run_id(self) -> str:
+        """This process's ledger entry: the run id, or run id + resumeN for a resumed run."""
+        if not self.resumed:
+            return self.run_id
+        return f"{self.run_id}+resume{len(self.resumed['earlier_ledger_entries'])}"
 
     def features_info(self) -> dict[str, Any]:
         """What the card says about the cached-features path: that it was used, and where the cache is."""

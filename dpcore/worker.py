@@ -123,10 +123,8 @@ def _stop_on_cancel(proc: subprocess.Popen, cancel: threading.Event) -> None:
 
 
 def _record_death(store: RunStore, run_id: str, status: str, reason: str) -> None:
-    try:
-        if store.get_run(run_id).status in ("done", "failed", "cancelled"):
-            return  # the child recorded its outcome before it died
-        store.set_status(run_id, status, error=reason)
+    try:  # unless the child recorded its own outcome; replaces a reaper's generic reason; ends at the last event
+        store.record_death(run_id, status, reason)
     except Exception as exc:  # noqa: BLE001 - a broken store must not take the app down; say so
         print(f"dpcore: run {run_id}: {reason}; recording it failed too ({type(exc).__name__}: {exc})",
               file=sys.stderr)

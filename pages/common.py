@@ -13,7 +13,7 @@ from pathlib import Path
 import streamlit as st
 
 from dpcore.config import RunConfig
-from dpcore.errors import ConfigError
+from dpcore.errors import ConfigError, DPCoreError
 from dpcore.events import Event
 from dpcore.jobs import Job, JobManager
 from dpcore.store import RunNotFound, RunStore
@@ -156,6 +156,8 @@ def _panel_body(run_id: str) -> str:
         st.error(f"The run failed: {failed.message if failed else view.error}")
     elif view.status == "cancelled":
         st.warning("The run was cancelled; the model as it was at that step is saved.")
+    if view.status in ("failed", "cancelled"):
+        resume_button(run_id)
 
     if any(ev.kind in ("step", "eval") for ev in view.events):
         figs = figures.training_figures(view.events, target_epsilon=cfg.epsilon)
@@ -171,6 +173,27 @@ def _panel_body(run_id: str) -> str:
         with st.expander("Log"):
             st.text("\n".join(ev.message or "" for ev in logs[-30:]))
     return view.status
+
+
+def resume_button(run_id: str) -> None:
+    """Continue a stopped run from its last checkpoint (fresh secret noise; the ledger counts every step)."""
+    from dpcore import checkpoint
+
+    if not checkpoint.exists(store().run_dir(run_id)):
+        return
+    job = manager().get(run_id)
+    if job is not None and not job.finished:
+        return
+    if st.button("Resume from the last checkpoint", key=f"resume-{run_id}", icon="▶️",
+                 help="Continues with the same plan (σ, q, T) from the last checkpoint. Steps taken after it were "
+                      "discarded: they are redone, and the privacy ledger counts them twice."):
+        try:
+            manager().submit_resume(run_id)
+        except (DPCoreError, ValueError) as exc:
+            st.error(f"Cannot resume: {exc}")
+            return
+        watch(run_id)
+        st.rerun()
 
 
 # -- the guarantee of a stored run, as its card states it --------------------------------------

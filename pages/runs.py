@@ -2,8 +2,8 @@
 import pandas as pd
 import streamlit as st
 
-from dpcore import figures, run_review
-from pages.common import ACTIVE, fmt_duration, fmt_time, manager, run_label, store
+from dpcore import checkpoint, figures, run_review
+from pages.common import ACTIVE, fmt_duration, fmt_time, manager, resume_button, run_label, store
 
 st.title("📋 Runs")
 
@@ -227,6 +227,16 @@ def experiments_section() -> None:
 
 
 experiments_section()
+
+stopped = [i for i in records if records[i].status in ("failed", "cancelled")
+           and checkpoint.exists(store().run_dir(i))]
+if stopped:
+    st.subheader("Resume a stopped run")
+    st.caption("Killed, crashed or cancelled runs with a checkpoint continue from it with the same plan (σ, q, T) "
+               "and fresh secret noise. Steps taken after the checkpoint were discarded: they are redone, and the "
+               "privacy ledger counts them twice.")
+    again = st.selectbox("Run to resume", stopped[::-1], format_func=lambda i: run_label(records[i]), key="rn_resume")
+    resume_button(again)
 
 st.subheader("Delete a run")
 victim = st.selectbox("Run to delete", list(records)[::-1], format_func=lambda i: run_label(records[i]), key="rn_del")

@@ -35,8 +35,9 @@ def test_runs_table(store):
     rows = {r["run_id"]: r for r in insp.runs_table(st)}
     assert list(rows) == [ids["dp"], ids["npv"], ids["failed"], ids["queued"]]
     keys = {"run_id", "status", "dataset", "backbone", "pretrained", "scope", "private", "epsilon", "target_epsilon",
-            "delta", "accountant", "test_accuracy", "test_roc_auc", "duration_s", "created"}
+            "delta", "accountant", "test_accuracy", "test_roc_auc", "duration_s", "created", "unit"}
     assert all(set(r) == keys for r in rows.values())
+    assert rows[ids["dp"]]["unit"] == "image" and rows[ids["npv"]]["unit"] is None  # the privacy unit ε is per
     dp = rows[ids["dp"]]
     card = st.card(ids["dp"])
     assert dp["status"] == "done" and dp["private"] and dp["target_epsilon"] == 2.0
