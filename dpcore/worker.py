@@ -139,6 +139,20 @@ def _emit(event: Event) -> None:
         pass
 
 
+THREADS_ENV = "DPCORE_WORKER_THREADS"
+
+
+def _leave_a_core() -> None:
+    """Torch's threads: all cores but one, which stays with the app and the browser drawing the live page.
+    On a 2-core machine two torch threads fighting a re-rendering page for the same cores were measured far
+    slower than one (bench/watch_ratio.py); $DPCORE_WORKER_THREADS overrides it."""
+    import torch
+
+    wanted = os.environ.get(THREADS_ENV)
+    n = int(wanted) if wanted else max(1, (os.cpu_count() or 1) - 1)
+    torch.set_num_threads(max(1, n))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dpcore.worker", description="one training run (internal)")
     parser.add_argument("--runs-dir", required=True)
@@ -146,6 +160,7 @@ def main(argv=None) -> int:
     parser.add_argument("--options", default="{}")
     args = parser.parse_args(argv)
     config = RunConfig.from_json(sys.stdin.read())
+    _leave_a_core()
     cancel = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: cancel.set())
