@@ -96,7 +96,9 @@ def run_view(run_id: str) -> RunView:
 
 
 def job_panel(run_id: str) -> None:
-    """Progress, live charts and Cancel for one run; polls every 2 s while it is queued or running (each refresh re-draws three charts in the browser: at 1 s that CPU slowed the watched run 1.8x on 2 cores, bench/watch_ratio.py)."""
+    """Progress, live charts and Cancel for one run; polls every 2 s while it is queued or running (each
+    refresh re-draws three charts in the browser: at 1 s that slowed the watched run 1.8x on 2 cores,
+    `bench/watch_ratio.py`)."""
     if run_view(run_id).status in ACTIVE:
         _live_panel(run_id)
     else:
