@@ -17,6 +17,9 @@ from typing import Sequence
 import dp_accounting
 import numpy as np
 from dp_accounting import pld, rdp
+from dp_accounting.pld import common as pld_common
+from dp_accounting.pld import privacy_loss_distribution as pld_dist
+from dp_accounting.pld import privacy_loss_mechanism as pld_mech
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from .errors import ConfigError
@@ -28,6 +31,20 @@ RDP_ORDERS: tuple[float, ...] = tuple(rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
 # PLD ε is a pessimistic (valid) upper bound at any discretization; 1e-3 is 10-15x faster than the
 # library default 1e-4 and moves ε by < 0.01% on DP-SGD plans (tests/test_accounting.py checks this).
 PLD_DISCRETIZATION = 1e-3
+
+# Bounds on what a plan may ask, so that a typo fails at once with a fix instead of hanging or overflowing.
+# e^ε bounds how much one image can change the odds of any outcome: past ε = 100 (e^100 ≈ 10^43) nothing is promised.
+MAX_EPSILON = 100.0
+# Training and PLD plans: dp-accounting's PLD composition of T steps computes (grid size)**T as an exact integer
+# first (pld_pmf.SparsePLDPmf.self_compose), ~1 s at 10^6 steps and growing faster than T; the trainer also keeps
+# per-step schedules. 10^6 steps is ~3 h at 10 ms a step, 500x the chest X-ray preset (2,100). RDP `epsilon` and
+# `calibrate_noise` answer any T.
+MAX_STEPS = 1_000_000
+# PLD grids (points of PLD_DISCRETIZATION): one step's, which dp-accounting builds at ~5 µs a point, and the
+# composed one its FFT runs over (16 bytes a point, a few copies). Past these a query takes minutes or runs out of
+# memory; such plans have a σ tiny for their q, or privacy losses spread over thousands of nats.
+PLD_MAX_POINTS = 500_000
+PLD_MAX_COMPOSED_POINTS = 20_000_000
 
 # dp-accounting logs a warning per fractional order when q is large; the orders are still handled.
 logging.getLogger("absl").setLevel(logging.ERROR)
@@ -55,6 +72,58 @@ def make_accountant(accountant: str) -> dp_accounting.PrivacyAccountant:
     raise ConfigError("accountant", f"unknown accountant {accountant!r}", f"use one of {ACCOUNTANTS}")
 
 
+def _check_pld_steps(steps: int) -> None:
+    if steps > MAX_STEPS:
+        raise ConfigError("steps", f"the PLD accountant composes at most {MAX_STEPS:,} steps, got {steps:,} "
+                          "(dp-accounting's PLD composition slows down without bound past that)",
+                          "use --accountant rdp, which composes any number of steps at once, or fewer steps")
+
+
+def _pld_of(noise_multiplier: float, sample_rate: float, steps: int,
+            relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE):
+    """The privacy-loss distribution of T DP-SGD steps, built as dp-accounting's PLDAccountant builds it (the
+    same calls, so the same ε to the last bit), but refused with a ConfigError before work that would not finish."""
+    _check_pld_steps(steps)
+    adjacency = pld_mech.AdjacencyType
+    kinds = ((adjacency.REPLACE,) if relation == dp_accounting.NeighboringRelation.REPLACE_ONE
+             else (adjacency.REMOVE, adjacency.ADD))
+    span = 0.0
+    for kind in kinds:  # the loss range dp-accounting will discretize, from the mechanism alone (no grid yet)
+        loss = pld_mech.GaussianPrivacyLoss(noise_multiplier, sampling_prob=sample_rate, adjacency_type=kind,
+                                            pessimistic_estimate=True)
+        tail = loss.privacy_loss_tail()
+        span = max(span, abs(loss.privacy_loss(tail.lower_x_truncation) - loss.privacy_loss(tail.upper_x_truncation)))
+    points = span / PLD_DISCRETIZATION
+    if not points <= PLD_MAX_POINTS:
+        raise ConfigError("noise_multiplier", f"σ = {noise_multiplier:g} at q = {sample_rate:g} is too little noise "
+                          f"for the PLD accountant: one step's privacy loss spans {span:,.0f} nats, a grid of "
+                          f"{points:,.0f} points (limit {PLD_MAX_POINTS:,})",
+                          "use a larger σ, or --accountant rdp (which handles any σ)")
+    one = pld_dist.from_gaussian_mechanism(noise_multiplier, value_discretization_interval=PLD_DISCRETIZATION,
+                                           sampling_prob=sample_rate, neighboring_relation=relation)
+    if steps > 1:
+        composed = 0
+        for pmf in (getattr(one, "_pmf_remove", None), getattr(one, "_pmf_add", None)):
+            probs = getattr(pmf.to_dense_pmf(), "_probs", None) if pmf is not None else None
+            if probs is not None:  # the bounds dp-accounting's own self_compose will use (Chernoff, tail 1e-15)
+                lo, hi = pld_common.compute_self_convolve_bounds(probs, steps, 1e-15)
+                composed = max(composed, hi - lo + 1)
+        if composed > PLD_MAX_COMPOSED_POINTS:
+            raise ConfigError("steps", f"{steps:,} steps of σ = {noise_multiplier:g} at q = {sample_rate:g} need a "
+                              f"PLD grid of {composed:,} points (limit {PLD_MAX_COMPOSED_POINTS:,}): the privacy "
+                              "loss of this plan spreads too wide to compose",
+                              "use --accountant rdp, more noise or fewer steps")
+    return one.self_compose(int(steps))
+
+
+def _pld_epsilon(plds, delta: float) -> float:
+    """ε at δ of composed PLDs, composed onto the identity exactly as PLDAccountant.compose does."""
+    total = pld_dist.identity(value_discretization_interval=PLD_DISCRETIZATION)
+    for one in plds:
+        total = total.compose(one)
+    return float(total.get_epsilon_for_delta(delta))
+
+
 def dp_sgd_event(noise_multiplier: float, sample_rate: float, steps: int) -> dp_accounting.DpEvent:
     """The DpEvent of T steps of Poisson-sampled Gaussian DP-SGD."""
     return dp_accounting.SelfComposedDpEvent(
@@ -70,6 +139,8 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
         return 0.0
     if noise_multiplier == 0:
         return math.inf
+    if accountant == "pld":
+        return _pld_epsilon([_pld_of(noise_multiplier, sample_rate, steps)], delta)
     acc = make_accountant(accountant)
     acc.compose(dp_sgd_event(noise_multiplier, sample_rate, steps))
     return float(acc.get_epsilon(delta))
@@ -88,10 +159,8 @@ def epsilon_replace_one(noise_multiplier: float, sample_rate: float, steps: int,
         return 0.0
     if noise_multiplier == 0:
         return math.inf
-    acc = pld.PLDAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE,
-                            value_discretization_interval=PLD_DISCRETIZATION)
-    acc.compose(dp_sgd_event(noise_multiplier, sample_rate, steps))
-    return float(acc.get_epsilon(delta))
+    return _pld_epsilon([_pld_of(noise_multiplier, sample_rate, steps,
+                                 dp_accounting.NeighboringRelation.REPLACE_ONE)], delta)
 
 
 REPLACE = "replace"  # the relation tag of an event (σ, q, T, "replace"); 3-tuples are add/remove
@@ -100,28 +169,34 @@ REPLACE = "replace"  # the relation tag of an event (σ, q, T, "replace"); 3-tup
 def compose_events(events, delta: float, accountant: str) -> float:
     """ε at δ of DP-SGD events run on the same unit: (σ, q, T) under add/remove, (σ, q, T, "replace") under
     replace-one. With any replace-one event only PLD composes them (its privacy-loss distributions of both
-    relations convolve); RDP then answers math.inf (no Poisson replace-one rule), so callers take min(RDP, PLD)."""
+    relations convolve); RDP then answers math.inf (no Poisson replace-one rule), so callers take min(RDP, PLD).
+    PLD also answers math.inf for events past its work bounds (`_pld_of`): a valid bound that promises nothing,
+    never an under-count, and callers keep RDP's answer."""
     live = [e for e in events if e[2] > 0]
     if not live:
         return 0.0
     if any(e[0] == 0 for e in live):
         return math.inf
-    if not any(len(e) > 3 and e[3] == REPLACE for e in live):
+    if accountant not in ACCOUNTANTS:
+        raise ConfigError("accountant", f"unknown accountant {accountant!r}", f"use one of {ACCOUNTANTS}")
+    replace = any(len(e) > 3 and e[3] == REPLACE for e in live)
+    if accountant == "rdp":
+        if replace:
+            return math.inf
         acc = make_accountant(accountant)
         for s, q, t, *_ in live:
             acc.compose(dp_sgd_event(s, q, t))
         return float(acc.get_epsilon(delta))
-    if accountant == "rdp":
+    try:
+        plds = [_pld_of(s, q, int(t), dp_accounting.NeighboringRelation.REPLACE_ONE if rel and rel[0] == REPLACE
+                        else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE) for s, q, t, *rel in live]
+    except ConfigError:
         return math.inf
-    from dp_accounting.pld import privacy_loss_distribution as PLD
-
-    total = None
-    for s, q, t, *rel in live:
-        relation = (dp_accounting.NeighboringRelation.REPLACE_ONE if rel and rel[0] == REPLACE
-                    else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
-        one = PLD.from_gaussian_mechanism(s, sampling_prob=q, value_discretization_interval=PLD_DISCRETIZATION,
-                                          neighboring_relation=relation).self_compose(int(t))
-        total = one if total is None else total.compose(one)
+    if not replace:
+        return _pld_epsilon(plds, delta)
+    total = plds[0]
+    for one in plds[1:]:
+        total = total.compose(one)
     return float(total.get_epsilon_for_delta(delta))
 
 
@@ -135,13 +210,22 @@ def calibrate_noise(
     [target·(1 − rtol), target]: the guarantee holds and is tight (within 1% by default). Every
     (σ, ε) the accountant computes is remembered per plan (q, T, δ, accountant), so calibrating
     further targets for the same plan (an ε sweep, the app's sliders) starts from a tight bracket
-    and takes one to three accountant calls instead of ~20.
+    and takes one to three accountant calls instead of ~20. A target that no σ meets within that
+    tolerance (ε jumps past it, e.g. to 0 below RDP's conversion floor, or from ∞ at a δ below PLD's
+    truncation) is refused with a ConfigError rather than answered with a looser σ.
     """
     _check(accountant, None, sample_rate, steps, delta)
     if not target_epsilon > 0:
         raise ConfigError("epsilon", f"must be > 0, got {target_epsilon}", "pass a positive ε, or train non-private")
+    if not target_epsilon <= MAX_EPSILON:
+        raise ConfigError("epsilon", f"must be at most {MAX_EPSILON:g}, got {target_epsilon:g}: e^ε bounds how much "
+                          f"one image can change the odds of any outcome, and e^{MAX_EPSILON:g} ≈ 10^43 promises "
+                          "nothing", "pass a target ε of at most 10 for a meaningful guarantee (or train "
+                          "--non-private for a baseline without one)")
     if steps == 0:
         raise ConfigError("steps", "a plan with 0 steps needs no noise", "train for at least one step")
+    if accountant == "pld":
+        _check_pld_steps(steps)  # before any search
     memo = _plan_memo(float(sample_rate), int(steps), float(delta), accountant)
 
     def eps_of(sigma: float) -> float:
@@ -152,8 +236,42 @@ def calibrate_noise(
 
     guess = 1.0
     if accountant != "rdp":  # PLD is tighter than RDP, so its σ lies at or below RDP's (cheap) σ
-        guess = 0.97 * calibrate_noise(target_epsilon, delta, sample_rate, steps, "rdp", rtol)
-    return _solve_sigma(eps_of, memo, float(target_epsilon), rtol, guess)
+        try:
+            guess = 0.97 * calibrate_noise(target_epsilon, delta, sample_rate, steps, "rdp", rtol)
+        except ConfigError:
+            pass  # RDP cannot meet this target: PLD may, from the default guess
+    where = (f"ε = {target_epsilon:g} at q = {sample_rate:g}, T = {int(steps):,}, δ = {delta:g} "
+             f"({accountant.upper()})")
+    why = (f"one image is sampled at all with probability at most q·T = {sample_rate * steps:.3g} ≤ δ, so almost any "
+           "σ meets the target" if sample_rate * steps <= delta else "")
+    try:
+        sigma = _solve_sigma(eps_of, memo, float(target_epsilon), rtol, guess)
+    except ConfigError as exc:  # the PLD accountant refused a σ the search reached
+        raise _unreachable(where, memo, target_epsilon, rtol, why or f"the search reached a σ the accountant "
+                           f"refuses ({exc.problem})") from exc
+    with _MEMO_LOCK:
+        reached = memo.get(sigma)
+    if reached is None or not target_epsilon * (1 - rtol) <= reached <= target_epsilon:
+        raise _unreachable(where, memo, target_epsilon, rtol, why)
+    return sigma
+
+
+def _unreachable(where: str, memo: dict[float, float], target: float, rtol: float, why: str = "") -> ConfigError:
+    """The error for a target ε no σ meets within rtol: names the nearest σ on each side and what they give."""
+    with _MEMO_LOCK:
+        items = sorted(memo.items())
+    above = [(s, e) for s, e in items if e > target]
+    below = [(s, e) for s, e in items if e <= target]
+    seen = ""
+    if above and below:
+        (s1, e1), (s2, e2) = max(above), min(below)
+        seen = f": the accountant gives ε = {e1:.4g} at σ = {s1:.8g} and ε = {e2:.4g} at σ = {s2:.8g}, nothing between"
+    elif below:
+        seen = f": ε stays at {min(below)[1]:.4g} or below down to σ = {min(below)[0]:.4g}"
+    return ConfigError("epsilon", f"no σ gives {where} within {rtol:.1%} of the target{seen}"
+                       + (f"; {why}" if why else ""),
+                       "pick a target ε this accountant reaches for the plan, check δ and the sample rate "
+                       "(q = batch size / data set size), or try the other accountant")
 
 
 _MEMO_LOCK = threading.Lock()
@@ -236,9 +354,22 @@ class SamplingPlan:
 
 
 def sampling_plan(n_train: int, batch_size: int, epochs: int) -> SamplingPlan:
-    """The (q, T) a run of this size trains with: the trainer, the CLI and the app all use this."""
+    """The (q, T) a run of this size trains with: the trainer, the CLI and the app all use this.
+
+    Refuses plans over MAX_STEPS steps (a typo such as --epochs 100000000 would otherwise hang building the
+    trainer's evaluation schedule)."""
     spe = math.ceil(n_train / batch_size)
+    check_steps(epochs * spe, epochs, spe)
     return SamplingPlan(spe, 1.0 / spe, epochs * spe)
+
+
+def check_steps(steps: int, epochs: int, steps_per_epoch: int) -> None:
+    """A training plan's T = epochs × steps per epoch must stay within MAX_STEPS (see there for why)."""
+    if steps > MAX_STEPS:
+        fit = max(1, MAX_STEPS // steps_per_epoch)
+        raise ConfigError("epochs", f"{epochs:,} epochs × {steps_per_epoch:,} steps per epoch = {steps:,} steps, more "
+                          f"than the {MAX_STEPS:,} a run may take",
+                          f"pass --epochs {fit:,} or fewer, or a larger --batch-size (fewer steps per epoch)")
 
 
 def epsilon_grid(n_train: int, noise_multiplier: float, delta: float, batch_sizes, epochs_list,

@@ -24,6 +24,9 @@ def library_versions() -> dict[str, str]:
 
 
 def _fmt_factor(eps: float) -> str:
+    """e^ε in words for the guarantee sentence; never math.exp of a large ε (it overflows past ~709)."""
+    if not math.isfinite(eps):
+        return "∞"
     if eps > 50:  # e^50 ≈ 5e21: past any meaningful bound (and math.exp overflows past ~709)
         return f"10^{eps / math.log(10):.0f}"
     factor = math.exp(eps)

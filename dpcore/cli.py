@@ -7,7 +7,6 @@ import json
 import sys
 import warnings
 from datetime import datetime
-from pathlib import Path
 from typing import Sequence
 
 from . import accounting
@@ -234,7 +233,7 @@ def _command_modules():
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     if getattr(args, "config", None):
-        return RunConfig.from_json(Path(args.config).read_text())
+        return RunConfig.from_file(args.config)
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
     if hasattr(args, "epsilons"):  # a sweep: the base config; each point sets its own ε
@@ -353,15 +352,18 @@ def _cmd_train(args) -> int:
     from .store import RunStore
     from .trainer import train
 
+    from .cli_resume import cancel_on_signals
+
     config = config_from_args(args)
     store = RunStore(args.runs_dir)
     printer = WarningPrinter() if args.quiet else ProgressPrinter()
-    with warnings.catch_warnings():
+    # SIGTERM / Ctrl-C: the run stops at its next batch and is stored as cancelled (resumable), not killed mid-write
+    with cancel_on_signals() as cancel, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the trainer reports warnings as events and in the card
-        result = train(config, store, listener=printer)
+        result = train(config, store, listener=printer, cancel=cancel)
     print(format_card(result.card))
     print(f"card: {store.run_dir(result.run_id) / 'card.json'}")
-    return 0
+    return 0 if result.status == "done" else 130
 
 
 def _cmd_sweep(args) -> int:
@@ -432,22 +434,11 @@ def _cmd_calibrate(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from PIL import Image, UnidentifiedImageError
-
-    from .predict import load_run
+    from .predict import load_run, read_image_file
     from .store import RunStore
 
+    images = [read_image_file(path) for path in args.images]  # checked like uploads, before the model loads
     loaded = load_run(RunStore(args.runs_dir), args.run)
-    images = []
-    for path in args.images:
-        try:
-            with Image.open(path) as im:
-                im.load()
-                images.append(im.copy())
-        except FileNotFoundError:
-            raise DPCoreError(f"{path}: no such file") from None
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DPCoreError(f"{path}: not a readable image ({exc}); pass PNG or JPEG files") from exc
     probs = loaded.predict_proba(images)
     if args.json:
         print(json.dumps([{"image": p, "probabilities": dict(zip(loaded.class_names, map(float, row)))}

@@ -60,9 +60,8 @@ def _print_summary(s: DatasetSummary, entries: bool, accountant: str | None = No
     else:
         spent = s.epsilon_of(accountant)
         by = accountant.upper() if accountant else "per image the tighter of RDP and PLD"
-        rem = s.budget_epsilon - spent
         print(f"budget    : ε = {s.budget_epsilon:g} per image; most-exposed image at {_f(spent)} ({by}), "
-              f"remaining {'none (void)' if math.isinf(spent) else _f(rem)}")
+              f"remaining {_remaining(s, spent, accountant)}")
     if entries:
         for r in s.runs:
             what = (f"σ={r.noise_multiplier:.4g} q={r.sample_rate:.4g} T={r.steps} δ={r.delta:g} ε={_f(r.epsilon)}"
@@ -70,6 +69,16 @@ def _print_summary(s: DatasetSummary, entries: bool, accountant: str | None = No
                     if r.guaranteed else f"no guarantee ({r.kind}), {r.steps} step(s)")
             extra = " [over budget, allowed]" if r.over_budget else ""
             print(f"  {r.run_id}  {r.shown_status:<11} {r.n_train or 0:>6} imgs  {r.label or '':<28} {what}{extra}")
+
+
+def _remaining(s: DatasetSummary, spent: float, accountant: str | None) -> str:
+    """What is left of the budget. A void data set has nothing left (never "∞": ∞ spent leaves −∞); an ε that is
+    ∞ only because RDP cannot compose replace-one runs says so instead of calling the data set void."""
+    if s.void:
+        return "none (void)"
+    if math.isinf(spent):
+        return f"n/a under {(accountant or 'rdp').upper()} (patient-level runs compose under PLD only)"
+    return _f(s.budget_epsilon - spent)
 
 
 def _print_owners(ledger: Ledger, s: DatasetSummary) -> dict | None:
@@ -117,6 +126,7 @@ def _cmd_ledger(args) -> int:
         row["spent"] = s.epsilon_of(args.accountant)
         row["remaining"] = None if s.budget_epsilon is None or math.isinf(row["spent"]) else \
             s.budget_epsilon - row["spent"]
+        row["void"] = s.void  # JSON has no ∞: a void data set's spent and remaining read null, this says why
         row["histogram"] = [[None if math.isinf(e) else e, n] for e, n in s.exposure.histogram()]
         out[s.name] = {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()}
     print("ledger " + json.dumps(out, sort_keys=True))

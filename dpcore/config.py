@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .accounting import ACCOUNTANTS
+from .accounting import ACCOUNTANTS, MAX_EPSILON, MAX_STEPS, check_steps
 from .augment import AUGMENTS, MAX_AUGMULT
 from .errors import ConfigError
 from .schedule import LR_SCHEDULES
@@ -20,6 +20,9 @@ DEVICES = ("auto", "cpu", "cuda")
 MEDMNIST_SIZES = (28, 64, 128, 224)
 DATASETS_NEEDING_DIR = ("folder", "ham10000")
 PRETRAINED_WORDS = ("none", "hub", "bundled", "default")  # besides a PATH.safetensors
+# Any data set of 10 batches or more makes this many epochs more than accounting.MAX_STEPS steps; refusing it here
+# stops a typo (--epochs 100000000) before any image is read. The exact bound on T is `check_against_data`'s.
+MAX_EPOCHS = 100_000
 
 
 class PrivacyWarning(UserWarning):
@@ -117,12 +120,21 @@ class RunConfig:
                     "use pretrained default, hub or a .safetensors file, or a backbone with bundled weights")
         if self.scope not in SCOPES:
             bad("scope", f"unknown fine-tuning scope {self.scope!r}", f"use one of {SCOPES}")
+        for name in ("delta", "momentum", "weight_decay", "test_fraction"):  # compared below (a string would raise)
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                bad(name, f"must be a number, got {v!r}",
+                    f"pass e.g. --{name.replace('_', '-')} {getattr(RunConfig, name):g}")
         if self.epsilon is not None:
             if isinstance(self.epsilon, bool) or not isinstance(self.epsilon, (int, float)):
                 bad("epsilon", f"must be a number, got {self.epsilon!r}", "pass e.g. --epsilon 2")
             if not self.epsilon > 0 or not math.isfinite(self.epsilon):
                 bad("epsilon", f"must be a finite number > 0, got {self.epsilon}",
                     "pass a positive ε such as 0.5, 2 or 8 (or --non-private for a baseline without DP)")
+            if self.epsilon > MAX_EPSILON:
+                bad("epsilon", f"must be at most {MAX_EPSILON:g}, got {self.epsilon:g}: an ε this large promises "
+                    f"nothing (one image may change the odds of any outcome by e^{self.epsilon:g})",
+                    "pass a target ε of at most 10 for a meaningful guarantee, or --non-private for a baseline")
         if not 0 < self.delta < 1:
             bad("delta", f"must be in (0, 1), got {self.delta}", "use δ well below 1/n, e.g. 1e-5")
         if self.accountant not in ACCOUNTANTS:
@@ -131,6 +143,9 @@ class RunConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 bad(name, f"must be a whole number ≥ 1, got {v!r}", f"pass --{name.replace('_', '-')} 1 or more")
+        if self.epochs > MAX_EPOCHS:
+            bad("epochs", f"must be at most {MAX_EPOCHS:,}, got {self.epochs:,}",
+                f"pass fewer --epochs (a run takes at most {MAX_STEPS:,} steps in all)")
         for name in ("lr", "clip_norm"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
@@ -212,10 +227,13 @@ class RunConfig:
                               "check the path, or use --pretrained none (random init), hub, bundled or default")
 
     def check_against_data(self, n_train: int) -> None:
-        """Checks that need the training-set size n: batch ≤ n, and a warning when δ > 1/n."""
+        """Checks that need the training-set size n: batch ≤ n, T ≤ MAX_STEPS, and a warning when δ > 1/n."""
         if self.batch_size > n_train:
             raise ConfigError("batch_size", f"logical batch {self.batch_size} is larger than the {n_train} "
                               "training examples", f"use --batch-size {max(1, n_train // 4)} or smaller")
+        if self.privacy_unit == "image":  # patient-level runs step over patients: sampling_plan checks those
+            spe = math.ceil(n_train / self.batch_size)
+            check_steps(self.epochs * spe, self.epochs, spe)
         if self.private and self.delta > 1.0 / n_train:
             warnings.warn(
                 f"delta={self.delta:g} is larger than 1/n = {1.0 / n_train:.3g} for n={n_train} training "
@@ -235,14 +253,38 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
         known = {f.name for f in fields(cls)}
+        if not isinstance(data, dict):
+            raise ConfigError("config", f"a run config is a JSON object of fields, got a JSON {_json_kind(data)}",
+                              'write it as {"dataset": "digits", "epsilon": 2, ...} (see any run\'s config.json)')
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(unknown[0], "is not a run-config field", f"remove it; valid fields: {sorted(known)}")
         return cls(**data)
 
     @classmethod
-    def from_json(cls, text: str) -> "RunConfig":
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str, source: str = "the run config") -> "RunConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError("config", f"{source} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})",
+                              "fix the file, or write a new one from a run's config.json") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "RunConfig":
+        """A config from a JSON file (`train --config`); a missing or unreadable file is a ConfigError."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError("config", f"{path} does not exist", "check the path of --config") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError("config", f"{path} cannot be read ({type(e).__name__}: {e})",
+                              "pass a readable UTF-8 JSON file to --config") from None
+        return cls.from_json(text, str(path))
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")

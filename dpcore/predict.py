@@ -1,6 +1,7 @@
 """Class probabilities from a stored run, with exactly the preprocessing it was trained with."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -16,6 +17,28 @@ from .errors import DPCoreError
 from .model_io import load_weights, read_metadata
 from .preprocess import Normalizer, make_to_uint8
 from .store import RunStore
+from .uploads import MAX_UPLOAD_BYTES, decode_upload
+
+# A local file may be larger than an upload (a 16-bit X-ray PNG); the pixel limit against bombs is the upload's.
+MAX_FILE_BYTES = 10 * MAX_UPLOAD_BYTES
+
+
+def read_image_file(path: str, max_bytes: int = MAX_FILE_BYTES) -> Image.Image:
+    """An image file to predict on, checked like an upload (format, pixel count before decoding: a small PNG
+    declaring 20000×20000 pixels is refused, not decoded); every failure is a DPCoreError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:  # not read into memory at all
+                raise DPCoreError(f"{path}: the file is {size / 2**20:.1f} MB, more than the {max_bytes / 2**20:.0f} "
+                                  "MB allowed. Fix: pass a smaller image (resize it, or re-save it as JPEG)")
+            data = f.read()
+    except FileNotFoundError:
+        raise DPCoreError(f"{path}: no such file. Fix: check the path") from None
+    except OSError as e:
+        raise DPCoreError(f"{path}: cannot be read ({type(e).__name__}: {e}). Fix: pass a readable PNG or JPEG "
+                          "file") from None
+    return decode_upload(data, path, max_bytes=max_bytes)
 
 
 @dataclass

@@ -2,6 +2,8 @@
 import streamlit as st
 
 from dpcore import accounting, figures
+from dpcore.errors import ConfigError
+from pages.common import show_config_error
 
 BATCHES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
 EPOCHS = [1, 2, 3, 5, 10, 20, 30, 50, 100]
@@ -47,16 +49,26 @@ else:
 if batch > n:
     st.error(f"**batch**: B = {batch} is larger than n = {n}.  \n**Fix:** choose B ≤ n.")
     st.stop()
-sampling = accounting.sampling_plan(int(n), int(batch), int(epochs))
+try:
+    sampling = accounting.sampling_plan(int(n), int(batch), int(epochs))
+except ConfigError as exc:  # a plan past the step bound: say which field and the fix
+    show_config_error(exc)
+    st.stop()
 spe, q, total = sampling.steps_per_epoch, sampling.sample_rate, sampling.steps
 st.markdown(f"q = 1/{spe} = **{q:.4g}**, T = {int(epochs)} × {spe} = **{total:,}** steps.")
 
 curves, rows = {}, []
 for acc in accounting.ACCOUNTANTS:
-    sigma = calibrate(float(target), float(delta), q, total, acc) if mode.startswith("target") else float(sigma_in)
-    eps_t = spent(sigma, q, total, float(delta), acc)
-    curves[acc.upper()] = curve(sigma, q, total, float(delta), acc)
+    try:
+        sigma = calibrate(float(target), float(delta), q, total, acc) if mode.startswith("target") else float(sigma_in)
+        eps_t = spent(sigma, q, total, float(delta), acc)
+        curves[acc.upper()] = curve(sigma, q, total, float(delta), acc)
+    except ConfigError as exc:  # e.g. PLD refuses a plan it cannot compose in bounded time: RDP still answers
+        st.warning(f"**{acc.upper()}**: {exc.problem}. {exc.fix}.")
+        continue
     rows.append({"accountant": acc.upper(), "σ": sigma, "ε after T steps": eps_t})
+if not rows:
+    st.stop()
 
 cols = st.columns(2)
 for col, row in zip(cols, rows):

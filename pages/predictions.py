@@ -2,13 +2,27 @@
 import streamlit as st
 
 from dpcore import figures, run_review
+from dpcore.data import load_dataset
+from dpcore.data.base import content_digests
 from dpcore.errors import DPCoreError
 from pages.common import fmt_eps, fmt_pct, run_label, runs_dir, store
 
 
 @st.cache_data(max_entries=16, show_spinner="Loading test images…")
-def gallery(root: str, run_id: str, wrong_only: bool, true_class: str | None, limit: int) -> list:
-    return run_review.test_gallery(store(), run_id, misclassified_only=wrong_only, true_class=true_class, limit=limit)
+def gallery(root: str, run_id: str, wrong_only: bool, true_class: str | None, limit: int) -> tuple[list, list[str]]:
+    """(items to show, sources withheld): a test image whose content (sha256) is that of a training image is never
+    shown, whatever the counts and labels say (a training image copied over a test file looks like a test image)."""
+    items = run_review.test_gallery(store(), run_id, misclassified_only=wrong_only, true_class=true_class, limit=limit)
+    if not items:
+        return items, []
+    cfg = store().get_run(run_id).config
+    splits = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, test_fraction=cfg.test_fraction,
+                          cache_dir=cfg.cache_dir, medmnist_size=cfg.medmnist_size, split=cfg.split)
+    trained = set(content_digests(splits.train)) - {None}
+    where = {splits.test.source(i): i for i in range(len(splits.test))}
+    shown = content_digests(splits.test, [where[item.source] for item in items])
+    return ([item for item, d in zip(items, shown) if d not in trained],
+            [item.source for item, d in zip(items, shown) if d in trained])
 
 
 st.title("🔍 Test-set predictions")
@@ -59,10 +73,14 @@ wrong_only = f1.checkbox("Misclassified only", key="pr_wrong")
 true_class = f2.selectbox("True class", ["all", *classes], key="pr_class")
 limit = f3.select_slider("Images", [12, 24, 48, 96], value=24, key="pr_limit")
 try:
-    items = gallery(runs_dir(), run_id, wrong_only, None if true_class == "all" else true_class, limit)
+    items, withheld = gallery(runs_dir(), run_id, wrong_only, None if true_class == "all" else true_class, limit)
 except DPCoreError as exc:
     st.error(str(exc))
-    items = []
+    items, withheld = [], []
+if withheld:
+    st.warning(f"{len(withheld)} test image(s) are byte-identical to images this run trained on and are not shown "
+               f"(the guarantee is about training images; none is published here): {', '.join(withheld[:5])}. "
+               "Fix: remove the copies from the test data, and train again to measure the model on true test images.")
 if not items:
     st.caption("No test image matches these filters.")
 grid = st.columns(6)

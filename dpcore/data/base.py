@@ -1,7 +1,9 @@
 """The shape every data set loader returns, so the trainer never cares where images came from."""
 from __future__ import annotations
 
+import hashlib
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -58,3 +60,48 @@ def hash_file_signatures(h, images: "ImageList") -> None:
             h.update(os.fsencode(src) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except OSError:
             h.update(os.fsencode(src) + b"\0?\n")  # (fsencode: non-UTF-8 file names hash too)
+
+
+# sha256 of files by signature (path, size, mtime_ns, inode): a data set is hashed once per process, and an
+# edited or replaced file (new mtime or inode) is hashed again. Measured on shared/data/chest_xray (5,840 JPEGs,
+# 47 MB): 0.15-0.4 s to hash from the page cache, 0.02 s to stat; so no cache on disk.
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+_DIGESTS_LOCK = threading.Lock()
+_DIGESTS_MAX = 2_000_000
+
+
+def file_digest(path: str) -> str | None:
+    """sha256 (hex) of a file's bytes, as the privacy ledger identifies images; None where it cannot be read
+    (a broken or looping link, no permission): such a file is reported as unreadable when it is decoded."""
+    try:
+        st = os.stat(path)
+        key = (path, st.st_size, st.st_mtime_ns, st.st_ino)
+        with _DIGESTS_LOCK:
+            hit = _DIGESTS.get(key)
+        if hit is not None:
+            return hit
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
+    with _DIGESTS_LOCK:
+        if len(_DIGESTS) >= _DIGESTS_MAX:
+            _DIGESTS.clear()
+        _DIGESTS[key] = digest
+    return digest
+
+
+def content_digests(images: ImageList, indices: Sequence[int] | None = None) -> list[str | None]:
+    """sha256 of each item's content: a file's bytes (cached by signature), or an array image's pixels with dtype
+    and shape (`privacy.fingerprint.sha256_array`), or else the decoded RGB pixels. Two items with one digest are
+    the same image, whatever their names."""
+    idx = range(len(images)) if indices is None else indices
+    paths = getattr(images, "paths", None)
+    if paths is not None:
+        return [file_digest(paths[i]) for i in idx]
+    from ..privacy.fingerprint import sha256_array  # privacy imports this module: import at call time
+
+    array = getattr(images, "array", None)
+    if array is not None:
+        return [sha256_array(array[i]) for i in idx]
+    return [sha256_array(np.asarray(images.image(i))) for i in idx]

@@ -3,6 +3,17 @@
 Files are only listed here, not decoded (that happens once, in `materialize`). Nothing is dropped
 silently: files that are not images are listed in split_info["ignored_files"] and warned about.
 
+Copies are found by content (sha256 of the bytes, `base.content_digests`), not by name or count. A copy in two
+classes, or in two splits (train and test or val), is an error naming the files: it would give one image two labels,
+or score the model on an image it trained on. Copies within one class of one split are allowed, with a warning, and
+listed in split_info["duplicate_files"] (the real chest X-ray set has 30 such sets, duplicates of the original data
+set); a held-out test split keeps every copy of a file on the side of its first copy. Copies of a flat, one-colour
+image (a blank frame, a placeholder) hold nothing to recognise and are only counted (split_info["n_blank_copies"]).
+Folders are checked by where they lead: a class folder that is a link to the data folder, to a folder above it, or
+to another class folder would read the same images again, and is refused, as is a folder link that loops (an image
+link that loops is listed, and reported with the unreadable files when decoded). Names that are not UTF-8 are read
+as the file system gives them (surrogate escapes), like any other name.
+
 Optional per-image metadata (sex, age, site, scanner, ... for subgroup metrics): a `metadata.csv` in the
 data folder with a `path` column (the image's path relative to the data folder, e.g. `train/mel/a.jpg`,
 or its bare file name when that is unique) and any other columns, which become each example's metadata
@@ -12,6 +23,7 @@ row and every row must name an image, else loading stops with an error naming th
 from __future__ import annotations
 
 import csv
+import errno
 import math
 import os
 import warnings
@@ -19,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, DataError
-from .base import DataSplits
-from .images import PathImageList
+from ..errors import ConfigError, DataError, UnreadableImagesError
+from .base import DataSplits, content_digests
+from .images import PathImageList, open_image
 from .split import finish, stratified_split
 
 METADATA_CSV = "metadata.csv"
@@ -50,11 +62,23 @@ def _visible(path: Path) -> list[os.DirEntry]:
     return sorted((e for e in os.scandir(path) if not e.name.startswith(".")), key=lambda e: e.name)
 
 
+def _is_dir(e: os.DirEntry) -> bool:
+    """`e.is_dir()` following links; a link that loops (or cannot be followed) is a DataError naming it."""
+    try:
+        return e.is_dir()
+    except OSError as exc:
+        what = "is a symbolic link that loops" if exc.errno == errno.ELOOP else f"cannot be read ({exc.strerror})"
+        raise DataError(f"{e.path} {what}. Fix: remove the link, or point it at a real folder or file") from None
+
+
 def _scan_class(class_dir: Path, root: Path, ignored: list[str]) -> list[str]:
     """Image files anywhere below one class folder (like torchvision's ImageFolder), sorted."""
     found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(class_dir):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for d in [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            dirnames.remove(d)  # os.walk would not enter it either; say so rather than drop it silently
+            ignored.append(str((Path(dirpath) / d).relative_to(root)) + "/ (a link to a folder: not followed)")
         for f in sorted(filenames):
             if f.startswith("."):
                 continue  # .DS_Store, ._AppleDouble, editor swap files
@@ -73,7 +97,7 @@ def _scan_classes(parent: Path, root: Path, ignored: list[str]) -> dict[str, lis
     """{class name: image paths} for the class folders directly under `parent`; loose files there are ignored."""
     classes: dict[str, list[str]] = {}
     for e in _visible(parent):
-        if e.is_dir():
+        if _is_dir(e):
             classes[e.name] = _scan_class(Path(e.path), root, ignored)
         else:
             ignored.append(str(Path(e.path).relative_to(root)))
@@ -92,12 +116,117 @@ def _as_list(classes: dict[str, list[str]], class_names: list[str], where: Path)
     return PathImageList(paths, labels)
 
 
+def _refuse_aliased_folders(root: Path, scanned: list[tuple[Path, dict[str, list[str]]]]) -> None:
+    """Class folders must be distinct real folders: one that leads to the data folder (or above it), or to the same
+    place as another class folder (or inside it), would read the same images again under another label or split."""
+    top = root.resolve()
+    seen: list[tuple[Path, Path]] = []
+    for parent, classes in scanned:
+        for name in classes:
+            folder = parent / name
+            real = folder.resolve()
+            if real == top or top.is_relative_to(real):
+                raise DataError(f"class folder {folder} leads to {real}, the data folder itself or a folder above it: "
+                                "every image would be read again as a class of its own. Fix: remove the link "
+                                f"{folder}, or point it at a folder of that class's images")
+            for other, other_real in seen:
+                if real == other_real or real.is_relative_to(other_real) or other_real.is_relative_to(real):
+                    raise DataError(f"class folders {other} and {folder} lead to the same images ({other_real} and "
+                                    f"{real}): each image would count twice, under two labels or in two splits. "
+                                    "Fix: remove the link, or give each class its own folder")
+            seen.append((folder, real))
+
+
+def _check_copies(root: Path, parts: list[tuple[str, PathImageList]], info: dict) -> list[list[str | None]]:
+    """The sha256 of every image of each part; byte-identical copies across classes or splits are a DataError,
+    copies within one class of one split a warning recorded in info["duplicate_files"]."""
+    digests = [content_digests(lst) for _, lst in parts]
+    where: dict[str, list[tuple[str, int, str]]] = {}
+    for (split, lst), ds in zip(parts, digests):
+        for path, label, d in zip(lst.paths, lst.labels, ds):
+            if d is not None:
+                where.setdefault(d, []).append((split, int(label), path))
+    groups = [g for g in where.values() if len(g) > 1]
+    blank = [g for g in groups if _blank(g[0][2])]
+    if blank:  # copies of one flat colour: nothing to recognise or memorise, so neither refused nor grouped
+        info["n_blank_copies"] = sum(len(g) - 1 for g in blank)
+        flat = {p for g in blank for _, _, p in g}
+        digests = [[None if p in flat else d for p, d in zip(lst.paths, ds)] for (_, lst), ds in zip(parts, digests)]
+        groups = [g for g in groups if g not in blank]
+    if not groups:
+        return digests
+
+    def rel(path: str) -> str:
+        return Path(path).relative_to(root).as_posix()
+
+    crossing = [g for g in groups if len({(split, label) for split, label, _ in g}) > 1]
+    if crossing:
+        shown = "; ".join(" = ".join(rel(p) for _, _, p in g[:3]) + (" = ..." if len(g) > 3 else "")
+                          for g in crossing[:5])
+        more = f" and {len(crossing) - 5} more" if len(crossing) > 5 else ""
+        raise DataError(f"{len(crossing)} image(s) under {root} have byte-identical copies (same sha256) in another "
+                        f"class or split: {shown}{more}. A copy in two classes gives one image two labels; a copy in "
+                        "train and test scores the model on an image it trained on (and shows a training image as "
+                        "a test image). Fix: delete all but one copy of each (sha256sum lists them), or keep the "
+                        "copies in one class of one split")
+    info["duplicate_files"] = [[rel(p) for _, _, p in g] for g in groups]
+    info["n_duplicate_files"] = sum(len(g) - 1 for g in groups)
+    shown = "; ".join(" = ".join(rel(p) for _, _, p in g[:3]) for g in groups[:3])
+    warnings.warn(f"{len(groups)} set(s) of byte-identical images within one class and split under {root} (e.g. "
+                  f"{shown}): each copy counts as an image of its own, so image-level DP protects the image behind "
+                  "them only as a group of copies; all are listed in split_info['duplicate_files']", stacklevel=4)
+    return digests
+
+
+def _blank(path: str) -> bool:
+    """Whether an image is one flat colour (a blank frame, a placeholder): its copies identify no one."""
+    try:
+        return all(lo == hi for lo, hi in open_image(path).getextrema())
+    except UnreadableImagesError:
+        return False  # reported when it is decoded for training
+
+
+def _split_keeping_copies(labels: np.ndarray, digests: list[str | None], test_fraction: float, seed: int, what: str,
+                          class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """`stratified_split` over distinct contents, each copy on the side of its first: no image in train and test.
+    Without copies it is `stratified_split` itself, so the split is the one a data set without copies always had."""
+    first: dict[str, int] = {}
+    rep = np.array([first.setdefault(d, i) if d is not None else i for i, d in enumerate(digests)], dtype=np.int64)
+    distinct = np.unique(rep)
+    if len(distinct) == len(rep):
+        return stratified_split(labels, test_fraction, seed, what, class_names)
+    _, te = stratified_split(labels[distinct], test_fraction, seed, what, class_names)
+    on_test = np.isin(rep, distinct[te])
+    return np.flatnonzero(~on_test), np.flatnonzero(on_test)
+
+
+def drop_test_copies(splits: DataSplits) -> DataSplits:
+    """A re-split (``split="grouped"``) may put two copies of one image with different owner ids on both sides:
+    those test items are left out (the model trained on them), recorded and warned about; the owners stay apart."""
+    train_d = set(content_digests(splits.train)) - {None}
+    test_d = content_digests(splits.test)
+    drop = [i for i, d in enumerate(test_d) if d in train_d and not _blank(splits.test.source(i))]
+    if not drop:
+        return splits
+    dropped = set(drop)
+    keep = [i for i in range(len(test_d)) if i not in dropped]
+    info = dict(splits.split_info)
+    info["test_copies_of_train_dropped"] = [splits.test.source(i) for i in drop]
+    warnings.warn(f"{len(drop)} test image(s) are byte-identical to training images after the re-split and are left "
+                  f"out of the test split: {', '.join(info['test_copies_of_train_dropped'][:5])}", stacklevel=3)
+    meta = splits.test_metadata
+    return finish(DataSplits(
+        name=splits.name, class_names=splits.class_names, train=splits.train, test=splits.test.subset(keep),
+        train_metadata=splits.train_metadata, test_metadata=[meta[i] for i in keep] if meta else meta,
+        split_info=info, privacy_unit=splits.privacy_unit, val=splits.val, val_metadata=splits.val_metadata))
+
+
 def load_folder(data_dir, *, seed: int = 0, test_fraction: float = 0.2) -> DataSplits:
     root = check_data_dir(data_dir, "folder")
     ignored: list[str] = []
     entries = _visible(root)
-    dirs = [e for e in entries if e.is_dir()]
-    root_files = [e.name for e in entries if not e.is_dir()]
+    dirs = [e for e in entries if _is_dir(e)]
+    root_files = [e.name for e in entries if not _is_dir(e)]
     splits: dict[str, Path] = {}
     for d in dirs:
         role = SPLIT_NAMES.get(d.name.lower())
@@ -127,15 +256,23 @@ def load_folder(data_dir, *, seed: int = 0, test_fraction: float = 0.2) -> DataS
                         "Fix: add a folder per class")
     train = _as_list(train_classes, class_names, root / where)
 
-    val = None
+    val = val_classes = test_classes = None
     if "val" in splits:
-        val = _as_list(_scan_classes(splits["val"], root, ignored), class_names, splits["val"])
+        val_classes = _scan_classes(splits["val"], root, ignored)
+        val = _as_list(val_classes, class_names, splits["val"])
     if "test" in splits:
-        test = _as_list(_scan_classes(splits["test"], root, ignored), class_names, splits["test"])
+        test_classes = _scan_classes(splits["test"], root, ignored)
+    _refuse_aliased_folders(root, [(splits.get(role, root), classes) for role, classes in
+                                   (("train", train_classes), ("val", val_classes), ("test", test_classes)) if classes])
+    listed = [("train", train)] + ([("val", val)] if val is not None else [])
+    if "test" in splits:
+        test = _as_list(test_classes, class_names, splits["test"])
+        listed.append(("test", test))
         info["method"] = "official folders"
         info["folders"] = sorted(f"{p.name}/" for p in splits.values())
-    else:
-        tr, te = stratified_split(train.labels, test_fraction, seed, f"folder {root}", class_names)
+    digests = _check_copies(root, listed, info)
+    if "test" not in splits:
+        tr, te = _split_keeping_copies(train.labels, digests[0], test_fraction, seed, f"folder {root}", class_names)
         train, test = train.subset(tr), train.subset(te)
         origin = "from train/" if splits else "from the class folders"
         info.update(method=f"stratified held-out {origin}, seed={seed}", seed=seed, test_fraction=test_fraction)
@@ -260,7 +397,7 @@ def read_metadata_csv(path: Path, root: Path, lists: dict[str, PathImageList]
 def _refuse_parent_folder(root: Path, dirs: list[os.DirEntry]) -> None:
     """A zip often unpacks to ROOT/chest_xray/train/...: reading that as one class would be silently wrong."""
     for d in dirs:
-        inner = {e.name.lower() for e in _visible(Path(d.path)) if e.is_dir()}
+        inner = {e.name.lower() for e in _visible(Path(d.path)) if _is_dir(e)}
         if inner & {"train", "test"}:
             raise ConfigError("data_dir", f"{root} is a parent folder: the data set is in {d.path} (it holds "
                               f"{'/, '.join(sorted(inner & {'train', 'test'}))}/)", f"pass --data-dir {d.path}")

@@ -50,7 +50,13 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, seed: int = 0
         raise ConfigError("split", f"unknown split {split!r}", "use official or grouped")
     from .regroup import grouped_resplit
 
-    return grouped_resplit(splits, name, seed=seed)
+    regrouped = grouped_resplit(splits, name, seed=seed)
+    if name == "folder":  # two copies with two owner ids may now straddle the split (the loader refuses
+        # copies across the official folders)
+        from .folder import drop_test_copies
+
+        regrouped = drop_test_copies(regrouped)
+    return regrouped
 
 
 def _load(name: str, data_dir, *, seed: int, test_fraction: float, cache_dir, medmnist_size: int) -> DataSplits:
