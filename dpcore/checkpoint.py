@@ -9,7 +9,6 @@ holding the tensors file's sha256, so a checkpoint is either whole or ignored. B
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from models.weight_sources import sha256_file as _sha256
 
 from .errors import DPCoreError
 from .store import atomic_write
@@ -37,14 +38,6 @@ class Checkpoint:
 
     def prefixed(self, prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
