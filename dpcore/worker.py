@@ -67,7 +67,7 @@ def train_in_worker(config: RunConfig, store: RunStore, listener=None, cancel: t
     cmd = [sys.executable, "-m", "dpcore.worker", "--runs-dir", str(store.root), "--run-id", run_id,
            "--options", json.dumps(kwargs)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=str(ROOT), bufsize=1)
+                            env=env, cwd=os.getcwd(), bufsize=1)  # relative data and runs paths as the app sees them
     proc.stdin.write(config.to_json())
     proc.stdin.close()
     stderr_tail: deque[str] = deque(maxlen=40)
