@@ -33,3 +33,37 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: l
         "per_class_recall": {name: float(r) for name, r in zip(class_names, recalls)},
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
     }
+
+
+def clinical_metrics(confusion, class_names: list[str]) -> dict:
+    """Per class, one class against the rest, at the test split's prevalence: sensitivity, specificity, PPV,
+    NPV; the majority-class rate; whether the model is near what always answering the majority class would score
+    (accuracy within 5 points of it); and the classes it almost never recognises (recall below 25 %).
+
+    PPV and NPV depend on prevalence: these are at the test split's, not at a clinic's (the caller says so)."""
+    cm = np.asarray(confusion, dtype=float)
+    n = cm.sum()
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] != len(class_names) or n <= 0:
+        raise ValueError("a square confusion matrix with one row per class and at least one example is needed")
+    true_counts = cm.sum(axis=1)
+
+    def ratio(a: float, b: float) -> float | None:
+        return float(a / b) if b > 0 else None
+
+    per_class = {}
+    for c, name in enumerate(class_names):
+        tp = cm[c, c]
+        fn = true_counts[c] - tp
+        fp = cm[:, c].sum() - tp
+        tn = n - tp - fn - fp
+        per_class[name] = {"prevalence": float(true_counts[c] / n), "sensitivity": ratio(tp, tp + fn),
+                           "specificity": ratio(tn, tn + fp), "ppv": ratio(tp, tp + fp), "npv": ratio(tn, tn + fn),
+                           "support": int(true_counts[c])}
+    accuracy = float(np.trace(cm) / n)
+    majority = int(true_counts.argmax())
+    majority_rate = float(true_counts[majority] / n)
+    recalls = [v["sensitivity"] for v in per_class.values() if v["sensitivity"] is not None]
+    weak = [name for name, v in per_class.items() if v["sensitivity"] is not None and v["sensitivity"] < 0.25]
+    return {"n": int(n), "accuracy": accuracy, "balanced_accuracy": float(np.mean(recalls)) if recalls else None,
+            "majority_class": class_names[majority], "majority_rate": majority_rate, "per_class": per_class,
+            "near_majority": accuracy <= majority_rate + 0.05, "rarely_recognised": weak}

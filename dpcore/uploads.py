@@ -44,8 +44,12 @@ def decode_upload(data: bytes, name: str, *, max_bytes: int = MAX_UPLOAD_BYTES,
             im = Image.open(io.BytesIO(data))  # reads the header only
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise _bomb(name, None, max_pixels, e) from e
-        except Exception as e:  # UnidentifiedImageError, SyntaxError, ...
-            raise UploadError(f"{name}: not a readable image ({type(e).__name__}: {e}). "
+        except Image.UnidentifiedImageError as e:  # its message names PIL's in-memory buffer, not the file
+            raise UploadError(f"{name}: not a readable image (no PNG or JPEG header found). "
+                              f"Fix: upload a {allowed} image file") from e
+        except Exception as e:  # SyntaxError, ...
+            raise UploadError(f"{name}: not a readable image ({type(e).__name__}: "
+                              f"{re.sub(r'<_io.BytesIO object at 0x[0-9a-f]+>', 'the file', str(e))}). "
                               f"Fix: upload a {allowed} image file") from e
         with im:
             fmt = _FORMAT_ALIASES.get(im.format or "", im.format)

@@ -8,6 +8,7 @@ import streamlit as st
 from dpcore import figures, run_review
 from dpcore.card import describe_weights
 from dpcore.errors import DPCoreError
+from dpcore.metrics import clinical_metrics
 from dpcore.predict import load_run
 from dpcore.saliency import saliency
 from dpcore.uploads import MAX_UPLOAD_BYTES, UploadError, decode_upload
@@ -28,6 +29,37 @@ def decode(data: bytes, name: str):
         return decode_upload(data, name), None
     except UploadError as exc:
         return None, str(exc)
+
+
+def test_performance(card: dict) -> None:
+    """Sensitivity, specificity, PPV, NPV per class on the held-out test split, and a warning when the model
+    does little better than always answering the most frequent class."""
+    confusion = (card.get("test_metrics") or {}).get("confusion_matrix")
+    names = (card.get("dataset") or {}).get("class_names") or []
+    if not confusion or not names:
+        return
+    try:
+        m = clinical_metrics(confusion, names)
+    except ValueError:
+        return
+    weak = ", ".join(m["rarely_recognised"])
+    if m["near_majority"]:
+        st.error(f"**This model is close to always answering '{m['majority_class']}'**: test accuracy "
+                 f"{fmt_pct(m['accuracy'])} against {fmt_pct(m['majority_rate'])} for that trivial rule"
+                 + (f"; it recognises {weak} in fewer than 1 in 4 cases" if weak else "")
+                 + ". Do not read its output as evidence for or against any class.", icon="⚠️")
+    elif weak:
+        st.warning(f"**This model rarely recognises {weak}** (in fewer than 1 in 4 test cases): an answer other "
+                   "than those classes says little about them.", icon="⚠️")
+    rows = [{"class": name, "prevalence (test)": v["prevalence"], "sensitivity": v["sensitivity"],
+             "specificity": v["specificity"], "PPV": v["ppv"], "NPV": v["npv"], "test images": v["support"]}
+            for name, v in m["per_class"].items()]
+    pct = st.column_config.NumberColumn(format="percent")
+    st.dataframe(rows, hide_index=True, key="cl_perf", column_config={
+        k: pct for k in ("prevalence (test)", "sensitivity", "specificity", "PPV", "NPV")})
+    st.caption(f"On the {m['n']:,} held-out test images: balanced accuracy {fmt_pct(m['balanced_accuracy'])}. "
+               "Each class against the rest. PPV and NPV depend on how common a class is: these are at the test "
+               "split's prevalence, not at your clinic's.")
 
 
 st.title("🩺 Clinician view")
@@ -70,6 +102,7 @@ with st.expander("Model card", expanded=True):
     show_guarantee(card)
     for w in card.get("warnings") or []:
         st.caption(f"⚠ {w}")
+    test_performance(card)
 
 uploads = st.file_uploader("Images (PNG or JPEG)", type=["png", "jpg", "jpeg"], accept_multiple_files=True,
                            key="cl_upload", max_upload_size=max(1, MAX_UPLOAD_BYTES // (1024 * 1024)),

@@ -291,3 +291,47 @@ def test_train_page_shows_both_privacy_units_side_by_side_and_launches_a_patient
         time.sleep(0.5)
     card = RunStore(tmp_path / "runs").card(run_id)
     assert card["status"] == "done" and card["privacy"]["unit"] == "patient"
+
+
+def test_clinician_page_shows_clinical_metrics_from_the_card(finished, monkeypatch):
+    from dpcore.metrics import clinical_metrics
+
+    root, run_id = finished
+    at = open_page("pages/clinician.py", root, monkeypatch)
+    card = RunStore(root).card(run_id)
+    m = clinical_metrics(card["test_metrics"]["confusion_matrix"], card["dataset"]["class_names"])
+    table = at.dataframe[0].value
+    assert list(table["class"]) == card["dataset"]["class_names"]
+    first = card["dataset"]["class_names"][0]
+    assert table["sensitivity"][0] == pytest.approx(m["per_class"][first]["sensitivity"])
+    assert table["sensitivity"][0] == pytest.approx(card["test_metrics"]["per_class_recall"][first])
+    assert "at the test split's prevalence" in texts(at)
+
+
+def test_clinical_metrics_and_the_majority_warning():
+    from dpcore.metrics import clinical_metrics
+
+    # the demo X-ray model: 234 NORMAL, 390 PNEUMONIA; NORMAL almost never recognised
+    m = clinical_metrics([[12, 222], [3, 387]], ["NORMAL", "PNEUMONIA"])
+    p = m["per_class"]["PNEUMONIA"]
+    assert p["sensitivity"] == pytest.approx(387 / 390) and p["specificity"] == pytest.approx(12 / 234)
+    assert p["ppv"] == pytest.approx(387 / 609) and p["npv"] == pytest.approx(12 / 15)
+    assert m["near_majority"] and m["rarely_recognised"] == ["NORMAL"] and m["majority_class"] == "PNEUMONIA"
+    assert m["accuracy"] == pytest.approx(399 / 624) and m["majority_rate"] == pytest.approx(390 / 624)
+    good = clinical_metrics([[200, 34], [20, 370]], ["NORMAL", "PNEUMONIA"])
+    assert not good["near_majority"] and not good["rarely_recognised"] and good["balanced_accuracy"] == pytest.approx((200 / 234 + 370 / 390) / 2)
+
+
+def test_a_non_image_upload_is_refused_in_plain_words():
+    from dpcore.uploads import UploadError, decode_upload
+
+    with pytest.raises(UploadError) as err:
+        decode_upload(b"this is not an image at all", "notes.png")
+    assert "BytesIO" not in str(err.value) and "notes.png" in str(err.value) and "Fix" in str(err.value)
+
+
+def test_the_app_hides_streamlits_deploy_button():
+    import tomllib
+
+    cfg = tomllib.loads((Path(__file__).resolve().parents[1] / ".streamlit" / "config.toml").read_text())
+    assert cfg["client"]["toolbarMode"] == "minimal"
