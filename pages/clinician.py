@@ -1,13 +1,13 @@
 """Clinician: upload images, see class probabilities, a Grad-CAM overlay and the model card. No training data."""
 import math
 import threading
-from pathlib import Path
 
 import streamlit as st
 
 from dpcore import figures, run_review
 from dpcore.card import describe_weights
 from dpcore.errors import DPCoreError
+from dpcore.data.titles import dataset_title
 from dpcore.metrics import clinical_metrics
 from dpcore.predict import load_run
 from dpcore.saliency import saliency
@@ -68,11 +68,15 @@ ready = {r.run_id: r for r in run_review.clinician_order(store())}  # private, m
 if not ready:
     st.info("No trained model yet: a model must be trained (Train page) before it can be used here.")
     st.stop()
+demo = {i for i, r in ready.items() if r.dataset in run_review.DEMO_DATASETS}
+if demo and len(demo) < len(ready) and not st.checkbox(
+        f"Also list the {len(demo)} demo model(s) (digits, CIFAR-10: not medical images)", key="cl_demo"):
+    ready = {i: r for i, r in ready.items() if i not in demo}
 
 
 def describe(run_id: str) -> str:
     r = ready[run_id]
-    data = f"{r.dataset} ({Path(r.config.data_dir).name})" if r.config.data_dir else r.dataset
+    data = dataset_title(r.dataset, r.config.data_dir)
     eps = run_review.guaranteed_epsilon(r.privacy or {}) if r.private else None
     privacy = ("non-private" if not r.private else "no DP guarantee" if eps is None or math.isinf(eps)
                else f"ε={eps:.3g} per {(r.privacy or {}).get('unit') or 'image'}")
@@ -90,7 +94,8 @@ ds, model_info = card.get("dataset", {}), card.get("model", {})
 
 with st.expander("Model card", expanded=True):
     c1, c2 = st.columns(2)
-    c1.markdown(f"**Trained on:** {ds.get('name')} — {ds.get('n_train', 0):,} training images, "
+    c1.markdown(f"**Trained on:** {dataset_title(ds.get('name'), ds.get('data_dir'))} — {ds.get('n_train', 0):,} "
+                "training images, "
                 f"evaluated on {ds.get('n_test', 0):,} held-out test images  \n"
                 f"**Classes:** {', '.join(ds.get('class_names', []))}  \n"
                 f"**Backbone:** {model_info.get('backbone')} (weights: {describe_weights(model_info.get('weights'))}, "

@@ -335,3 +335,36 @@ def test_the_app_hides_streamlits_deploy_button():
 
     cfg = tomllib.loads((Path(__file__).resolve().parents[1] / ".streamlit" / "config.toml").read_text())
     assert cfg["client"]["toolbarMode"] == "minimal"
+
+
+def test_a_data_set_is_named_in_words(tmp_path):
+    from dpcore.data.titles import dataset_title
+
+    root = tmp_path / "chest_xray"
+    root.mkdir()
+    (root / "PROVENANCE.md").write_text("# chest_xray — Pediatric pneumonia chest X-rays (Kermany et al. 2018), full "
+                                        "official train/test split, 224×224\n\nmore\n")
+    assert dataset_title("folder", str(root)) == "Pediatric pneumonia chest X-rays (Kermany et al. 2018)"
+    assert dataset_title("folder", str(tmp_path / "no_card")) == "no_card"
+    assert dataset_title("digits") == "Handwritten digits (scikit-learn, demo)"
+
+
+def test_clinician_lists_medical_models_and_hides_demo_ones_unless_asked(finished, tmp_path, monkeypatch):
+    import shutil as _sh
+
+    from test_patient_dp import _kermany_folder
+
+    root, run_id = finished
+    runs = tmp_path / "runs"
+    _sh.copytree(root, runs)
+    data = _kermany_folder(tmp_path / "xr")
+    (data / "PROVENANCE.md").write_text("# xr — Test chest X-rays (synthetic), 109 images\n")
+    monkeypatch.setenv("DPCORE_LEDGER", str(tmp_path / "ledger.sqlite"))
+    xray = train(RunConfig(dataset="folder", data_dir=str(data), backbone="tiny_cnn", image_size=16, epochs=1,
+                           batch_size=16, epsilon=2.0, delta=1e-3, device="cpu"), RunStore(runs)).run_id
+    at = open_page("pages/clinician.py", runs, monkeypatch)
+    assert at.selectbox(key="cl_run").value == xray
+    assert len(at.selectbox(key="cl_run").options) == 1  # the digits demo model is hidden
+    assert "Trained on:** Test chest X-rays (synthetic)" in texts(at)
+    at.checkbox(key="cl_demo").check().run()
+    assert len(at.selectbox(key="cl_run").options) == 2
