@@ -168,8 +168,10 @@ def probability_bars_figure(probs: dict[str, float]) -> go.Figure:
     items = sorted(probs.items(), key=lambda kv: kv[1])  # plotly draws the first bar at the bottom
     fig = go.Figure(go.Bar(x=[float(v) for _, v in items], y=[k for k, _ in items], orientation="h",
                            text=[f"{v:.1%}" for _, v in items], textposition="auto"))
+    fig.update_traces(width=0.7, textfont_size=14, cliponaxis=False)
     fig.update_layout(title="Predicted probabilities", xaxis_title="probability", xaxis_range=[0, 1],
-                      template="plotly_white", height=max(200, 40 * len(items) + 100))
+                      xaxis_tickformat=".0%", template="plotly_white", height=max(260, 56 * len(items) + 120),
+                      margin=dict(l=10, r=30, t=50, b=40), font_size=14, bargap=0.25)
     labels = [k for k, _ in items]
     fig.update_yaxes(tickmode="array", tickvals=labels, ticktext=labels, automargin=True)  # never skip a class
     return fig

@@ -111,9 +111,10 @@ if run_id:
 show_queue()
 
 st.subheader("Pages")
-links = st.columns(5)
-links[0].page_link("pages/train.py", label="Train a model", icon="🏋️")
-links[1].page_link("pages/accounting.py", label="Privacy accounting", icon="🧮")
-links[2].page_link("pages/runs.py", label="Compare runs", icon="📋")
-links[3].page_link("pages/predictions.py", label="Test-set predictions", icon="🔍")
-links[4].page_link("pages/clinician.py", label="Clinician view", icon="🩺")
+PAGE_LINKS = [("pages/train.py", "Train a model", "🏋️"), ("pages/accounting.py", "Privacy accounting", "🧮"),
+              ("pages/runs.py", "Compare runs", "📋"), ("pages/experiments.py", "Experiments", "🧪"),
+              ("pages/predictions.py", "Test-set predictions", "🔍"), ("pages/audit.py", "Membership audit", "🕵️"),
+              ("pages/ledger.py", "Privacy budget", "💰"), ("pages/clinician.py", "Clinician view", "🩺")]
+for row in range(0, len(PAGE_LINKS), 4):  # every page but this one, four to a row
+    for col, (path, label, icon) in zip(st.columns(4), PAGE_LINKS[row:row + 4]):
+        col.page_link(path, label=label, icon=icon)

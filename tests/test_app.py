@@ -368,3 +368,13 @@ def test_clinician_lists_medical_models_and_hides_demo_ones_unless_asked(finishe
     assert "Trained on:** Test chest X-rays (synthetic)" in texts(at)
     at.checkbox(key="cl_demo").check().run()
     assert len(at.selectbox(key="cl_run").options) == 2
+
+
+def test_home_links_every_other_page(tmp_path, monkeypatch):
+    import re
+
+    at = open_page("pages/home.py", tmp_path, monkeypatch)
+    app = (Path(__file__).resolve().parents[1] / "app.py").read_text()
+    pages = set(re.findall(r'st\.Page\("(pages/[a-z_]+\.py)"', app)) - {"pages/home.py"}
+    linked = {el.proto.page for el in at.get("page_link")}  # the pages' URL names
+    assert len(pages) == 8 and {Path(p).stem for p in pages} <= linked, (pages, linked)
