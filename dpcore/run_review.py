@@ -195,7 +195,8 @@ def _n_skipped_test(store: RunStore, run_id: str) -> int:
 
 def test_gallery(store: RunStore, run_id: str, *, misclassified_only: bool = False,
                  true_class: str | None = None, limit: int = 24) -> list[GalleryItem]:
-    """Test-split images of a run with its stored predictions, in test-split order (never training images)."""
+    """Test-split images of a run with its stored predictions (never training images): the classes in turn, each in
+    test-split order, up to `limit`."""
     preds = load_test_predictions(store, run_id)
     if true_class is not None and true_class not in preds.class_names:
         raise DPCoreError(f"{true_class!r} is not a class of run {run_id}. Fix: use one of {preds.class_names}")
@@ -221,16 +222,23 @@ def test_gallery(store: RunStore, run_id: str, *, misclassified_only: bool = Fal
                           + (f" {cfg.data_dir}" if cfg.data_dir else ""))
     predicted = preds.probs.argmax(axis=1)
     want = preds.class_names.index(true_class) if true_class is not None else None
-    items: list[GalleryItem] = []
-    for row, i in enumerate(preds.test_index):
-        if len(items) >= limit:
-            break
+    by_class: dict[int, list[int]] = {}
+    for row in range(len(preds.test_index)):
         y, p = int(preds.labels[row]), int(predicted[row])
         if (misclassified_only and y == p) or (want is not None and y != want):
             continue
-        items.append(GalleryItem(image=test.image(int(i)), true_label=preds.class_names[y],
+        by_class.setdefault(y, []).append(row)
+    # every class in turn (test-split order within a class): "all" shows each class, not the first one only
+    rows, queues = [], [by_class[c] for c in sorted(by_class)]
+    while queues and len(rows) < limit:
+        rows += [q.pop(0) for q in queues][: limit - len(rows)]
+        queues = [q for q in queues if q]
+    items: list[GalleryItem] = []
+    for row in rows:
+        i, y, p = int(preds.test_index[row]), int(preds.labels[row]), int(predicted[row])
+        items.append(GalleryItem(image=test.image(i), true_label=preds.class_names[y],
                                  predicted_label=preds.class_names[p], confidence=float(preds.probs[row, p]),
-                                 correct=y == p, source=test.source(int(i))))
+                                 correct=y == p, source=test.source(i)))
     return items
 
 

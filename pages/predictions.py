@@ -27,7 +27,7 @@ def gallery(root: str, run_id: str, wrong_only: bool, true_class: str | None, li
 
 st.title("🔍 Test-set predictions")
 st.caption("Only held-out test images are shown here, never training images.")
-ready = {r.run_id: r for r in reversed(run_review.ready_runs(store()))}
+ready = {r.run_id: r for r in run_review.clinician_order(store())}  # private, medical, best test AUC first
 if not ready:
     st.info("No finished run yet: train one first.")
     st.page_link("pages/train.py", label="Go to Train", icon="🏋️")
@@ -42,11 +42,15 @@ except DPCoreError as exc:
     st.stop()
 classes = list(preds.class_names)
 
-cols = st.columns(4)
+cols = st.columns(5)
 cols[0].metric("Test accuracy", fmt_pct(card.get("test_accuracy")))
-cols[1].metric("Test ROC-AUC", "—" if card.get("test_roc_auc") is None else f"{card['test_roc_auc']:.3f}")
-cols[2].metric("ε per image", fmt_eps((card.get("privacy") or {}).get("guarantee_epsilon") or card.get("epsilon")))
-cols[3].metric("Test images", f"{len(preds.labels):,}")
+cols[1].metric("Balanced accuracy", fmt_pct(card.get("test_balanced_accuracy")),
+               help="the mean of the per-class recalls: a model that always answers the commonest class scores "
+                    "1 / (number of classes)")
+cols[2].metric("Test ROC-AUC", "—" if card.get("test_roc_auc") is None else f"{card['test_roc_auc']:.3f}")
+unit = (card.get("privacy") or {}).get("unit") or "image"
+cols[3].metric(f"ε per {unit}", fmt_eps((card.get("privacy") or {}).get("guarantee_epsilon") or card.get("epsilon")))
+cols[4].metric("Test images", f"{len(preds.labels):,}")
 
 left, right = st.columns(2)
 metrics = card.get("test_metrics") or {}

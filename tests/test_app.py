@@ -378,3 +378,16 @@ def test_home_links_every_other_page(tmp_path, monkeypatch):
     pages = set(re.findall(r'st\.Page\("(pages/[a-z_]+\.py)"', app)) - {"pages/home.py"}
     linked = {el.proto.page for el in at.get("page_link")}  # the pages' URL names
     assert len(pages) == 8 and {Path(p).stem for p in pages} <= linked, (pages, linked)
+
+
+def test_predictions_page_defaults_to_the_best_private_model_and_shows_balanced_accuracy(finished, tmp_path,
+                                                                                         monkeypatch):
+    import shutil as _sh
+
+    root, run_id = finished
+    runs = tmp_path / "runs"
+    _sh.copytree(root, runs)
+    newer = train(RunConfig(**{**TINY, "epsilon": None}), RunStore(runs)).run_id  # newest, but non-private
+    at = open_page("pages/predictions.py", runs, monkeypatch)
+    assert at.selectbox(key="pr_run").value == run_id != newer
+    assert any(m.label == "Balanced accuracy" for m in at.metric)

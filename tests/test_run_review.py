@@ -86,12 +86,15 @@ def test_gallery_shows_only_test_images(store):
     assert len(items) == 360
     assert {it.source for it in items} <= test_sources and not {it.source for it in items} & train_sources
     tp = insp.load_test_predictions(st, ids["dp"])
-    first = items[0]
+    first = items[0]  # the classes in turn, each in test-split order: the first test image of class 0
+    row = int(np.flatnonzero(tp.labels == 0)[0])
     assert isinstance(first.image, Image.Image) and first.image.mode == "RGB"
-    assert first.true_label == tp.class_names[tp.labels[0]]
-    assert first.confidence == pytest.approx(tp.probs[0].max()) and first.correct == (
+    assert first.true_label == tp.class_names[0]
+    assert first.confidence == pytest.approx(tp.probs[row].max()) and first.correct == (
         first.true_label == first.predicted_label)
-    assert np.array_equal(np.asarray(first.image), np.asarray(splits.test.image(int(tp.test_index[0]))))
+    assert np.array_equal(np.asarray(first.image), np.asarray(splits.test.image(int(tp.test_index[row]))))
+    mixed = insp.test_gallery(st, ids["dp"], limit=20)  # "all" shows every class, not the first one only
+    assert sorted(it.true_label for it in mixed) == sorted(tp.class_names * 2)
 
     wrong = insp.test_gallery(st, ids["dp"], misclassified_only=True, limit=500)
     assert wrong and all(not it.correct for it in wrong)
