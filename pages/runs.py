@@ -239,9 +239,12 @@ if stopped:
     resume_button(again)
 
 st.subheader("Delete a run")
-victim = st.selectbox("Run to delete", list(records)[::-1], format_func=lambda i: run_label(records[i]), key="rn_del")
+victim = st.selectbox("Run to delete", list(records)[::-1], format_func=lambda i: run_label(records[i]), key="rn_del",
+                      index=None, placeholder="choose a run (none is preselected)")
 pending = st.session_state.get("rn_pending")
-if pending != victim:
+if victim is None:
+    pass
+elif pending != victim:
     if st.button("Delete…", key="rn_del_btn"):
         st.session_state["rn_pending"] = victim
         st.rerun()

@@ -15,8 +15,10 @@ from dpcore.ledger import Ledger, LedgerCorrupt
 from dpcore.preflight import preflight
 from dpcore.schedule import LR_SCHEDULES
 from pages.common import (
+    ACTIVE,
     job_panel,
     manager,
+    run_view,
     runs_dir,
     show_config_error,
     show_queue,
@@ -133,7 +135,8 @@ st.title("🏋️ Train")
 run_id = watched_run()
 if run_id:
     job_panel(run_id)
-    if st.button("Stop watching this run (it keeps running)", key="unwatch"):
+    still = run_view(run_id).status in ACTIVE
+    if st.button("Stop watching this run (it keeps running)" if still else "Close this run's panel", key="unwatch"):
         watch(None)
         st.rerun()
 with st.expander("Queue", expanded=bool(manager().queued())):

@@ -145,6 +145,9 @@ def test_runs_page_deletes_only_after_confirmation(finished, tmp_path, monkeypat
     shutil.copytree(finished[0], root)
     run_id = finished[1]
     at = open_page("pages/runs.py", root, monkeypatch)
+    assert at.selectbox(key="rn_del").value is None  # nothing preselected (it used to be the newest run)
+    assert not any(b.key == "rn_del_btn" for b in at.button)
+    at.selectbox(key="rn_del").set_value(run_id).run()
     at.button(key="rn_del_btn").click().run()
     assert RunStore(root).list_runs(), "deleted without confirmation"
     at.button(key="rn_yes").click().run()
