@@ -350,17 +350,22 @@ def format_card(card: dict) -> str:
 
 def _cmd_train(args) -> int:
     from .store import RunStore
+
+    return train_and_print(config_from_args(args), RunStore(args.runs_dir), quiet=args.quiet)
+
+
+def train_and_print(config: RunConfig, store, *, quiet: bool, **train_kwargs) -> int:
+    """`train` with progress (or only warnings) printed and the card at the end: `train` and `resume`.
+
+    SIGTERM / Ctrl-C: the run stops at its next batch and is stored as cancelled (resumable), not killed mid-write.
+    """
+    from .cli_resume import cancel_on_signals
     from .trainer import train
 
-    from .cli_resume import cancel_on_signals
-
-    config = config_from_args(args)
-    store = RunStore(args.runs_dir)
-    printer = WarningPrinter() if args.quiet else ProgressPrinter()
-    # SIGTERM / Ctrl-C: the run stops at its next batch and is stored as cancelled (resumable), not killed mid-write
+    printer = WarningPrinter() if quiet else ProgressPrinter()
     with cancel_on_signals() as cancel, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the trainer reports warnings as events and in the card
-        result = train(config, store, listener=printer, cancel=cancel)
+        result = train(config, store, listener=printer, cancel=cancel, **train_kwargs)
     print(format_card(result.card))
     print(f"card: {store.run_dir(result.run_id) / 'card.json'}")
     return 0 if result.status == "done" else 130

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-import warnings
 from typing import Iterator
 
 
@@ -43,9 +42,8 @@ def add_commands(subparsers, add_runs_dir) -> dict:
 
 
 def _cmd_resume(args) -> int:
-    from .cli import ProgressPrinter, WarningPrinter, format_card
+    from .cli import train_and_print
     from .store import RunStore
-    from .trainer import train
 
     store = RunStore(args.runs_dir)
     store.reap_orphans()  # a killed run still marked running is failed now (its process is gone)
@@ -54,10 +52,4 @@ def _cmd_resume(args) -> int:
         print(f"error: run {args.run_id} is {record.status}; only a failed or cancelled run can be resumed. Fix: "
               "wait for it to end (or cancel it), then resume it")
         return 2
-    printer = WarningPrinter() if args.quiet else ProgressPrinter()
-    with cancel_on_signals() as cancel, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = train(record.config, store, listener=printer, cancel=cancel, run_id=args.run_id, resume=True)
-    print(format_card(result.card))
-    print(f"card: {store.run_dir(result.run_id) / 'card.json'}")
-    return 0 if result.status == "done" else 1
+    return train_and_print(record.config, store, quiet=args.quiet, run_id=args.run_id, resume=True)

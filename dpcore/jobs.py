@@ -84,9 +84,11 @@ class JobManager:
     def submit(self, config: RunConfig, label: str = "") -> Job:
         """Queue a run; it is stored at once as 'queued' and starts when the jobs before it end."""
         run_id = self.store.create_run(config, status="queued")
-        job = Job(run_id=run_id, config=config, label=label)
+        return self._enqueue(Job(run_id=run_id, config=config, label=label))
+
+    def _enqueue(self, job: Job) -> Job:
         with self._wakeup:
-            self._jobs[run_id] = job
+            self._jobs[job.run_id] = job
             self._queue.append(job)
             self._wakeup.notify()
         return job
@@ -99,13 +101,9 @@ class JobManager:
         if record.status not in ("failed", "cancelled"):
             raise ValueError(f"run {run_id} is {record.status}: only a failed or cancelled run can be resumed")
         load(self.store.run_dir(run_id))  # refuses now, with the reason, when there is nothing to resume from
-        job = Job(run_id=run_id, config=record.config, label=label or f"resume {run_id}", resume=True)
         self.store.set_status(run_id, "queued")
-        with self._wakeup:
-            self._jobs[run_id] = job
-            self._queue.append(job)
-            self._wakeup.notify()
-        return job
+        return self._enqueue(Job(run_id=run_id, config=record.config, label=label or f"resume {run_id}",
+                                 resume=True))
 
     def submit_sweep(self, base: RunConfig, epsilons, non_private: bool = False, label: str = "") -> SweepJob:
         """Queue an ε sweep (one run per ε, plus the baseline when asked) as a single background job."""
@@ -114,13 +112,8 @@ class JobManager:
         configs = sweep_configs(base, epsilons, non_private)
         run_ids = [self.store.create_run(c, status="queued") for c in configs]
         sweep_id = "sweep-" + run_ids[0]
-        job = SweepJob(run_id=sweep_id, config=base, label=label or f"ε sweep ({len(configs)} runs)",
-                       configs=configs, run_ids=run_ids)
-        with self._wakeup:
-            self._jobs[sweep_id] = job
-            self._queue.append(job)
-            self._wakeup.notify()
-        return job
+        return self._enqueue(SweepJob(run_id=sweep_id, config=base, label=label or f"ε sweep ({len(configs)} runs)",
+                                      configs=configs, run_ids=run_ids))
 
     def cancel(self, run_id: str) -> None:
         """A queued job is dropped at once; a running one stops at its next step."""

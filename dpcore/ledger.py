@@ -703,11 +703,10 @@ class Ledger:
         if not run_ids:
             return {}
         out: dict[str, set[int]] = {}
-        with self._connect() as db:
-            for run_id in run_ids:
-                rows = db.execute("SELECT image_id, owner FROM run_owners WHERE run_id = ?", (run_id,)).fetchall()
-                counts = Counter(o for _, o in rows)
-                out[run_id] = {int(i) for i, o in rows if counts[o] > 1}
+        for run_id in run_ids:
+            owners = self.owners_of(run_id)
+            counts = Counter(owners.values())
+            out[run_id] = {i for i, o in owners.items() if counts[o] > 1}
         return out
 
     def owners_of(self, run_id: str) -> dict[int, str]:
@@ -748,16 +747,14 @@ class Ledger:
         runs = {e.run_id: e for e in summary.runs}
         per_owner: dict[str, dict[str, int]] = {}  # owner -> {run: images of the owner in it}
         missing = 0
-        with self._connect() as db:
-            for run_id, e in runs.items():
-                if e.steps <= 0 or e.kind not in ("train", "pretrain", "audit", "backfill"):
-                    continue
-                rows = db.execute("SELECT owner FROM run_owners WHERE run_id = ?", (run_id,)).fetchall()
-                if not rows:
-                    missing += int(e.n_train or 0)
-                for (owner,) in rows:
-                    d = per_owner.setdefault(owner, {})
-                    d[run_id] = d.get(run_id, 0) + 1
+        for run_id, e in runs.items():
+            if e.steps <= 0:
+                continue
+            owners = self.owners_of(run_id)
+            if not owners:
+                missing += int(e.n_train or 0)
+            for owner, k in Counter(owners.values()).items():
+                per_owner.setdefault(owner, {})[run_id] = k
         owners = sorted(per_owner)
         eps, dels, imgs = np.zeros(len(owners)), np.zeros(len(owners)), np.zeros(len(owners), dtype=np.int64)
         memo: dict[frozenset, tuple[float, float]] = {}
@@ -782,7 +779,8 @@ class Ledger:
                 events.append(e.event)
                 continue
             run_eps = e.epsilon if e.epsilon is not None else min(
-                compose([e.event], e.delta or delta, "rdp"), compose([e.event], e.delta or delta, "pld"))
+                self._compose_cached([e.event], e.delta or delta, "rdp"),
+                self._compose_cached([e.event], e.delta or delta, "pld"))
             ge, gd = group_guarantee(run_eps, e.delta or delta, k)
             extra_eps, extra_delta = extra_eps + ge, extra_delta + gd
         base = min(self._compose_cached(events, delta, "rdp"), self._compose_cached(events, delta, "pld")) \

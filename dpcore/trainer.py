@@ -372,17 +372,15 @@ class _Run:
 
     def _prepare_units(self) -> None:
         """Patient-level DP: each training image's patient (or lesion); refused where the data name none."""
-        from .data.groups import train_groups
+        from .data.groups import groups_of, train_groups
         from .privacy.units import refuse_without_groups, unit_plan
 
         cfg = self.config
-        group = train_groups(self.splits, cfg.dataset)
+        group = self.group = train_groups(self.splits, cfg.dataset)  # _open_ledger reuses it
         if group is None:
             raise refuse_without_groups(cfg.dataset)
         self.units = unit_plan(group, self.train_kept)
         P = self.units.n_units
-        from .data.groups import groups_of
-
         test_group = groups_of(self.splits.test, self.splits.test_metadata, cfg.dataset)
         shared = group.shared_with(test_group) if test_group is not None else set()
         if shared:
@@ -601,7 +599,8 @@ class _Run:
                               "and composing their per-image guarantee into a per-patient one is not implemented",
                               "start the patient-level run from public weights (hub, bundled, none), or train "
                               "image-level")
-        self.group = train_groups(self.splits, cfg.dataset)
+        if self.group is None:  # patient-level runs found it already (_prepare_units)
+            self.group = train_groups(self.splits, cfg.dataset)
         verdict = ledger.verdict(ids_train, dataset=cfg.dataset, data_dir=cfg.data_dir,
                                  noise_multiplier=sigma if private else None, sample_rate=self.sample_rate,
                                  steps=self.total_steps - self.step_offset, delta=cfg.delta,
@@ -700,7 +699,7 @@ class _Run:
         if self.group is not None and cfg.private and self.units is None:
             from .privacy.group_privacy import group_summary
             out["group_privacy"] = group_summary(self.privacy_plan.epsilon, cfg.delta, self.group)
-        if self.group is not None and cfg.private and self.kind == "train" and self.run_id != "fit":
+        if self.group is not None and cfg.private:
             from .privacy.unit_guarantee import compare_units
             out["unit_comparison"] = compare_units(cfg, self.group, self.n_train)
         if self.features is not None:
@@ -709,7 +708,8 @@ class _Run:
             out.update(self.privacy_plan.to_dict(), target_epsilon=cfg.epsilon, clip_norm=cfg.clip_norm,
                        grad_sample_mode=self.grad_sample_mode,
                        expected_batch_size=self.n_sampled * self.sample_rate,
-                       **self.unit_facts(self.privacy_plan.noise_multiplier, self.total_steps))
+                       **self.unit_facts(self.privacy_plan.noise_multiplier, self.total_steps,
+                                         self.privacy_plan.epsilon))
         return out
 
     # -- the loop --------------------------------------------------------------------------
@@ -1114,7 +1114,7 @@ class _Run:
                 "planned_steps": self.total_steps, "planned_epsilon": self.privacy_plan.epsilon,
                 "target_epsilon": cfg.epsilon, "clip_norm": cfg.clip_norm,
                 "expected_batch_size": self.n_sampled * self.sample_rate, "poisson_sampling": True,
-                "grad_sample_mode": self.grad_sample_mode, **self.unit_facts(sigma, steps),
+                "grad_sample_mode": self.grad_sample_mode, **self.unit_facts(sigma, steps, eps),
                 "noise_randomness": ("REPLAYABLE from the user's seed (--insecure-reproducible-noise): no guarantee"
                                      if cfg.insecure_reproducible_noise else
                                      "secret: OS-seeded, reseeded every noisy step, never stored"),
@@ -1126,9 +1126,11 @@ class _Run:
         """What one privacy unit is: "image", or the owner the data name ("patient"; "lesion" for HAM10000)."""
         return self.units.name if self.units is not None else "image"
 
-    def unit_facts(self, sigma: float | None = None, steps: int | None = None) -> dict[str, Any]:
+    def unit_facts(self, sigma: float | None = None, steps: int | None = None,
+                   epsilon: float | None = None) -> dict[str, Any]:
         """The privacy unit of a private run, and for patient-level runs what the same (σ, q, T) promises one
-        image (replace-one: `accounting.epsilon_replace_one`)."""
+        image (replace-one: `accounting.epsilon_replace_one`). `epsilon`: the accountant's ε for (σ, q, T), which
+        the caller has already (it is also what an image that is its patient's only one gets)."""
         if self.units is None:
             return {"unit": "image"}
         u = self.units
@@ -1136,11 +1138,10 @@ class _Run:
                "units": u.describe(), "expected_images_per_batch": self.n_train * self.sample_rate,
                "unit_gradient": (f"the mean over the {u.name}'s images in the batch (each image's augmented views "
                                  f"averaged first), clipped to C as one vector")}
-        if sigma is not None and steps is not None:
+        if sigma is not None and steps is not None and epsilon is not None:
             multi = int((u.sizes > 1).sum())
             out["per_image"] = {
-                "epsilon_single_image_owner": accounting.epsilon(sigma, self.sample_rate, steps, self.config.delta,
-                                                                 self.config.accountant),
+                "epsilon_single_image_owner": epsilon,
                 "epsilon_replace_one": accounting.epsilon_replace_one(sigma, self.sample_rate, steps,
                                                                       self.config.delta),
                 "units_with_several_images": multi,
@@ -1199,9 +1200,8 @@ class _Run:
         self.eval_history = list(meta.get("eval_history") or [])
         self.last_metrics = meta.get("last_metrics")
         self.lr_schedule.apply(self.step)
-        previous = [e for e in self._ledger_entries_of_run()]
         self.resumed = {"from_step": ck.step, "checkpoint_saved_at": meta.get("saved_at"),
-                        "earlier_ledger_entries": previous,
+                        "earlier_ledger_entries": self._ledger_entries_of_run(),
                         "note": ("ε is that of the T steps that produced this model: steps 1.."
                                  f"{ck.step} before the checkpoint and the rest after resuming. Steps taken after the "
                                  "checkpoint but before the run stopped were discarded and redone: the privacy ledger "
