@@ -191,6 +191,20 @@ class Exposure:
     def max_epsilon(self) -> float:
         return float(self.epsilon.max()) if len(self.epsilon) else 0.0
 
+    @property
+    def max_accountant(self) -> str | None:
+        """Which accountant gave the most-exposed image's ε (each is a valid bound; per image the smaller is
+        reported), so every number shown can say where it came from; None when nothing was spent."""
+        if not len(self.epsilon) or not np.isfinite(self.max_epsilon) or self.max_epsilon == 0:
+            return None
+        k = int(self.epsilon.argmax())
+        return "PLD" if self.epsilon_pld[k] <= self.epsilon_rdp[k] else "RDP"
+
+    def max_label(self) -> str:
+        """'1.82 (PLD)': the most-exposed image's ε with its accountant."""
+        acc = self.max_accountant
+        return _f(self.max_epsilon) + (f" ({acc})" if acc else "")
+
     def histogram(self) -> list[tuple[float, int]]:
         """(ε, number of images) for each distinct ε, ascending (∞ last)."""
         counts = Counter(np.round(self.epsilon, 6).tolist())
@@ -739,6 +753,25 @@ class Ledger:
                               n_trained=int((exposure.runs_per_image > 0).sum()), runs=involved, exposure=exposure,
                               budget_epsilon=ds["budget_epsilon"], budget_delta=ds["budget_delta"])
 
+    def worst_composition(self, key_or_name: str) -> dict[str, Any] | None:
+        """The most-exposed image's runs, each with the ε it reported alone, against their composed ε and their
+        sum: the worked example of composition the budget page shows. None when no private run spent anything."""
+        s = self.summary(key_or_name)
+        e = s.exposure
+        if not len(e.epsilon) or e.max_epsilon == 0 or math.isinf(e.max_epsilon):
+            return None
+        image_id = int(e.image_ids[int(e.epsilon.argmax())])
+        with self._connect() as db:
+            run_ids, _ = self._uses(db, [image_id], None)[image_id]
+        runs = {r.run_id: r for r in s.runs}
+        used = [runs[r] for r in sorted(run_ids, key=lambda r: runs[r].started_at or 0)
+                if r in runs and runs[r].guaranteed and runs[r].steps > 0]
+        alone = [{"run_id": r.run_id, "label": r.label, "epsilon": r.epsilon, "delta": r.delta,
+                  "accountant": (r.accountant or "").upper() or None} for r in used]
+        total = sum(a["epsilon"] for a in alone if a["epsilon"] is not None)
+        return {"runs": alone, "composed": e.max_epsilon, "accountant": e.max_accountant, "delta": e.delta,
+                "sum": total, "same_delta": all(a["delta"] == e.delta for a in alone)}
+
     def owner_exposure(self, key_or_name: str) -> OwnerExposure:
         """The data set's per-patient (per-lesion) ε over every run that recorded owners (see OwnerExposure)."""
         key = self.resolve(key_or_name)
@@ -830,6 +863,10 @@ class Ledger:
             fresh_after = min(fresh_after, compose(extra, d_, "pld"))
         current = max(now.max_epsilon, 0.0)
         worst_after = max(after.max_epsilon, fresh_after if fresh else 0.0)
+        now_text = now.max_label()
+        after_text = after.max_label() if after.max_epsilon >= (fresh_after if fresh else 0.0) else (
+            _f(fresh_after) + ("" if math.isinf(fresh_after) else
+                               " (PLD)" if steps and fresh_after < compose(extra, d_, "rdp") else " (RDP)"))
         binding, exceeds, budget = None, False, None
         for k, d in budgets.items():
             ids = holders.get(k, set())
@@ -843,17 +880,19 @@ class Ledger:
                 binding, budget = k, float(d["budget_epsilon"])
         name = datasets[binding]["name"] if binding else dataset_name(dataset, data_dir)
         seen = f"{n_known:,} of its {len(matches):,} images have been used before"
+        how = (f"per image, at δ = {d_:g}, composed over every run that trained on it by the tighter of RDP and PLD "
+               "(both valid bounds), so it can be below the ε a run was planned at with one accountant")
         if budget is None:
-            msg = (f"{name}: no budget set. {seen}; the most-exposed of them is at ε = {_f(current)} now and "
-                   f"would be at {_f(worst_after)} after this run (per image, at δ = {d_:g}).")
+            msg = (f"{name}: no budget set. {seen}; the most-exposed of them is at ε = {now_text} now and "
+                   f"would be at {after_text} after this run ({how}).")
         elif exceeds:
-            msg = (f"{name}: this run would take its most-exposed image from ε = {_f(current)} to {_f(worst_after)}, "
-                   f"past the budget of {budget:g} (per image, at δ = {d_:g}; {seen}). Fix: plan this run with a "
+            msg = (f"{name}: this run would take its most-exposed image from ε = {now_text} to {after_text}, "
+                   f"past the budget of {budget:g} ({how}; {seen}). Fix: plan this run with a "
                    "smaller ε or on other images, raise the budget on the Privacy budget page if the data's owner "
                    "agrees, or pass --allow-over-budget (recorded in the ledger).")
         else:
-            msg = (f"{name}: most-exposed image ε = {_f(current)} → {_f(worst_after)} of a budget of {budget:g} "
-                   f"(per image, at δ = {d_:g}; {seen}).")
+            msg = (f"{name}: most-exposed image ε = {now_text} → {after_text} of a budget of {budget:g} "
+                   f"({how}; {seen}).")
         return Verdict(current=current, after=worst_after, budget=budget, budget_dataset=name if budget else None,
                        exceeds=exceeds, message=msg, n_images=len(matches), n_known=n_known)
 
@@ -874,8 +913,33 @@ class Ledger:
                     basic = math.inf
             e = s.runs[k - 1]
             out.append({"run_id": e.run_id, "label": e.label, "private": e.guaranteed, "kind": e.kind,
-                        "epsilon": ex.max_epsilon, "basic": basic, "recorded_at": e.started_at})
+                        "epsilon": ex.max_epsilon, "accountant": ex.max_accountant,
+                        "epsilon_rdp": float(ex.epsilon_rdp.max()) if len(ex.epsilon_rdp) else 0.0,
+                        "epsilon_pld": float(ex.epsilon_pld.max()) if len(ex.epsilon_pld) else 0.0,
+                        "run_epsilon": e.epsilon if e.guaranteed else None,
+                        "basic": basic, "recorded_at": e.started_at})
         return out
+
+
+def composition_sentence(c: dict[str, Any] | None) -> str:
+    """The worked example in words: 'two runs at ε = 1.99 compose to 2.65 (PLD), not 3.98'."""
+    if not c or not c["runs"]:
+        return ""
+    runs = c["runs"]
+    acc = f" ({c['accountant']})" if c["accountant"] else ""
+    if len(runs) == 1:
+        r = runs[0]
+        return (f"The most-exposed image was trained on by one run, {r['run_id']}, which reported ε = {_f(r['epsilon'])}"
+                f"{' (' + r['accountant'] + ')' if r['accountant'] else ''} alone; the ledger holds it at "
+                f"{_f(c['composed'])}{acc} at δ = {c['delta']:g}: per image it keeps the tighter of RDP and PLD, "
+                "both valid bounds.")
+    each = sorted({_f(r["epsilon"]) for r in runs if r["epsilon"] is not None})
+    at = f"at ε = {each[0]} each" if len(each) == 1 else "at ε = " + ", ".join(_f(r["epsilon"]) for r in runs)
+    words = {2: "two", 3: "three", 4: "four", 5: "five"}.get(len(runs), str(len(runs)))
+    return (f"Composition: the most-exposed image was in {words} runs {at}; together they compose to "
+            f"ε = {_f(c['composed'])}{acc} at δ = {c['delta']:g}, not {_f(c['sum'])} (their sum, basic composition: "
+            "also a valid bound, just a loose one). The accountant composes the runs' mechanisms (σ, q, T) "
+            "themselves, not their ε's.")
 
 
 def _f(v: float) -> str:

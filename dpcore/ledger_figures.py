@@ -12,8 +12,10 @@ def ledger_figure(points: list[dict[str, Any]], budget: float | None = None, tit
     fig = go.Figure()
     finite = [p for p in points if not math.isinf(p["epsilon"])]
     x = list(range(1, len(finite) + 1))
-    labels = [f"{p['run_id']} ({p['label'] or ''})" for p in finite]
-    fig.add_trace(go.Scatter(x=x, y=[p["epsilon"] for p in finite], mode="lines+markers", name="composed (accountant)",
+    labels = [f"{p['run_id']} ({p['label'] or ''})" + (f" · {p['accountant']}" if p.get("accountant") else "")
+              for p in finite]
+    fig.add_trace(go.Scatter(x=x, y=[p["epsilon"] for p in finite], mode="lines+markers",
+                             name="composed (tighter of RDP / PLD)",
                              text=labels, hovertemplate="after run %{x}: ε = %{y:.4g}<br>%{text}<extra></extra>"))
     fig.add_trace(go.Scatter(x=x, y=[p["basic"] for p in finite], mode="lines+markers", name="basic composition (Σ ε)",
                              line={"dash": "dot"}, text=labels,
@@ -27,7 +29,8 @@ def ledger_figure(points: list[dict[str, Any]], budget: float | None = None, tit
         fig.add_annotation(text="no runs on this data set yet", xref="paper", yref="paper", x=0.5, y=0.5,
                            showarrow=False)
     fig.update_layout(title=title or "Total ε spent on this data set", xaxis_title="runs so far",
-                      yaxis_title="ε (composed over all runs)", height=380, margin={"t": 60})
+                      yaxis_title="ε of the most-exposed image", height=380, margin={"t": 60},
+                      legend={"orientation": "h", "y": -0.25})
     return fig
 
 

@@ -7,6 +7,7 @@ import models
 from dpcore import environment
 from dpcore.presets import build_presets, missing_requirements
 from pages.common import job_panel, manager, show_queue, watch, watched_run
+from pages.train_form import load_into_form
 
 
 @st.cache_data(ttl=60, show_spinner=False)
@@ -101,6 +102,7 @@ for i, (key, preset) in enumerate(presets.items()):
         elif st.button("Train this preset", key=f"preset-{key}", disabled=bool(needs), type="primary",
                        help="Missing requirements listed above" if needs else "Queues the run and opens Train"):
             job = manager().submit(preset.config, label=preset.title)
+            load_into_form(st.session_state, preset.config, job.run_id)  # the form shows what is training
             watch(job.run_id)
             st.switch_page("pages/train.py", query_params={"run": job.run_id})
 

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from dpcore.errors import DPCoreError
-from dpcore.ledger import Ledger, LedgerError
+from dpcore.ledger import Ledger, LedgerError, composition_sentence
 from dpcore.ledger_figures import image_epsilon_figure, ledger_figure
 from pages.common import fmt_time
 
@@ -27,7 +27,8 @@ def _f(v, digits: int = 4) -> str:
 @st.cache_data(show_spinner="Composing every image's runs…", max_entries=16)
 def _summary(path: str, key: str, stamp: tuple):
     s = Ledger(path).summary(key)
-    return s, Ledger(path).cumulative(key), Ledger(path).owner_exposure(key).to_dict()
+    return (s, Ledger(path).cumulative(key), Ledger(path).owner_exposure(key).to_dict(),
+            Ledger(path).worst_composition(key))
 
 
 try:
@@ -44,7 +45,7 @@ if not sets:
 key = st.selectbox("Data set", [d["key"] for d in sets], key="ledger_ds",
                    format_func=lambda k: next(f"{d['name']} · {d['n_images']:,} images" for d in sets
                                               if d["key"] == k))
-s, points, owners = _summary(str(ledger.path), key, ledger.stamp())
+s, points, owners, worked = _summary(str(ledger.path), key, ledger.stamp())
 info = s.to_dict()
 if s.n_void:
     voiding = [r for r in s.runs if r.voids]
@@ -52,10 +53,12 @@ if s.n_void:
              + ", ".join(f"{r.run_id} ({r.kind}: {r.label or 'non-private'})" for r in voiding[:4])
              + (" …" if len(voiding) > 4 else "") + ": whatever else was released from them, their ε is ∞.")
 cols = st.columns(4)
-cols[0].metric("Most-exposed image: ε", _f(s.epsilon),
+acc = s.exposure.max_accountant
+cols[0].metric("Most-exposed image: ε" + (f" ({acc})" if acc else ""), _f(s.epsilon),
                help=f"RDP {_f(s.epsilon_of('rdp'))}, PLD {_f(s.epsilon_of('pld'))}, at δ = {_f(s.delta, 3)}; per image "
                     "the smaller of the two (both are valid upper bounds)")
-cols[1].metric("Median image: ε", _f(info["epsilon_median"]))
+cols[1].metric("Median image: ε", _f(info["epsilon_median"]),
+               help="per image the tighter of RDP and PLD, like the most-exposed image's")
 cols[2].metric("Images trained on", f"{s.n_trained:,}",
                help=f"of the {s.n_images:,} images of this data set; the others were only evaluated (test splits)")
 cols[3].metric("Remaining of budget", (_f(s.remaining) if not s.void else "none (void)")
@@ -75,9 +78,11 @@ if owners["n_owners"]:
                      "and are not in these figures.")
 st.plotly_chart(image_epsilon_figure(s.exposure.histogram(), s.budget_epsilon, title=f"ε spent per image — {s.name}"),
                 key="ledger_hist")
-st.caption("Images that were trained on by the same runs share one ε, so the bars are few. A second run on a "
-           "subset raises the ε of the images it shares and leaves the others where they were. Composition is "
-           "much tighter than adding ε's: two runs at ε = 1 compose to about 1.3–1.4, not 2.")
+st.caption("Images that were trained on by the same runs share one ε (per image the tighter of RDP and PLD), so the "
+           "bars are few. A second run on a subset raises the ε of the images it shares and leaves the others where "
+           "they were.")
+st.markdown(composition_sentence(worked) or "Composition is much tighter than adding ε's: two runs at ε = 1 on the "
+            "same images compose to about 1.3–1.4, not 2.")
 if info["n_evaluated_and_trained"]:
     st.warning(f"{info['n_evaluated_and_trained']:,} images trained on were also in some run's test split: that "
                "run's test metrics were released without DP and are not covered by their ε.")
@@ -103,7 +108,7 @@ with st.expander("The most-exposed image's ε after each use", expanded=False):
 rows = [{"use": e.run_id, "kind": e.kind, "what": e.label, "status": e.shown_status,
          "guarantee": "DP-SGD" if e.guaranteed else "none (voids its images)", "images": e.n_train,
          "σ": e.noise_multiplier, "q": e.sample_rate, "steps counted": e.steps, "δ": e.delta,
-         "ε of the run alone": e.epsilon, "over budget": "yes (allowed)" if e.over_budget else "",
+         "ε of the run alone": e.epsilon, "accountant": (e.accountant or "").upper() or "—", "over budget": "yes (allowed)" if e.over_budget else "",
          "recorded": fmt_time(e.started_at)} for e in s.runs]
 st.dataframe(pd.DataFrame(rows), hide_index=True, key="ledger_table")
 st.caption("A run still marked running whose process is gone shows as *interrupted*: the ledger counts the steps it "

@@ -14,6 +14,7 @@ from dpcore.errors import ConfigError, DPCoreError
 from dpcore.ledger import Ledger, LedgerCorrupt
 from dpcore.preflight import preflight
 from dpcore.schedule import LR_SCHEDULES
+from pages.train_form import HIDDEN_KEY, SOURCE_KEY, load_into_form, with_options
 from pages.common import (
     ACTIVE,
     job_panel,
@@ -136,8 +137,14 @@ run_id = watched_run()
 if run_id:
     job_panel(run_id)
     still = run_view(run_id).status in ACTIVE
-    if st.button("Stop watching this run (it keeps running)" if still else "Close this run's panel", key="unwatch"):
+    b1, b2 = st.columns(2)
+    if b1.button("Stop watching this run (it keeps running)" if still else "Close this run's panel", key="unwatch"):
         watch(None)
+        st.rerun()
+    if st.session_state.get(SOURCE_KEY) != run_id and b2.button(
+            "Load this run's settings into the form", key="load-run-settings",
+            help="Fill the form below with exactly the settings this run trained with"):
+        load_into_form(st.session_state, run_view(run_id).config, run_id)
         st.rerun()
 with st.expander("Queue", expanded=bool(manager().queued())):
     show_queue()
@@ -180,9 +187,11 @@ with c2:
     st.markdown("**Privacy**")
     non_private = st.checkbox("Non-private baseline", key="tr_nonpriv",
                               help="No clipping, no noise, no privacy guarantee: the accuracy ceiling to compare with.")
-    eps = st.select_slider("Privacy budget ε — ← more privacy · · · more accuracy →", EPSILONS,
+    eps = st.select_slider("Privacy budget ε — ← more privacy · · · more accuracy →",
+                           with_options(EPSILONS, st.session_state.get("tr_eps")),
                            key="tr_eps", disabled=non_private, format_func=lambda v: f"{v:g}")
-    delta = st.select_slider("δ — probability the guarantee fails", DELTAS, key="tr_delta",
+    delta = st.select_slider("δ — probability the guarantee fails",
+                             with_options(DELTAS, st.session_state.get("tr_delta")), key="tr_delta",
                              format_func=lambda v: f"{v:.0e}", disabled=non_private)
     st.caption("Smaller ε (left) = stronger privacy, more noise, usually lower accuracy; larger ε (right) = "
                "weaker privacy. Keep δ well below 1 / (number of training images).")
@@ -229,6 +238,15 @@ fields = {"dataset": dataset, "data_dir": (data_dir or None) if dataset not in (
               "augment": augment_policy, "ema_decay": float(ema_decay) if use_ema else None,
               "weight_standardization": bool(ws), "lr_schedule": schedule, "warmup_fraction": float(warmup),
               "trainable_blocks": int(blocks)}
+hidden = st.session_state.get(HIDDEN_KEY) or {}
+if hidden:
+    h1, h2 = st.columns([4, 1])
+    h1.caption(f"Also from {st.session_state.get(SOURCE_KEY)} (settings this form has no field for): "
+               + ", ".join(f"{k} = {v}" for k, v in sorted(hidden.items())))
+    if h2.button("Use the defaults instead", key="hidden-reset"):
+        st.session_state.pop(HIDDEN_KEY, None)
+        st.rerun()
+fields = {**hidden, **fields}
 config = n_train = None
 try:
     config = RunConfig(**fields)

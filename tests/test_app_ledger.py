@@ -47,7 +47,9 @@ def test_page_shows_epsilon_per_image_and_saves_a_budget(its_ledger, monkeypatch
     at = open_page("pages/ledger.py", root, monkeypatch)
     s = Ledger().summary("digits")
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Most-exposed image: ε"] == f"{s.epsilon:.4g}"
+    acc = s.exposure.max_accountant
+    assert acc in ("RDP", "PLD")  # every ε on the page says which accountant gave it
+    assert metrics[f"Most-exposed image: ε ({acc})"] == f"{s.epsilon:.4g}"
     assert metrics["Images trained on"] == "1,437"
     df = at.dataframe[0].value
     assert list(df["use"]) == ids
@@ -88,3 +90,28 @@ def test_train_page_refuses_a_launch_past_the_budget_unless_overridden(its_ledge
         assert "of a budget of 1000" in texts(at) and "Privacy unit" in texts(at)
     finally:
         ledger.set_budget("digits", None)
+
+
+def test_the_page_works_composition_out_on_its_own_runs(its_ledger, monkeypatch):
+    """Two runs on the same images: the sentence names their ε's, the composed ε (with its accountant) and their
+    sum, and those numbers are the ledger's."""
+    root, ids = its_ledger
+    at = open_page("pages/ledger.py", root, monkeypatch)
+    worked = Ledger().worst_composition("digits")
+    assert [r["run_id"] for r in worked["runs"]] == ids
+    assert worked["composed"] == Ledger().summary("digits").epsilon
+    assert worked["composed"] < worked["sum"]  # composition is tighter than adding
+    line = next(m.value for m in at.markdown if m.value.startswith("Composition:"))
+    assert "two runs" in line and f"ε = {worked['composed']:.3g} ({worked['accountant']})" in line
+    assert f"not {worked['sum']:.3g}" in line
+    assert list(at.dataframe[0].value["accountant"]) == ["RDP", "RDP"]
+
+
+def test_the_train_pages_budget_line_names_the_accountant(its_ledger, monkeypatch):
+    """After runs planned with RDP, the per-image figure may be PLD's (smaller): the line says so, instead of
+    an unexplained "1.82 spent" after a run at 1.99."""
+    root, _ = its_ledger
+    at = open_page("pages/train.py", root, monkeypatch)
+    line = next(c.value for c in at.caption if c.value.startswith("Privacy budget (per image"))
+    acc = Ledger().summary("digits").exposure.max_accountant
+    assert f"({acc})" in line and "tighter of RDP and PLD" in line
