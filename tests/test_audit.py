@@ -218,8 +218,22 @@ def test_roc_figure_is_log_log_with_the_dp_limit(synthetic_audits):
     assert any("DP limit" in n for n in names) and sum("AUC" in n for n in names) == 3
     limit = audit_figures.dp_tpr_limit(np.array([0.01, 0.5]), 1.0)
     assert limit[0] == pytest.approx(math.e * 0.01) and limit[1] == pytest.approx(1 - 0.5 / math.e)
+    assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0  # below the plot, not over the curves
     bars = audit_figures.epsilon_figure({**dp, "claimed_epsilon": 1.0})
-    assert len(bars.data[0].y) == 3 and "95% joint" in bars.layout.title.text
+    assert len(bars.data[0].x) == 3 and "95% joint" in bars.layout.title.text
+    assert bars.data[1].x == (1.0,) and "Claimed" in bars.data[1].y[0]
+
+
+def test_epsilon_figure_writes_every_bound_and_its_share_of_the_claim():
+    """At a bound of 0.023 under a claim of 8 the bar is a sliver: the value and its share are written."""
+    audit = {"claimed_epsilon": 8.0, "attacks": {"loss": {"epsilon_lb": 0.0}, "lira_online": {"epsilon_lb": 0.023},
+                                                 "lira_offline": {"epsilon_lb": 0.0}}}
+    fig = audit_figures.epsilon_figure(audit)
+    text = list(fig.data[0].text)
+    assert text[0] == "ε ≥ 0: no leakage shown (0% of the claim)"
+    assert text[1] == "ε ≥ 0.023 (0.3% of the claim)"
+    assert fig.data[1].text == ("ε = 8",)
+    assert "not private" in audit_figures.epsilon_figure({**audit, "claimed_epsilon": None}).layout.annotations[0].text
 
 
 # -- a stored run ---------------------------------------------------------------------------------
