@@ -5,7 +5,6 @@ Run: DPCORE_RUNS_DIR=runs streamlit run app.py
 """
 import streamlit as st
 
-from dpcore.store import StoreError
 from pages.banner import show_network_warning
 
 st.set_page_config(page_title="DP Explorer", page_icon="🔒", layout="wide")
@@ -25,5 +24,10 @@ PAGES = [
 
 try:
     st.navigation(PAGES).run()
-except StoreError as exc:  # a damaged index, a full disk, a read-only folder: say what to do, not just the type
+except Exception as exc:  # noqa: BLE001 - only the store's errors are caught, below
+    from dpcore.store import StoreError  # imported here: torch loads with the page, not before its first words
+
+    if not isinstance(exc, StoreError):
+        raise
+    # a damaged index, a full disk, a read-only folder: say what to do, not just the type
     st.error(f"The runs folder cannot be used: {exc}")

@@ -1,28 +1,10 @@
-"""Home: what DP-SGD and (ε, δ) mean, this machine's state, one-click presets."""
-import streamlit as st
+"""Home: what DP-SGD and (ε, δ) mean, this machine's state, one-click presets.
 
+The page's words come first and the engine (torch, timm: seconds to import on a cold start) after them, so a
+new user reads the introduction while the rest loads (`bench/first_paint.py`)."""
 import os
 
-import models
-from dpcore import environment
-from dpcore.presets import build_presets, missing_requirements
-from pages.common import job_panel, manager, show_queue, watch, watched_run
-from pages.train_form import load_into_form
-
-
-@st.cache_data(ttl=60, show_spinner=False)
-def missing(key: str) -> list[str]:
-    """What a preset still needs here (probes the Hub for at most 2 s when weights are not cached)."""
-    return missing_requirements(build_presets()[key])
-
-
-def weights_folder() -> dict:
-    """What $DPCORE_WEIGHTS_DIR holds (file headers only)."""
-    path = os.environ.get(models.WEIGHTS_DIR_ENV)
-    rows = models.list_weights_dir(path) if path else []
-    note = "not set" if not path else ("no .safetensors files there" if not rows else "")
-    return {"path": path, "rows": rows, "note": note}
-
+import streamlit as st
 
 st.title("🔒 DP Explorer")
 st.caption("Differentially private fine-tuning of image classifiers on medical images — see, teach and use "
@@ -54,6 +36,29 @@ with left:
         "protected less than the number suggests. A **patient-level** run (Train page, privacy unit: patient) "
         "protects each patient with all of their images at its ε."
     )
+# ruff: noqa: E402 - the engine is imported after the first words on purpose (see the docstring)
+import models
+from dpcore import environment
+from dpcore.presets import build_presets, missing_requirements
+from pages.common import job_panel, manager, show_queue, watch, watched_run
+from pages.train_form import load_into_form
+
+
+
+@st.cache_data(ttl=60, show_spinner=False)
+def missing(key: str) -> list[str]:
+    """What a preset still needs here (probes the Hub for at most 2 s when weights are not cached)."""
+    return missing_requirements(build_presets()[key])
+
+
+def weights_folder() -> dict:
+    """What $DPCORE_WEIGHTS_DIR holds (file headers only)."""
+    path = os.environ.get(models.WEIGHTS_DIR_ENV)
+    rows = models.list_weights_dir(path) if path else []
+    note = "not set" if not path else ("no .safetensors files there" if not rows else "")
+    return {"path": path, "rows": rows, "note": note}
+
+
 with right:
     st.subheader("This machine")
     machine = environment.describe_machine()
@@ -61,9 +66,10 @@ with right:
     st.markdown(f"**Compute:** {'GPU — ' + str(machine.get('gpu_name')) if device == 'cuda' else 'CPU only'} "
                 f"({machine.get('cpu_count', '?')} CPU cores)")
     st.markdown("**Data sets available offline**")
-    st.dataframe([{"data set": d["name"], "available": "✅" if d["available"] else "—",
-                   "where / note": d.get("path") or d.get("note") or ""}
-                  for d in environment.dataset_availability()], hide_index=True)
+    # a list, not a table: a note is a sentence (what to download, where to put it) and a cell would cut it
+    st.markdown("\n".join(f"- {'✅' if d['available'] else '—'} **{d['name']}**"
+                           + (f" — {d.get('path') or d.get('note')}" if d.get("path") or d.get("note") else "")
+                           for d in environment.dataset_availability()))
     st.markdown("**Pretrained weights available offline**")
     st.dataframe([{"backbone": w["backbone"], "ready": "✅" if w["ready"] else "—",
                    "hub cache": "✅" if w["hub_cached"] else "—", "bundled": w["bundled"] or "—",

@@ -284,7 +284,8 @@ if config is not None:
     if config.private:
         plan = privacy_plan(config.epsilon, config.delta, q, total, config.accountant)
         cols[3].metric("Noise σ", f"{plan['noise_multiplier']:.4g}", help="calibrated by dpcore.accounting")
-        cols[4].metric("Planned ε", f"{plan['epsilon']:.4g}", help=f"δ = {config.delta:.0e}, {config.accountant.upper()}")
+        cols[4].metric(f"Planned ε ({config.accountant.upper()})", f"{plan['epsilon']:.4g}",
+                       help=f"δ = {config.delta:.0e}, per {owners[0] if patient else 'image'}")
         curve = epsilon_curve(plan["noise_multiplier"], q, total, config.delta, config.accountant)
         st.plotly_chart(figures.epsilon_curve_figure({config.accountant.upper(): curve}, target=config.epsilon,
                                                      title="ε spent vs training step (planned)"), key="plan-curve")
