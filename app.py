@@ -3,6 +3,8 @@
 Run: DPCORE_RUNS_DIR=runs streamlit run app.py
 (.streamlit/config.toml binds it to localhost; every page warns when it is reachable from the network.)
 """
+import sys
+
 import streamlit as st
 
 from pages.banner import show_network_warning
@@ -22,8 +24,12 @@ PAGES = [
     st.Page("pages/clinician.py", title="Clinician", icon="🩺"),
 ]
 
+page = st.navigation(PAGES)
+if "torch" not in sys.modules and page.url_path:  # a cold start on any page but Home (which paints first itself)
+    with st.spinner("Starting the engine (torch, timm): a few seconds, on the first page load only…"):
+        import pages.common  # noqa: F401 - every page's imports, loaded behind words instead of a blank page
 try:
-    st.navigation(PAGES).run()
+    page.run()
 except Exception as exc:  # noqa: BLE001 - only the store's errors are caught, below
     from dpcore.store import StoreError  # imported here: torch loads with the page, not before its first words
 
