@@ -1,5 +1,5 @@
 """Every page in a real browser: each one renders with a finished run, asks its own server for nothing it does
-not get, and leaves a full-page screenshot (in $DPCORE_SCREENSHOT_DIR, else the test's folder) to look at.
+not get, and leaves a screenshot (2600 px tall) (in $DPCORE_SCREENSHOT_DIR, else the test's folder) to look at.
 
 Needs Debian's `chromium` (`.ci/run` installs it). Skipped where it is absent, except in CI.
 """
@@ -47,7 +47,7 @@ def test_every_page_renders_and_asks_for_nothing_missing(served, tmp_path):
     shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page = browser.new_page(viewport={"width": 1400, "height": 2600})  # Streamlit scrolls inside the page: a tall window shows it all
         failed: list[tuple[str, str]] = []
         errors: list[str] = []
         page.on("response", lambda r: failed.append((str(r.status), r.url))
