@@ -4,7 +4,8 @@ The target layer is chosen per backbone family. Where that layer's feature map i
 run's input size (e.g. ResNet's layer4 on 32-pixel images) the map would carry no location at all,
 so the next earlier candidate with a spatial grid is used, and `method` names the layer actually used.
 The model is left as found (eval/train mode, requires_grad flags, .grad), so later predictions are
-unaffected.
+unaffected. The map is kept apart from the image it explains, so a page can re-blend it at any opacity
+(`blend`) without running Grad-CAM again.
 """
 from __future__ import annotations
 
@@ -29,12 +30,51 @@ class SaliencyError(DPCoreError):
     """Grad-CAM cannot be computed for this model or input."""
 
 
+DEFAULT_OPACITY = 0.4
+# Matplotlib's "inferno" (CC0) at 17 evenly spaced points: perceptually uniform, dark for low and bright for
+# high, readable in grey scale. Interpolated linearly to 256 levels below.
+_INFERNO_ANCHORS = np.array([
+    (0, 0, 4), (11, 7, 36), (33, 12, 74), (61, 9, 101), (87, 16, 110), (113, 25, 110), (138, 34, 106),
+    (163, 44, 97), (188, 55, 84), (210, 70, 68), (228, 90, 49), (241, 115, 29), (249, 142, 9), (252, 172, 17),
+    (249, 203, 53), (242, 234, 105), (252, 255, 164)], dtype=np.float64)
+COLOUR_TABLE = np.stack([np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_INFERNO_ANCHORS)),
+                                   _INFERNO_ANCHORS[:, c]) for c in range(3)], axis=1).round().astype(np.uint8)
+
+
+def colour_map(heat: np.ndarray) -> np.ndarray:
+    """HxW values in [0,1] → HxWx3 uint8 colours of COLOUR_TABLE (out-of-range and NaN values clipped)."""
+    levels = np.clip(np.nan_to_num(np.asarray(heat, dtype=np.float64)), 0.0, 1.0)
+    return COLOUR_TABLE[np.rint(levels * 255).astype(np.intp)]
+
+
+def blend(image: Image.Image, heat: np.ndarray, opacity: float = DEFAULT_OPACITY) -> Image.Image:
+    """The coloured map over `image` at `opacity` (0: the image alone, 1: the colour map alone). The map is
+    resized (bilinear) to the image's size when they differ."""
+    if not 0.0 <= float(opacity) <= 1.0:
+        raise SaliencyError(f"opacity {opacity!r} is outside 0..1. Fix: pass a value from 0 (image only) "
+                            "to 1 (map only)")
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
+    heat = np.asarray(heat, dtype=np.float32)
+    if heat.shape != rgb.shape[:2]:
+        resized = Image.fromarray(heat, "F").resize((rgb.shape[1], rgb.shape[0]), Image.BILINEAR)
+        heat = np.asarray(resized, dtype=np.float32)
+    mixed = (1.0 - opacity) * rgb + opacity * colour_map(heat).astype(np.float64)
+    return Image.fromarray(np.clip(np.rint(mixed), 0, 255).astype(np.uint8), "RGB")
+
+
 @dataclass
 class SaliencyResult:
-    heatmap: np.ndarray  # HxW in [0,1] at the model input size
-    overlay: Image.Image  # RGB, heatmap over the preprocessed input image
+    heatmap: np.ndarray  # HxW in [0,1] at the model input size, relative to this image's own maximum
+    image: Image.Image  # RGB, the preprocessed input image the map explains (model input size)
     target_class: int
     method: str
+
+    def blended(self, opacity: float = DEFAULT_OPACITY) -> Image.Image:
+        return blend(self.image, self.heatmap, opacity)
+
+    @property
+    def overlay(self) -> Image.Image:
+        return self.blended(DEFAULT_OPACITY)
 
 
 def _last_conv(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -120,7 +160,6 @@ def _gradients_enabled(model: nn.Module) -> Iterator[None]:
 def saliency(loaded: LoadedRun, image: Image.Image, target_class: int | None = None) -> SaliencyResult:
     """Grad-CAM heatmap of `target_class` (None: the predicted class) for one image."""
     from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.image import show_cam_on_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     n_classes = len(loaded.class_names)
@@ -148,9 +187,8 @@ def saliency(loaded: LoadedRun, image: Image.Image, target_class: int | None = N
         finally:
             cam.activations_and_grads.release()
     heat = np.clip(np.nan_to_num(heat.astype(np.float32)), 0.0, 1.0)
-    rgb = pixels.permute(1, 2, 0).cpu().numpy().astype(np.float32) / 255.0
-    overlay = Image.fromarray(show_cam_on_image(rgb, heat, use_rgb=True), "RGB")
+    shown = Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy().astype(np.uint8), "RGB")
     method = f"Grad-CAM on {name}"
     if not heat.any():  # Grad-CAM keeps only evidence for the class; there may be none
         method += " (no region raises this class's score: the map is empty)"
-    return SaliencyResult(heatmap=heat, overlay=overlay, target_class=int(target_class), method=method)
+    return SaliencyResult(heatmap=heat, image=shown, target_class=int(target_class), method=method)

@@ -1,6 +1,11 @@
-"""Clinician: upload images, see class probabilities, a Grad-CAM overlay and the model card. No training data."""
+"""Clinician: upload images, see class probabilities, a Grad-CAM overlay and the model card, and download a
+report of each. No training data; uploads stay in memory (the report is built in memory on click)."""
+import functools
+import hashlib
 import math
+import re
 import threading
+from pathlib import Path
 
 import streamlit as st
 
@@ -10,12 +15,13 @@ from dpcore.errors import DPCoreError
 from dpcore.data.titles import dataset_title
 from dpcore.metrics import clinical_metrics
 from dpcore.predict import load_run
-from dpcore.saliency import saliency
+from dpcore.report import (GRADCAM_EXPLAINED, NOTICE, calibration_line, colour_bar, report_facts, report_json,
+                           report_pdf)
+from dpcore.saliency import DEFAULT_OPACITY, saliency
 from dpcore.uploads import MAX_UPLOAD_BYTES, UploadError, decode_upload
 from pages.common import fmt_pct, privacy_headline, runs_dir, show_guarantee, store
 
-NOTICE = ("**Research use only — not a medical device; not a clinical diagnosis.** The output must be interpreted "
-          "by a qualified healthcare professional. For research, educational and demonstration purposes only.")
+ANALYSES = "cl_analyses"  # session state: (run, upload digest) → (probabilities, Grad-CAM, problem)
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model…")
@@ -101,13 +107,93 @@ with st.expander("Model card", expanded=True):
                 f"**Backbone:** {model_info.get('backbone')} (weights: {describe_weights(model_info.get('weights'))}, "
                 f"fine-tuned: {model_info.get('scope')})  \n"
                 f"**Date trained:** {str(card.get('date', ''))[:10]}")
-    c2.markdown(f"**Test accuracy:** {fmt_pct(card.get('test_accuracy'))}  \n"
+    c2.markdown(f"**Test accuracy:** {fmt_pct(card.get('test_accuracy'))} (balanced: "
+                f"{fmt_pct(card.get('test_balanced_accuracy'))})  \n"
                 f"**Test ROC-AUC:** {'—' if card.get('test_roc_auc') is None else format(card['test_roc_auc'], '.3f')}  \n"
-                f"**Privacy:** {privacy_headline(card)}")
+                f"**Privacy:** {privacy_headline(card)}  \n"
+                f"**Probabilities:** {calibration_line(card)}")
     show_guarantee(card)
     for w in card.get("warnings") or []:
         st.caption(f"⚠ {w}")
     test_performance(card)
+
+
+def analysis(loaded, lock, image, digest: str):
+    """The model's probabilities and Grad-CAM for one upload, kept for this session so that moving the opacity
+    slider re-blends the map instead of running the model again."""
+    cache = st.session_state.setdefault(ANALYSES, {})
+    key = (loaded.run_id, digest)
+    if key not in cache:
+        probs = loaded.predict_proba([image])[0]
+        try:
+            with lock:
+                cache[key] = (probs, saliency(loaded, image, target_class=int(probs.argmax())), None)
+        except DPCoreError as exc:
+            cache[key] = (probs, None, str(exc))
+    return cache[key]
+
+
+def report_name(upload_name: str, ext: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", Path(upload_name).stem)[:80] + f"-report.{ext}"
+
+
+def _facts(card, loaded, probs, upload_name, image, result, problem, opacity):
+    return report_facts(card=card, class_names=loaded.class_names, probabilities=probs, file_name=upload_name,
+                        image_size=image.size, saliency=result, saliency_problem=problem, opacity=opacity,
+                        temperature=getattr(loaded, "temperature", None))
+
+
+def _pdf(*args) -> bytes:
+    """Run by Streamlit when the button is clicked (in memory: nothing of the upload touches the disk)."""
+    facts = _facts(*args)
+    image, result, opacity = args[4], args[5], args[7]
+    return report_pdf(facts, image, result, opacity)
+
+
+def _json(*args) -> bytes:
+    return report_json(_facts(*args))
+
+
+def show_upload(k: int, name: str, data: bytes, card: dict, loaded, lock) -> str | None:
+    """One upload: output, image, blended Grad-CAM with its opacity slider and colour bar, probabilities, and
+    the report downloads (built only when clicked). Returns the upload's digest (None if it was refused)."""
+    st.divider()
+    image, problem = decode(data, name)
+    if problem:
+        st.error(problem, icon="🚫")
+        return None
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    probs, result, sal_problem = analysis(loaded, lock, image, digest)
+    top = int(probs.argmax())
+    label = loaded.class_names[top]
+    st.markdown(f"#### {name}: model output **{label}** ({100 * probs[top]:.1f} %)")
+    a, b, c = st.columns([1, 1, 1.4])
+    a.image(image, caption="Uploaded image", width="stretch")
+    opacity = None
+    if result is not None:
+        opacity = b.slider("Overlay opacity", 0.0, 1.0, DEFAULT_OPACITY, 0.05, key=f"cl_opacity_{k}_{digest}",
+                           help="0 shows the image alone, 1 the Grad-CAM map alone.")
+        b.image(result.blended(opacity), width="stretch", output_format="PNG",
+                caption=f"{result.method}: regions that raised the score of '{label}' (model input size "
+                        f"{result.image.width}×{result.image.height})")
+        b.image(colour_bar(label), width="stretch", output_format="PNG")
+        b.caption(GRADCAM_EXPLAINED)
+    else:
+        b.warning(f"No saliency map: {sal_problem}")
+    c.plotly_chart(figures.probability_bars_figure(dict(zip(loaded.class_names, map(float, probs)))),
+                   key=f"cl-probs-{k}")
+    args = (card, loaded, probs, name, image, result, sal_problem, opacity)
+    d1, d2 = c.columns(2)
+    d1.download_button("Download the report (PDF)", functools.partial(_pdf, *args), key=f"cl_pdf_{k}_{digest}",
+                       file_name=report_name(name, "pdf"), mime="application/pdf", on_click="ignore", icon="📄",
+                       help="The image, the overlay, the probabilities, the model card and the research-use notice. "
+                            "Built in memory when clicked; nothing is stored.")
+    d2.download_button("Download the facts (JSON)", functools.partial(_json, *args), key=f"cl_json_{k}_{digest}",
+                       file_name=report_name(name, "json"), mime="application/json", on_click="ignore", icon="🧾",
+                       help="The same facts, machine-readable: probabilities per class, the model run and card, "
+                            "the notice.")
+    return digest
+
 
 uploads = st.file_uploader("Images (PNG or JPEG)", type=["png", "jpg", "jpeg"], accept_multiple_files=True,
                            key="cl_upload", max_upload_size=max(1, MAX_UPLOAD_BYTES // (1024 * 1024)),
@@ -118,25 +204,8 @@ if uploads:
     except DPCoreError as exc:
         st.error(f"This model cannot be loaded: {exc}")
         st.stop()
-    for k, upload in enumerate(uploads):
-        st.divider()
-        image, problem = decode(upload.getvalue(), upload.name)
-        if problem:
-            st.error(problem, icon="🚫")
-            continue
-        probs = loaded.predict_proba([image])[0]
-        top = int(probs.argmax())
-        st.markdown(f"#### {upload.name}: model output **{loaded.class_names[top]}** ({100 * probs[top]:.1f} %)")
-        a, b, c = st.columns([1, 1, 2])
-        a.image(image, caption="Uploaded image", width="stretch")
-        try:
-            with lock:
-                result = saliency(loaded, image, target_class=top)
-            b.image(result.overlay, caption=f"{result.method}: regions that drove '{loaded.class_names[top]}'",
-                    width="stretch")
-        except DPCoreError as exc:
-            b.warning(f"No saliency map: {exc}")
-        c.plotly_chart(figures.probability_bars_figure(dict(zip(loaded.class_names, map(float, probs)))),
-                       key=f"cl-probs-{k}")
-    st.caption("Probabilities from DP-trained models are often over- or under-confident; they are not calibrated "
-               "risks. " + NOTICE)
+    shown = {(run_id, show_upload(k, u.name, u.getvalue(), card, loaded, lock)) for k, u in enumerate(uploads)}
+    st.session_state[ANALYSES] = {key: v for key, v in st.session_state.get(ANALYSES, {}).items() if key in shown}
+    st.caption(calibration_line(card, getattr(loaded, "temperature", None)) + " " + NOTICE)
+else:
+    st.session_state.pop(ANALYSES, None)

@@ -86,3 +86,56 @@ def test_resnet18_head_only_run_restores_flags():
 def test_bad_target_class():
     with pytest.raises(SaliencyError, match="target class 7"):
         saliency(_random_run("resnet18"), _photo(), target_class=7)
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    return rgb.astype(float) @ np.array([0.2126, 0.7152, 0.0722])
+
+
+def test_the_colour_map_runs_dark_to_bright_and_clips():
+    from dpcore.saliency import COLOUR_TABLE, colour_map
+
+    assert COLOUR_TABLE.shape == (256, 3) and COLOUR_TABLE.dtype == np.uint8
+    lum = _luminance(COLOUR_TABLE)  # brighter means more, also in grey scale
+    assert np.all(np.diff(lum[::8]) > 0) and np.all(np.diff(lum) > -1)  # (tiny dips of under 1/255 in the purples)
+    out = colour_map(np.array([[-1.0, 0.0, 0.5, 1.0, 2.0, np.nan]]))
+    np.testing.assert_array_equal(out[0], COLOUR_TABLE[[0, 0, 128, 255, 255, 0]])
+
+
+def test_blend_mixes_the_image_and_the_colour_map_by_opacity():
+    from dpcore.saliency import blend, colour_map
+
+    image = _photo(16)
+    heat = np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)
+    rgb = np.asarray(image, dtype=float)
+    colours = colour_map(heat).astype(float)
+    np.testing.assert_array_equal(np.asarray(blend(image, heat, 0.0)), np.asarray(image))
+    np.testing.assert_array_equal(np.asarray(blend(image, heat, 1.0)), colour_map(heat))
+    for a in (0.25, 0.5, 0.8):
+        mixed = np.asarray(blend(image, heat, a), dtype=float)
+        np.testing.assert_allclose(mixed, (1 - a) * rgb + a * colours, atol=0.5 + 1e-9)
+    half = np.asarray(blend(image, heat, 0.5), dtype=float)
+    differ = rgb != colours
+    assert np.all(np.minimum(rgb, colours)[differ] - 0.5 <= half[differ])
+    assert np.all(half[differ] <= np.maximum(rgb, colours)[differ] + 0.5)
+    with pytest.raises(SaliencyError, match="opacity 1.5"):
+        blend(image, heat, 1.5)
+
+
+def test_blend_resizes_a_coarser_map_to_the_image():
+    from dpcore.saliency import blend
+
+    heat = np.zeros((4, 4), dtype=np.float32)
+    heat[:2] = 1.0  # the top half is hot
+    out = np.asarray(blend(Image.new("RGB", (32, 32), (128, 128, 128)), heat, 1.0))
+    assert out.shape == (32, 32, 3)
+    assert _luminance(out[0, 0]) > _luminance(out[-1, -1])
+
+
+def test_the_result_keeps_the_map_apart_so_it_can_be_reblended(tiny_run):
+    img = load_dataset("digits").test.image(3)
+    res = saliency(tiny_run, img)
+    assert res.image.size == (16, 16) and res.image.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(res.overlay), np.asarray(res.blended(0.4)))
+    np.testing.assert_array_equal(np.asarray(res.blended(0.0)), np.asarray(res.image))
+    assert not np.array_equal(np.asarray(res.blended(0.9)), np.asarray(res.blended(0.1)))
