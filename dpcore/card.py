@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
 
+from .calibration import PUBLIC_FACT
 from .config import RunConfig
 
 CARD_VERSION = 1
@@ -68,7 +69,8 @@ def release_facts(config: RunConfig, unit: str = "image") -> dict[str, Any]:
                               "the names of files skipped as unreadable",
                               "the run's configuration, its seed (which fixes initialisation, augmentation and "
                               "splits, never the noise or the sampling) and the starting weights",
-                              "wall-clock timing of the run"],
+                              "wall-clock timing of the run",
+                              PUBLIC_FACT],
         "test_split": "evaluated, not trained on: its images get no guarantee from this run",
     }
 

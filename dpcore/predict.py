@@ -11,6 +11,7 @@ from PIL import Image
 
 import models
 
+from .calibration import temperature_of
 from .config import RunConfig
 from .data import to_rgb
 from .errors import DPCoreError
@@ -51,17 +52,22 @@ class LoadedRun:
     to_uint8: Callable[[Image.Image], torch.Tensor]
     normalize: Normalizer
     device: torch.device
+    temperature: float = 1.0  # fitted on held-out test images (dpcore.calibration); 1.0 when the run has none
 
     @torch.no_grad()
-    def predict_proba(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
-        """(N, classes) probabilities; images in any PIL mode (converted like the training images)."""
+    def predict_proba(self, images: Sequence[Image.Image], batch_size: int = 64, calibrated: bool = True
+                      ) -> np.ndarray:
+        """(N, classes) probabilities; images in any PIL mode (converted like the training images). Calibrated:
+        softmax(logits / T) with the run's temperature (same predicted class); calibrated=False: the model's own
+        softmax, as stored in test_predictions.npz."""
         if not images:
             return np.zeros((0, len(self.class_names)))
+        t = self.temperature if calibrated else 1.0
         out = []
         for start in range(0, len(images), batch_size):
             x = torch.stack([self.to_uint8(to_rgb(im)) for im in images[start:start + batch_size]])
             logits = self.model(self.normalize(x.to(self.device)))
-            out.append(torch.softmax(logits.float(), dim=1).cpu())
+            out.append(torch.softmax(logits.float() / t, dim=1).cpu())
         return torch.cat(out).numpy()
 
 
@@ -85,5 +91,9 @@ def load_run(store: RunStore, run_id: str, device: str = "cpu") -> LoadedRun:
     dev = torch.device(device)
     model = created.model.to(dev).eval()
     data_config = meta["data_config"]
+    try:
+        card = store.card(run_id)
+    except (DPCoreError, OSError, ValueError):  # no card (a cancelled run): no calibration
+        card = None
     return LoadedRun(run_id, config, model, meta["class_names"], data_config, make_to_uint8(data_config),
-                     Normalizer.from_config(data_config).to(dev), dev)
+                     Normalizer.from_config(data_config).to(dev), dev, temperature_of(card))

@@ -1025,6 +1025,10 @@ class _Run:
         )
         if self.features is not None:
             card["model"]["features"] = self.features_info()
+        if self.last_probs is not None:  # temperature on half the TEST split (never training images); never fails
+            from . import calibration
+
+            calibration.for_finished_run(self.store, self.run_id, card, probs, labels, kept, cfg.seed)
         self.store.write_json(self.run_id, "card.json", card)
         if status == "done":  # a finished run is never resumed: its checkpoint is dead weight
             from . import checkpoint

@@ -1,7 +1,7 @@
 """Predictions: a finished run on its TEST split — gallery, confusion matrix, ROC, per-class metrics."""
 import streamlit as st
 
-from dpcore import figures, run_review
+from dpcore import calibration, calibration_figures, figures, run_review
 from dpcore.data import load_dataset
 from dpcore.data.base import content_digests
 from dpcore.errors import DPCoreError
@@ -70,6 +70,38 @@ for i, name in enumerate(classes):
 st.dataframe(per_class, hide_index=True, column_config={
     "recall (sensitivity)": st.column_config.NumberColumn(format="percent"),
     "precision": st.column_config.NumberColumn(format="percent")})
+
+st.subheader("Calibration")
+cal = card.get("calibration")
+if cal and cal.get("method") == "temperature":
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Temperature T", f"{cal['temperature']:.3f}",
+              help=f"fitted on {cal['fit_on']}: probabilities become softmax(logits / T)")
+    c2.metric("ECE, evaluation half", f"{100 * cal['ece_before']:.1f} % → {100 * cal['ece_after']:.1f} %",
+              help="expected calibration error: the mean gap between confidence and accuracy over "
+                   f"{cal.get('n_bins', calibration.N_BINS)} confidence bins, on the {cal['n_eval']} test images "
+                   "T was not fitted on")
+    c3.metric("NLL, evaluation half", f"{cal['nll_before']:.3f} → {cal['nll_after']:.3f}")
+    st.plotly_chart(calibration_figures.reliability_figure(cal), key="pr-reliability")
+    side = "over-confident" if cal["temperature"] > 1 else "under-confident"
+    st.caption(f"Below the diagonal the model is more sure than it is right. T > 1 softens its probabilities, "
+               f"T < 1 sharpens them: this model was {side} on held-out images; the Clinician page shows the "
+               f"calibrated probabilities. T was fitted on {cal['fit_on']} and judged on the other {cal['n_eval']}. "
+               "Accuracy and the confusion matrix are unchanged (dividing the logits by T never changes the "
+               "predicted class); the ROC curve and gallery above and below show the model's own probabilities. "
+               "No training image is used, so ε is unchanged.")
+elif cal:
+    st.info(f"This run has no calibrated probabilities: {cal.get('reason', 'no temperature was fitted')}")
+else:
+    st.info("This run was stored before calibration existed, so its probabilities are the model's own. Compute a "
+            f"temperature from its test predictions with `python -m dpcore temperature {run_id}`, or here.")
+    if st.button("Calibrate this run", key="pr_calibrate"):
+        try:
+            calibration.calibrate_run(store(), run_id)
+        except DPCoreError as exc:
+            st.error(str(exc))
+        else:
+            st.rerun()
 
 st.subheader("Gallery")
 f1, f2, f3 = st.columns(3)
