@@ -183,12 +183,15 @@ def show_upload(k: int, name: str, data: bytes, card: dict, loaded, lock) -> str
     c.plotly_chart(figures.probability_bars_figure(dict(zip(loaded.class_names, map(float, probs)))),
                    key=f"cl-probs-{k}")
     args = (card, loaded, probs, name, image, result, sal_problem, opacity)
+    c.caption("Keep this result: the report holds the image, the overlay and its scale, the probabilities, the "
+              "model card and the research-use notice. It is built in memory when you click; the app stores "
+              "nothing of your image.")
     d1, d2 = c.columns(2)
-    d1.download_button("Download the report (PDF)", functools.partial(_pdf, *args), key=f"cl_pdf_{k}_{digest}",
+    d1.download_button("Report (PDF)", functools.partial(_pdf, *args), key=f"cl_pdf_{k}_{digest}",
                        file_name=report_name(name, "pdf"), mime="application/pdf", on_click="ignore", icon="📄",
                        help="The image, the overlay, the probabilities, the model card and the research-use notice. "
                             "Built in memory when clicked; nothing is stored.")
-    d2.download_button("Download the facts (JSON)", functools.partial(_json, *args), key=f"cl_json_{k}_{digest}",
+    d2.download_button("Facts (JSON)", functools.partial(_json, *args), key=f"cl_json_{k}_{digest}",
                        file_name=report_name(name, "json"), mime="application/json", on_click="ignore", icon="🧾",
                        help="The same facts, machine-readable: probabilities per class, the model run and card, "
                             "the notice.")

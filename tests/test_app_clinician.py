@@ -81,7 +81,7 @@ def test_each_upload_gets_a_slider_the_overlay_a_colour_bar_and_both_reports(fin
     buttons = {b.label: [] for b in at.download_button}
     for b in at.download_button:
         buttons[b.label].append(b)
-    assert len(buttons["Download the report (PDF)"]) == 2 and len(buttons["Download the facts (JSON)"]) == 2
+    assert len(buttons["Report (PDF)"]) == 2 and len(buttons["Facts (JSON)"]) == 2
     assert all(b.proto.deferred_file_id and not b.disabled for b in at.download_button)
     captions = [img.caption for el in at.get("image") for img in el.proto.imgs]
     assert sum(c.startswith("Grad-CAM on ") for c in captions) == 2

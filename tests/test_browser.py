@@ -113,3 +113,96 @@ def test_privacy_budget_page_shows_the_ledger_in_the_browser(fresh_ledger, app_s
         if shots:
             page.screenshot(path=str(Path(shots) / "privacy_budget.png"), full_page=True)
         browser.close()
+
+
+XRAYS = Path(os.environ.get("DPCORE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "chest_xray"
+NOTES_SCREENS = Path(os.environ.get("DPCORE_NOTES_SCREENS", "/work/notes/screens"))
+
+
+def _xray_subset(dest: Path, per_class: int = 60, test_per_class: int = 20) -> Path:
+    """A small real data set: the first images of each class of the official Kermany train and test splits."""
+    import shutil
+
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        for cls in ("NORMAL", "PNEUMONIA"):
+            (dest / split / cls).mkdir(parents=True)
+            for src in sorted((XRAYS / split / cls).glob("*.jpeg"))[:n]:
+                shutil.copy(src, dest / split / cls / src.name)
+    (dest / "PROVENANCE.md").write_text(
+        f"# xray_subset — Pediatric pneumonia chest X-rays (Kermany et al. 2018), {2 * per_class} training "
+        "images for the browser test\n")
+    return dest
+
+
+@pytest.fixture
+def xray_server(tmp_path):
+    """The app serving one tiny DP model trained on real chest X-rays (a 120-image subset, 32 px, seconds)."""
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing in CI: .ci/run must apt-get install chromium")
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    if not (XRAYS / "test" / "PNEUMONIA").is_dir():
+        pytest.skip(f"real chest X-rays {XRAYS} are absent")
+    from dpcore.config import RunConfig
+    from dpcore.trainer import train
+
+    runs = tmp_path / "runs"
+    data = _xray_subset(tmp_path / "xray_subset")
+    result = train(RunConfig(dataset="folder", data_dir=str(data), backbone="tiny_cnn", image_size=32, epochs=8,
+                             batch_size=24, max_physical_batch_size=24, epsilon=8.0, delta=1e-3, device="cpu"),
+                   RunStore(runs))
+    assert result.status == "done"
+    with serve(runs) as url:
+        yield url, result.run_id
+
+
+def test_clinician_uploads_a_real_xray_sees_the_overlay_and_card_and_downloads_the_report(xray_server, tmp_path):
+    """Upload a held-out chest X-ray (official test split), see the Grad-CAM overlay, its colour bar and the
+    model card, and download the PDF report (built by the server when the button is clicked)."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    url, run_id = xray_server
+    upload = sorted((XRAYS / "test" / "PNEUMONIA").glob("*.jpeg"))[-1]  # not among the subset's first 20
+    with sync_playwright() as p:
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / "chrome-profile-clinician"), executable_path=CHROMIUM, args=FLAGS, headless=True,
+            viewport={"width": 1400, "height": 1600}, accept_downloads=True)
+        page = browser.new_page()
+        page.set_default_timeout(90_000)  # a loaded 2-core machine: loading torch and the model takes a while
+        page.goto(url)  # as a user arrives: Home, then the sidebar link
+        page.wait_for_selector(READY, timeout=120_000)
+        page.get_by_role("link", name="Clinician").first.click()
+        page.get_by_role("heading", name="Clinician view").first.wait_for()
+        page.wait_for_selector(READY, timeout=120_000)
+        page.get_by_text("Trained on:").first.wait_for()  # the model card
+        assert page.get_by_text("Pediatric pneumonia chest X-rays (Kermany et al. 2018)").count() >= 1
+        assert page.get_by_text("not a medical device").count() >= 1
+
+        page.locator(".st-key-cl_upload input[type='file']").set_input_files(str(upload))
+        page.get_by_text(f"{upload.name}: model output").first.wait_for(timeout=180_000)
+        page.get_by_text("Grad-CAM on ").first.wait_for()  # the overlay's caption
+        page.wait_for_selector(READY, timeout=120_000)
+        page.wait_for_function("""() => {
+            const imgs = Array.from(document.querySelectorAll("[data-testid='stImage'] img"));
+            return imgs.length >= 3 && imgs.every(i => i.complete && i.naturalWidth > 0);
+        }""", timeout=90_000)  # the upload, the overlay and its colour bar, all drawn
+        assert page.locator("[class*='st-key-cl_opacity_0_']").count() == 1
+        assert page.get_by_text("not evidence of disease").count() >= 1
+        page.locator(".js-plotly-plot").first.wait_for()  # the probabilities
+        shot = tmp_path / "clinician.png"
+        page.set_viewport_size({"width": 1400, "height": 3400})  # Streamlit scrolls inside: a tall window shows all
+        page.wait_for_selector(READY, timeout=120_000)
+        page.screenshot(path=str(shot), full_page=True)
+        if NOTES_SCREENS.parent.is_dir():
+            NOTES_SCREENS.mkdir(exist_ok=True)
+            shutil.copy(shot, NOTES_SCREENS / "clinician.png")
+
+        with page.expect_download(timeout=120_000) as started:
+            page.locator("[class*='st-key-cl_pdf_0_'] button").first.click()
+        download = started.value
+        assert download.suggested_filename == f"{upload.stem}-report.pdf"
+        pdf = Path(download.path()).read_bytes()
+        assert pdf.startswith(b"%PDF") and b"%%EOF" in pdf[-64:]
+        browser.close()
