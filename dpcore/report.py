@@ -11,8 +11,8 @@ import importlib.util
 import io
 import json
 import math
+import threading
 from datetime import datetime, timezone
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -201,15 +201,23 @@ def _font_dirs() -> list[Path]:
     return _FONT_DIRS + bundled
 
 
-@lru_cache(maxsize=16)
+_fonts = threading.local()  # one FreeType face per thread: a deferred download is drawn off the script thread
+
+
 def font(size: int, bold: bool = False) -> tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont, bool]:
     """(font, unicode) — DejaVu Sans where installed (it has ε, δ, →); else Pillow's own font, which lacks
     them, so text is spelled in ASCII (unicode False)."""
-    name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
-    for folder in _font_dirs():
-        if (folder / name).is_file():
-            return ImageFont.truetype(str(folder / name), size), True
-    return ImageFont.load_default(size=size), False
+    cache = _fonts.__dict__.setdefault("cache", {})
+    if (size, bold) not in cache:
+        name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
+        path = next((folder / name for folder in _font_dirs() if (folder / name).is_file()), None)
+        cache[size, bold] = ((ImageFont.truetype(str(path), size), True) if path is not None
+                             else (ImageFont.load_default(size=size), False))
+    return cache[size, bold]
+
+
+def clear_fonts() -> None:
+    _fonts.__dict__.pop("cache", None)
 
 
 def _say(text: str, unicode: bool) -> str:

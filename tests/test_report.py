@@ -160,13 +160,13 @@ def test_without_dejavu_the_report_is_drawn_in_ascii(run, drawn, monkeypatch):
     """Pillow's own font has no ε or δ: where DejaVu is not installed the text is spelled out."""
     loaded, card = run
     monkeypatch.setattr(report, "_font_dirs", lambda: [])
-    report.font.cache_clear()
+    report.clear_fonts()
     try:
         image = load_dataset("digits").test.image(1)
         facts, res = _facts(loaded, card, image)
         assert report.report_pdf(facts, image, res, 0.6).startswith(b"%PDF")
     finally:
-        report.font.cache_clear()
+        report.clear_fonts()
     text = " ".join(drawn)
     assert "epsilon = " in text and "per image" in text and "ε" not in text
     assert "low -> high contribution" in text
