@@ -15,7 +15,11 @@ from .events import Event
 
 _METRIC_TITLES = {"accuracy": "test accuracy", "balanced_accuracy": "balanced accuracy", "roc_auc": "ROC-AUC",
                   "loss": "test loss"}
-_LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50), hovermode="x unified")
+_PERCENT = ("accuracy", "balanced_accuracy")  # shown as percent; ROC-AUC stays a 0–1 number
+# legends sit in one row under the plot (they used to take half a narrow chart and cover its curves)
+LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.28, xanchor="left", x=0, title_text="")
+_LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=110), hovermode="x unified",
+               legend=LEGEND_BELOW)
 
 
 def _title(metric: str) -> str:
@@ -24,6 +28,31 @@ def _title(metric: str) -> str:
 
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def score_axis(metric: str, values: Sequence[Any] = (), tight: bool = True) -> dict[str, Any]:
+    """y-axis settings for a score in [0, 1]: never past 1 (nor below 0), tight above the lowest value when asked
+    (to the tenth below it), percent ticks for accuracies."""
+    vals = [float(v) for v in values if _finite(v)]
+    low = max(0.0, math.floor((min(vals) - 0.05) * 10) / 10) if tight and vals else 0.0
+    axis: dict[str, Any] = dict(range=[min(low, 0.9), 1.0])
+    if metric in _PERCENT:
+        axis["tickformat"] = ".0%"
+    return axis
+
+
+def log_epsilon_axis(values: Sequence[Any]) -> dict[str, Any]:
+    """A log ε axis with ticks at 1-2-5 values written plainly (0.1 0.2 0.5 1 2 5 10), not '2 3 … 9 1 2'."""
+    vals = [float(v) for v in values if _finite(v) and v > 0]
+    if not vals:
+        return dict(type="log")
+    lo, hi = math.log10(min(vals)), math.log10(max(vals))
+    pad = max(0.15, (0.75 - (hi - lo)) / 2)  # a lone point gets a readable span around it (0.5 1 2)
+    lo, hi = lo - pad, hi + pad
+    steps = (1, 2, 5) if hi - lo <= 3.5 else (1,)  # over many decades 1-2-5 ticks would crowd
+    ticks = [round(m * 10.0 ** p, 12) for p in range(math.floor(lo) - 1, math.ceil(hi) + 1) for m in steps]
+    ticks = [t for t in ticks if lo <= math.log10(t) <= hi]
+    return dict(type="log", range=[lo, hi], tickmode="array", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks])
 
 
 def _empty_note(fig: go.Figure, text: str) -> go.Figure:
@@ -48,6 +77,8 @@ def epsilon_curve_figure(curves: dict[str, list[tuple[int, float]]], target: flo
         fig.add_trace(go.Scatter(x=[s for s, _ in pts], y=[e for _, e in pts], mode="lines", name=name))
     _target_line(fig, target)
     fig.update_layout(title=title, xaxis_title="step", yaxis_title="ε spent", **_LAYOUT)
+    if len(fig.data) < 2:  # one curve needs no legend: the title names it
+        fig.update_layout(showlegend=False, margin=dict(_LAYOUT["margin"], b=50))
     if not any(len(t.x) for t in fig.data):
         _empty_note(fig, "no ε values yet")
     return fig
@@ -65,10 +96,16 @@ def _eval_series(events: Sequence[Event], metric: str) -> tuple[list[int], list[
 def training_figures(events: list[Event], target_epsilon: float | None = None) -> dict[str, go.Figure]:
     """"accuracy", "loss" and "epsilon" charts of one run from its (possibly partial) event list."""
     acc = go.Figure()
-    for metric in ("accuracy", "balanced_accuracy", "roc_auc"):
+    # test accuracy is drawn last (on top), thick with round markers: when balanced accuracy equals it (balanced
+    # classes) the two thin dashed lines lie over it and it stays visible
+    styles = {"roc_auc": dict(line=dict(dash="dot", width=2), marker=dict(symbol="square", size=6)),
+              "balanced_accuracy": dict(line=dict(dash="dash", width=2), marker=dict(symbol="diamond", size=7)),
+              "accuracy": dict(line=dict(width=4), marker=dict(symbol="circle", size=10), opacity=0.85)}
+    for rank, metric in ((3, "roc_auc"), (2, "balanced_accuracy"), (1, "accuracy")):
         xs, ys = _eval_series(events, metric)
-        acc.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=_title(metric)))
-    acc.update_layout(title="Test metrics", xaxis_title="step", yaxis_title="score", yaxis_range=[0, 1.02],
+        acc.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=_title(metric), legendrank=rank,
+                                 cliponaxis=False, **styles[metric]))
+    acc.update_layout(title="Test metrics", xaxis_title="step", yaxis_title="score", yaxis=dict(range=[0, 1]),
                       **_LAYOUT)
     if not any(len(t.x) for t in acc.data):
         _empty_note(acc, "no evaluation yet")
@@ -95,30 +132,58 @@ def compare_runs_figure(runs: dict[str, list[Event]], metric: str = "accuracy") 
     fig = go.Figure()
     for label, events in runs.items():
         xs, ys = _eval_series(events, metric)
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=label))
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=label, cliponaxis=False))
     fig.update_layout(title=f"{_title(metric)} vs step", xaxis_title="step", yaxis_title=_title(metric),
                       **_LAYOUT)
+    if metric in _METRIC_TITLES and metric != "loss":
+        fig.update_yaxes(**score_axis(metric, tight=False))
     if not any(len(t.x) for t in fig.data):
         _empty_note(fig, "no evaluations to compare yet")
     return fig
 
 
-def frontier_figure(dp_points: list[dict], nonprivate_points: list[dict], metric: str = "accuracy") -> go.Figure:
-    """Privacy–utility frontier: metric vs ε spent (log x); each non-private run as a dashed ceiling."""
+def frontier_figure(dp_points: list[dict], nonprivate_points: list[dict], metric: str = "accuracy", *,
+                    highlight: Sequence[str] = (), target: float | None = None,
+                    answer_epsilon: float | None = None) -> go.Figure:
+    """Privacy–utility frontier: metric vs ε spent (log x); each non-private run as a dashed ceiling.
+
+    `highlight` rings the runs an answer comes from; `target` draws the asked metric level and `answer_epsilon`
+    the ε read off the frontier (dpcore.frontier)."""
     fig = go.Figure()
     pts = sorted((p for p in dp_points if _finite(p.get("epsilon")) and p["epsilon"] > 0
                   and _finite(p.get(metric))), key=lambda p: p["epsilon"])
+    value = "%{y:.1%}" if metric in _PERCENT else "%{y:.3f}"
     fig.add_trace(go.Scatter(
         x=[p["epsilon"] for p in pts], y=[p[metric] for p in pts], mode="lines+markers", name="DP runs",
         text=[p.get("label") or p.get("run_id") for p in pts], customdata=[p.get("run_id") for p in pts],
-        hovertemplate="ε=%{x:.3g}<br>" + _title(metric) + "=%{y:.3f}<br>%{text}<extra></extra>"))
+        cliponaxis=False, hovertemplate="ε=%{x:.3g}<br>" + _title(metric) + "=" + value + "<br>%{text}<extra></extra>"))
+    chosen = [p for p in pts if p.get("run_id") in set(highlight)]
+    if chosen:
+        fig.add_trace(go.Scatter(
+            x=[p["epsilon"] for p in chosen], y=[p[metric] for p in chosen], mode="markers",
+            name="runs the answer comes from", customdata=[p.get("run_id") for p in chosen], cliponaxis=False,
+            marker=dict(symbol="circle-open", size=18, line=dict(width=3), color="darkorange"), hoverinfo="skip"))
+    ys = [p[metric] for p in pts] + [p[metric] for p in nonprivate_points if _finite(p.get(metric))]
     for p in nonprivate_points:
         if _finite(p.get(metric)):
             fig.add_hline(y=p[metric], line_dash="dash", line_color="gray",
                           annotation_text=f"non-private: {p.get('label') or p.get('run_id')}",
                           annotation_position="bottom right")
+    if _finite(target):
+        ys.append(target)
+        shown = f"{target:.1%}" if metric in _PERCENT else f"{target:.3g}"
+        fig.add_hline(y=target, line_dash="dot", line_color="darkorange", annotation_text=f"target {shown}",
+                      annotation_position="top left")
+    xs = [p["epsilon"] for p in pts]
+    if _finite(answer_epsilon) and answer_epsilon > 0 and _finite(target):
+        xs.append(answer_epsilon)
+        fig.add_trace(go.Scatter(x=[answer_epsilon], y=[target], mode="markers", name=f"answer: ε ≈ {answer_epsilon:.3g}",
+                                 marker=dict(symbol="x", size=12, color="darkorange"), cliponaxis=False,
+                                 hovertemplate="ε≈%{x:.3g}<extra>answer</extra>"))
     fig.update_layout(title=f"{_title(metric)} vs ε spent", xaxis_title="ε spent (log scale)",
-                      yaxis_title=_title(metric), xaxis_type="log", **dict(_LAYOUT, hovermode="closest"))
+                      yaxis_title=_title(metric), **dict(_LAYOUT, hovermode="closest"))
+    fig.update_xaxes(**log_epsilon_axis(xs))
+    fig.update_yaxes(**score_axis(metric, ys))
     if not pts and not nonprivate_points:
         _empty_note(fig, "no finished runs for this data set and backbone")
     return fig

@@ -149,3 +149,61 @@ def test_weights_are_described_in_plain_words():
     assert describe_weights({"source": "none"}) == "random initialisation (no pretraining)"
     assert "timm hub" in describe_weights({"source": "hub", "name": "resnet18.a1_in1k"})
     assert "sha256 abcdef012345" in describe_weights({"source": "file", "name": "w.safetensors", "sha256": "abcdef0123456789"})
+
+
+def test_score_axes_stay_within_zero_and_one_and_accuracies_read_as_percent():
+    dp = [{"epsilon": 0.5, "accuracy": 0.62, "roc_auc": 0.97, "run_id": "a"},
+          {"epsilon": 8.0, "accuracy": 1.0, "roc_auc": 1.0, "run_id": "b"}]
+    fig = frontier_figure(dp, [{"accuracy": 0.99, "roc_auc": 1.0, "run_id": "c"}])
+    lo, hi = fig.layout.yaxis.range
+    assert 0 <= lo <= 0.62 and hi == 1.0 and fig.layout.yaxis.tickformat == ".0%"  # was autoscaled up to 1.5
+    auc = frontier_figure(dp, [], metric="roc_auc")
+    assert auc.layout.yaxis.range[1] == 1.0 and auc.layout.yaxis.tickformat is None
+    acc = training_figures(_events(4))["accuracy"]
+    assert list(acc.layout.yaxis.range) == [0, 1]
+    assert list(compare_runs_figure({"a": _events(2)}, metric="accuracy").layout.yaxis.range) == [0, 1]
+
+
+def test_the_log_epsilon_axis_has_plain_one_two_five_ticks():
+    dp = [{"epsilon": e, "accuracy": 0.8, "run_id": str(e)} for e in (0.25, 1.0, 8.0)]
+    x = frontier_figure(dp, []).layout.xaxis
+    assert x.type == "log" and list(x.ticktext) == ["0.2", "0.5", "1", "2", "5", "10"]
+    assert list(x.tickvals) == [0.2, 0.5, 1, 2, 5, 10]
+    lone = frontier_figure(dp[1:2], []).layout.xaxis
+    assert list(lone.ticktext) == ["0.5", "1", "2"]
+
+
+def test_legends_sit_in_one_row_under_the_plot():
+    figs = [training_figures(_events(4))["accuracy"], frontier_figure([], []), compare_runs_figure({"a": []})]
+    for fig in figs:
+        assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0
+
+
+def test_test_accuracy_stays_visible_over_an_equal_balanced_accuracy():
+    ev = [Event("eval", "r", step=s, metrics={"accuracy": 0.5, "balanced_accuracy": 0.5, "roc_auc": 0.7})
+          for s in (1, 2)]
+    acc = training_figures(ev)["accuracy"]
+    top, bal = _trace(acc, "test accuracy"), _trace(acc, "balanced accuracy")
+    assert acc.data[-1].name == "test accuracy"  # drawn last, on top
+    assert top.line.width > bal.line.width and top.marker.size > bal.marker.size and bal.line.dash == "dash"
+    assert top.legendrank < bal.legendrank  # still listed first
+
+
+def test_the_frontier_marks_the_runs_an_answer_comes_from():
+    dp = [{"epsilon": 1.0, "accuracy": 0.8, "run_id": "a"}, {"epsilon": 4.0, "accuracy": 0.95, "run_id": "b"}]
+    fig = frontier_figure(dp, [], highlight=["a", "b"], target=0.9, answer_epsilon=2.6)
+    marked = _trace(fig, "runs the answer comes from")
+    assert list(marked.customdata) == ["a", "b"] and list(marked.x) == [1.0, 4.0]
+    answer = next(t for t in fig.data if t.name.startswith("answer"))
+    assert list(answer.x) == [2.6] and list(answer.y) == [0.9]
+    assert [s.y0 for s in fig.layout.shapes] == [0.9]
+
+
+def test_experiment_comparison_axes_match_the_frontier():
+    from dpcore.experiment_figures import comparison_figure
+
+    rows = [{"arm": f"ε={e}", "group": "DP", "private": True, "epsilon": e, "accuracy": a, "run_id": str(e)}
+            for e, a in ((0.5, 0.7), (2.0, 0.9))]
+    fig = comparison_figure(rows, "accuracy")
+    assert fig.layout.yaxis.range[1] == 1.0 and fig.layout.yaxis.tickformat == ".0%"
+    assert list(fig.layout.xaxis.ticktext) == ["0.5", "1", "2"] and fig.layout.legend.orientation == "h"
