@@ -96,7 +96,8 @@ def frontier_points(store: RunStore, dataset: str, backbone: str, scope: str | N
         m = rec.metrics or {}
         point = {"epsilon": _spent_epsilon(rec), "target_epsilon": rec.target_epsilon,
                  "accuracy": m.get("accuracy"), "balanced_accuracy": m.get("balanced_accuracy"),
-                 "roc_auc": m.get("roc_auc"), "run_id": rec.run_id, "label": _label(rec)}
+                 "roc_auc": m.get("roc_auc"), "run_id": rec.run_id, "label": _label(rec),
+                 "unit": ((rec.privacy or {}).get("unit") or rec.config.privacy_unit) if rec.private else None}
         if rec.private:
             if point["epsilon"] is None:  # a done private run always records ε; say so rather than hide it
                 raise DPCoreError(f"run {rec.run_id} is private and done but has no spent ε recorded. "
@@ -111,6 +112,26 @@ def frontier_groups(store: RunStore) -> list[tuple[str, str, str, str]]:
     """(data set, backbone, scope, weight source) of the finished runs, sorted: one frontier each."""
     return sorted({(r.dataset, r.backbone, r.config.scope, r.config.pretrained)
                    for r in store.list_runs() if r.status == "done"})
+
+
+def group_of(rec: RunRecord) -> tuple[str, str, str, str]:
+    """The frontier a run belongs to (see `frontier_groups`)."""
+    return rec.dataset, rec.backbone, rec.config.scope, rec.config.pretrained
+
+
+def default_frontier_group(store: RunStore, sweep_run_ids: list[str] | None = None) -> tuple[str, str, str, str] | None:
+    """The frontier to show first: that of the latest sweep (its point runs, newest sweep first, when one of them
+    has finished), else that of the most recently finished run — not the first group in sort order."""
+    groups = set(frontier_groups(store))
+    records = {r.run_id: r for r in store.list_runs()}
+    for run_id in sweep_run_ids or ():
+        rec = records.get(run_id)
+        if rec is not None and group_of(rec) in groups:
+            return group_of(rec)
+    done = [r for r in records.values() if r.status == "done"]
+    if not done:
+        return None
+    return group_of(max(done, key=lambda r: (r.finished_at or r.created_at, r.created_at)))
 
 
 def ready_runs(store: RunStore) -> list[RunRecord]:

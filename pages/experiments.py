@@ -6,7 +6,7 @@ import streamlit as st
 from dpcore import experiments as ex
 from dpcore.errors import DPCoreError
 from dpcore.experiment_figures import comparison_figure
-from pages.common import fmt_duration, manager, show_queue, store
+from pages.common import as_percent, experiment_columns, fmt_duration, manager, show_queue, show_table, store
 
 st.title("🧪 Experiments")
 st.caption("Each experiment is a file in `experiments/` with a version: a base run, its arms (ε values, weights, "
@@ -45,7 +45,7 @@ with st.expander(f"Arms ({len(exp.arms)}) and settings"):
                                                                    if k != "source") or "—",
                          "reports": {"raw": "raw (last-iterate) weights", "ema": "EMA weights"}.get(arm.report or "",
                                                                                                  "the run's own")})
-    st.dataframe(pd.DataFrame(arm_rows), hide_index=True)
+    show_table(pd.DataFrame(arm_rows))
     st.caption("Arms with identical run configs share one training run (e.g. the raw and the EMA weights of one "
                "run: EMA is post-processing and does not change training).")
     st.markdown("**Base run config** (relative data paths resolve against the data root)")
@@ -110,20 +110,8 @@ def _results() -> None:
     if df[["reference_accuracy", "reference_roc_auc"]].notna().any().any():
         cols += ["reference_accuracy", "reference_roc_auc"]
     cols.append("run_id")
-    st.dataframe(df[cols], hide_index=True, key="ex_table", column_config={
-        "target_epsilon": st.column_config.NumberColumn("target ε", format="%.3g"),
-        "epsilon": st.column_config.NumberColumn("ε spent", format="%.4f", help="empty = non-private or not run"),
-        "accuracy": st.column_config.NumberColumn("test accuracy", format="%.4f"),
-        "balanced_accuracy": st.column_config.NumberColumn("balanced accuracy", format="%.4f"),
-        "roc_auc": st.column_config.NumberColumn("ROC-AUC", format="%.4f"),
-        "patient_epsilon": st.column_config.NumberColumn(
-            "ε per patient", format="%.3g", help="patient-level runs: their ε; image-level runs: the group-privacy ε "
-            "of the largest patient (inf: no finite bound); empty where the data name no patients"),
-        "patient_delta": st.column_config.NumberColumn("δ per patient", format="%.3g",
-                                                       help="≥ 1 (or inf) promises nothing"),
-        "reference_accuracy": st.column_config.NumberColumn("reported accuracy", format="%.4f"),
-        "reference_roc_auc": st.column_config.NumberColumn("reported ROC-AUC", format="%.3f"),
-    })
+    show_table(as_percent(df[cols], ["accuracy", "balanced_accuracy", "reference_accuracy"]), key="ex_table",
+               column_config=experiment_columns())
     st.caption(f"{comp.done} of {len(comp.rows)} arms finished. Each row is the arm's latest finished run of "
                f"version {exp.version}; ε spent is the accountant's value for the steps actually taken (from the "
                "run's card).")

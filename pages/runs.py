@@ -1,19 +1,22 @@
-"""Runs: every stored run, curves side by side, the privacy–utility frontier, deleting a run."""
+"""Runs: every stored run, curves side by side, the privacy–utility frontier and the smallest ε reaching a target,
+deleting a run."""
 import pandas as pd
 import streamlit as st
 
 from dpcore import checkpoint, figures, run_review
-from pages.common import ACTIVE, fmt_duration, fmt_time, manager, resume_button, run_label, store
+from dpcore.frontier import METRICS, PERCENT, smallest_epsilon
+from dpcore.jobs import SweepJob
+from pages.common import (ACTIVE, as_percent, auc_column, eps_column, fmt_duration, fmt_time, manager, pct_column,
+                          resume_button, run_label, show_table, store)
 
 st.title("📋 Runs")
 
 
-def sweep_section() -> None:
+def sweep_form() -> None:
     """Launch an ε sweep (one stored run per ε, head-only on cached features) as one background job."""
     from dpcore.config import RunConfig
     from dpcore.data import list_datasets
     from dpcore.errors import DPCoreError
-    from dpcore.jobs import SweepJob
     from dpcore.sweep import parse_epsilons
     from models import list_models
 
@@ -39,23 +42,48 @@ def sweep_section() -> None:
                 st.toast(f"Sweep queued: {len(job.run_ids)} runs")
             except DPCoreError as exc:
                 st.error(str(exc))
-        sweep_id = st.session_state.get("rn_sweep")
-        job = manager().get(sweep_id) if sweep_id else None
-        if isinstance(job, SweepJob):
-            st.progress(job.progress, text=f"Sweep {job.status}: {len(job.points)} of {len(job.run_ids)} runs "
-                                           "finished (points appear in the frontier below as they arrive)")
-            if job.points:
-                st.dataframe(pd.DataFrame([p.to_dict() for p in job.points]), hide_index=True)
-            if not job.finished:
-                c5, c6 = st.columns(2)
-                if c5.button("Refresh", key="rn_sw_refresh"):
-                    st.rerun()
-                if c6.button("Cancel sweep", key="rn_sw_cancel"):
-                    manager().cancel(job.run_id)
-                    st.rerun()
 
 
-sweep_section()
+def sweep_job() -> SweepJob | None:
+    sweep_id = st.session_state.get("rn_sweep")
+    job = manager().get(sweep_id) if sweep_id else None
+    return job if isinstance(job, SweepJob) else None
+
+
+def sweep_progress(job: SweepJob) -> None:
+    st.progress(job.progress, text=f"Sweep {job.status}: {len(job.points)} of {len(job.run_ids)} runs finished"
+                                   + (" (points appear in the table and the frontier below as they arrive)"
+                                      if not job.finished else ""))
+    if job.points:
+        unit = job.config.privacy_unit
+        rows = [{**p.to_dict(), "unit": unit if p.target_epsilon is not None else None} for p in job.points]
+        show_table(as_percent(pd.DataFrame(rows), ["accuracy"]), key="rn_sweep_points",
+                   column_order=["run_id", "status", "target_epsilon", "epsilon", "unit", "accuracy", "roc_auc"],
+                   column_config={"target_epsilon": eps_column("target ε", help="— = the non-private baseline"),
+                                  "epsilon": eps_column(), "unit": st.column_config.TextColumn("per"),
+                                  "accuracy": pct_column("test accuracy"), "roc_auc": auc_column("test ROC-AUC")})
+    if not job.finished and st.button("Cancel sweep", key="rn_sw_cancel", icon="⏹"):
+        manager().cancel(job.run_id)
+        st.rerun()
+
+
+@st.fragment(run_every="2s")
+def live_sweep(sweep_id: str) -> None:
+    """Redraws the sweep's progress every 2 s; a new point (or the sweep's end) redraws the whole page once, so the
+    runs table and the frontier show it, and a finished sweep is drawn without the timer."""
+    job = manager().get(sweep_id)
+    sweep_progress(job)
+    if job.finished or len(job.points) != st.session_state.get("rn_sweep_seen"):
+        st.rerun()
+
+
+sweep_form()
+current_sweep = sweep_job()
+if current_sweep is not None:
+    st.session_state["rn_sweep_seen"] = len(current_sweep.points)
+    (sweep_progress if current_sweep.finished else live_sweep)(
+        current_sweep if current_sweep.finished else current_sweep.run_id)
+
 table = run_review.runs_table(store())
 if not table:
     st.info("No runs yet: launch one on the Train page, or a preset on Home.")
@@ -64,17 +92,23 @@ if not table:
 
 df = pd.DataFrame(table)
 df["duration"] = df["duration_s"].map(fmt_duration)
-df["created"] = df["created"].map(lambda v: fmt_time(v) if isinstance(v, (int, float)) else v)
+df["created"] = df["created"].map(lambda v: fmt_time(pd.Timestamp(v).timestamp()) if isinstance(v, str) else "—")
+df = as_percent(df, ["test_accuracy"])
 shown = ["run_id", "status", "dataset", "backbone", "pretrained", "scope", "epsilon", "unit", "target_epsilon", "delta",
          "accountant", "test_accuracy", "test_roc_auc", "duration", "created"]
-st.dataframe(df[[c for c in shown if c in df.columns]], hide_index=True, column_config={
-    "epsilon": st.column_config.NumberColumn("ε spent", format="%.3g", help="empty = non-private"),
-    "unit": st.column_config.TextColumn("per", help="the privacy unit ε is stated for: an image, or a patient "
-                                                   "(lesion) with all of their images"),
-    "target_epsilon": st.column_config.NumberColumn("target ε", format="%.3g"),
-    "delta": st.column_config.NumberColumn("δ", format="%.0e"),
-    "test_accuracy": st.column_config.NumberColumn("test accuracy", format="percent"),
-    "test_roc_auc": st.column_config.NumberColumn("test ROC-AUC", format="%.3f"),
+small = st.column_config.TextColumn
+show_table(df, key="rn_runs", column_order=[c for c in shown if c in df.columns], column_config={
+    "run_id": small("run", width="medium"), "status": small("status", width="small"),
+    "dataset": small("data set", width="small"), "backbone": small("backbone", width="medium"),
+    "pretrained": small("weights", width="small"), "scope": small("scope", width="small"),
+    "epsilon": eps_column(help="— = non-private (or not finished)"),
+    "unit": small("per", width="small", help="the privacy unit ε is stated for: an image, or a patient (lesion) "
+                                             "with all of their images"),
+    "target_epsilon": eps_column("target ε"),
+    "delta": st.column_config.NumberColumn("δ", format="%.0e", width="small"),
+    "accountant": small("accountant", width="small"),
+    "test_accuracy": pct_column("test accuracy"), "test_roc_auc": auc_column("test ROC-AUC"),
+    "duration": small("duration", width="small"), "created": small("created", width="medium"),
 })
 
 records = {r.run_id: r for r in store().list_runs()}
@@ -87,18 +121,73 @@ if chosen:
                                                  else "non-private)"): store().events(i) for i in chosen}
     st.plotly_chart(figures.compare_runs_figure(runs, metric=metric), key="rn-compare-chart")
 
-st.subheader("Privacy–utility frontier")
-groups = run_review.frontier_groups(store())
-if not groups:
-    st.caption("The frontier needs finished runs of one data set and backbone.")
-else:
+LEDGER_NOTE = ("Choosing ε by looking at these results costs privacy too: each run of the sweep spent its own budget "
+               "on the same training images, and the privacy-budget ledger already counts every one of them (an "
+               "image's ε composes every run that included it).")
+
+
+def frontier_section() -> None:
+    """The privacy–utility frontier of one group and the inverse question: the smallest ε reaching a target."""
+    from dpcore.errors import DPCoreError
+
+    st.subheader("Privacy–utility frontier")
+    groups = run_review.frontier_groups(store())
+    if not groups:
+        st.caption("The frontier needs finished runs of one data set and backbone.")
+        return
+    sweeps = [rid for job in manager().jobs() if isinstance(job, SweepJob) for rid in job.run_ids]  # newest first
+    default = run_review.default_frontier_group(store(), sweeps)
+    if default is not None and st.session_state.get("rn_group_default") != default:
+        st.session_state["rn_group_default"] = default  # a newer sweep or run: follow it (once; then the user's pick)
+        st.session_state["rn_group"] = default
     group = st.selectbox("Data set / backbone / scope / weights", groups,
-                         format_func=lambda g: f"{g[0]} / {g[1]} / {g[2]} / {g[3]}", key="rn_group")
-    fmetric = st.radio("Utility", ["accuracy", "roc_auc"], horizontal=True, key="rn_fmetric")
+                         format_func=lambda g: f"{g[0]} / {g[1]} / {g[2]} / {g[3]}", key="rn_group",
+                         help="defaults to the group of the latest sweep, else of the latest finished run")
+    fmetric = st.radio("Utility", list(METRICS), format_func=METRICS.get, horizontal=True, key="rn_fmetric")
     dp_points, plain_points = run_review.frontier_points(store(), *group)
-    st.plotly_chart(figures.frontier_figure(dp_points, plain_points, metric=fmetric), key="rn-frontier")
+    chart = st.empty()
     st.caption("Each dot is a DP run (test metric against the ε it spent); the dashed line is the non-private run "
                "with the same data, backbone, scope and weights — the price of privacy is the gap.")
+
+    st.markdown("**Smallest ε for a target**")
+    pct = fmetric in PERCENT
+    c1, c2 = st.columns([1, 3])
+    target = c1.number_input(f"Target {METRICS[fmetric]}" + (" (%)" if pct else ""), min_value=1.0 if pct else 0.01,
+                             max_value=100.0 if pct else 1.0, value=90.0 if pct else 0.95, step=1.0 if pct else 0.01,
+                             key=f"rn_target_{fmetric}")
+    goal = target / 100 if pct else target
+    answer = None
+    try:
+        answer = smallest_epsilon(dp_points, fmetric, goal, plain_points)
+    except DPCoreError as exc:
+        c2.warning(str(exc))
+    if answer is not None:
+        box = c2.info if answer.kind in ("measured", "interpolated") else c2.warning
+        box(answer.sentence)
+    chart.plotly_chart(figures.frontier_figure(
+        dp_points, plain_points, metric=fmetric, highlight=answer.used if answer else (), target=goal,
+        answer_epsilon=answer.epsilon if answer else None), key="rn-frontier")
+    st.caption(LEDGER_NOTE)
+    st.page_link("pages/ledger.py", label="Privacy budget: what every run has spent per image", icon="💰")
+    rows = [{"run_id": p["run_id"], "epsilon": p["epsilon"], "unit": p.get("unit"), "accuracy": p["accuracy"],
+             "balanced_accuracy": p["balanced_accuracy"], "roc_auc": p["roc_auc"],
+             "answer": bool(answer and p["run_id"] in answer.used)} for p in dp_points + plain_points]
+    show_table(as_percent(pd.DataFrame(rows), PERCENT), key="rn_frontier_points", column_config={
+        "run_id": "run", "epsilon": eps_column(help="— = non-private"), "unit": "per",
+        "accuracy": pct_column("test accuracy"), "balanced_accuracy": pct_column("balanced accuracy"),
+        "roc_auc": auc_column(), "answer": st.column_config.CheckboxColumn("answer from", help="the measured runs the "
+                                                                                             "answer above reads")})
+
+
+frontier_section()
+
+
+def _fair_table(rows: list[dict], key: str) -> None:
+    """Accuracy-like columns (accuracy, majority share, balanced accuracy, recall) in percent, AUC as 0–1."""
+    df = pd.DataFrame(rows)
+    pct = [c for c in df.columns if c not in ("group", "n", "in gap", "note") and "AUC" not in c]
+    show_table(as_percent(df, pct), key=key, column_config={
+        **{c: pct_column(c) for c in pct}, **{c: auc_column(c) for c in df.columns if "AUC" in c}})
 
 
 def fairness_section(records: dict) -> None:
@@ -167,7 +256,7 @@ def fairness_section(records: dict) -> None:
                  "ROC-AUC": r["roc_auc"], f"{pos} recall" if pos else "positive recall": r.get("positive_recall"),
                  "in gap": g in rep["gap_groups"],
                  "note": rep["excluded_from_gap"].get(g) or (r["roc_auc_note"] or "")} for g, r in rep["groups"].items()]
-        st.dataframe(pd.DataFrame(rows), hide_index=True, key="rn_fair_table")
+        _fair_table(rows, "rn_fair_table")
         gap = rep["gaps"].get("accuracy")
         if gap:
             st.info(f"Largest accuracy gap: **{gap['gap'] * 100:.1f} points** ({gap['best_group']} "
@@ -182,14 +271,16 @@ def fairness_section(records: dict) -> None:
                          ("positive_recall", f"{pos} recall" if pos else "pos. recall")):
                 row[f"{t} {la}"], row[f"{t} {lb}"] = r[f"{m}_a"], r[f"{m}_b"]
             rows.append(row)
-        st.dataframe(pd.DataFrame(rows), hide_index=True, key="rn_fair_table")
+        _fair_table(rows, "rn_fair_table")
         gaps = [{"metric": m, f"gap {la}": (comp["gaps_a"].get(m) or {}).get("gap"),
                  f"worst {la}": (comp["gaps_a"].get(m) or {}).get("worst_group"),
                  f"gap {lb}": (comp["gaps_b"].get(m) or {}).get("gap"),
                  f"worst {lb}": (comp["gaps_b"].get(m) or {}).get("worst_group"),
                  "difference": comp["gap_difference"].get(m)} for m in fairness.GAP_METRICS
                 if m in comp["gaps_a"]]
-        st.dataframe(pd.DataFrame(gaps), hide_index=True, key="rn_fair_gaps")
+        gdf = pd.DataFrame(gaps)
+        show_table(gdf, key="rn_fair_gaps", column_config={c: st.column_config.NumberColumn(c, format="%.3f")
+                                                           for c in gdf.columns if c.startswith(("gap", "diff"))})
         st.info("Verdict: " + comp["verdict"])
     st.plotly_chart(fairness_figures.fairness_figure(reports, metric=metric), key="rn-fairness-chart")
     st.caption(f"Groups with fewer than {min_group} test examples and the 'unknown' group (missing metadata) are "
@@ -208,6 +299,7 @@ def experiments_section() -> None:
     Experiments page)."""
     from dpcore import experiments as ex
     from dpcore.experiment_figures import comparison_figure
+    from pages.common import experiment_columns
 
     tagged = {(t.get("experiment"), t.get("version")) for t in ex.read_tags(store().root).values()}
     exps = [e for _, e in ex.list_experiments() if not isinstance(e, ex.ExperimentError)
@@ -220,7 +312,8 @@ def experiments_section() -> None:
     exp = st.selectbox("Experiment", exps, format_func=lambda e: f"{e.name} · v{e.version}", key="rn_exp")
     comp = ex.comparison(exp, store())
     df = pd.DataFrame(comp.rows)
-    st.dataframe(df[["arm", "status"] + [c for c in comp.metrics] + ["run_id"]], hide_index=True, key="rn_exp_table")
+    cols = ["arm", "status"] + [c for c in comp.metrics] + ["run_id"]
+    show_table(as_percent(df[cols], PERCENT), key="rn_exp_table", column_config=experiment_columns())
     st.plotly_chart(comparison_figure(comp.rows, metric="accuracy", title=f"{exp.name}: accuracy vs ε"),
                     key="rn_exp_chart")
     st.caption(f"{comp.done} of {len(comp.rows)} arms finished; {exp.title}.")

@@ -2,6 +2,7 @@
 and chart from the stored runs, launches an experiment as background jobs and follows it, reports bad files."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -81,7 +82,11 @@ def test_page_shows_a_finished_experiment_from_the_stored_runs(tmp_path, tiny_di
     assert list(df["arm"]) == ["DP ε=2", "non-private"]
     assert list(df["status"]) == ["done", "done"]
     assert df["epsilon"][0] == pytest.approx(comp.rows[0]["epsilon"]) and df["epsilon"][0] <= 2.0001
-    assert df["accuracy"][1] == pytest.approx(comp.rows[1]["accuracy"])
+    assert df["accuracy"][1] == pytest.approx(100 * comp.rows[1]["accuracy"])  # shown in percent, as in text
+    ex_table = next(d for d in at.dataframe if "arm" in d.value.columns and "status" in d.value.columns)
+    formats = {k: v.get("type_config", {}).get("format") for k, v in json.loads(ex_table.proto.columns).items()}
+    assert formats["accuracy"] == formats["balanced_accuracy"] == "%.1f %%" and formats["epsilon"] == "%.3g"
+    assert ex_table.proto.placeholder == "—"  # a non-private arm's ε reads '—', not 'None'
     assert len(at.get("plotly_chart")) == 1
     assert "2 of 2 arms finished" in texts(at)
     # the same comparison on the Runs page
@@ -91,7 +96,7 @@ def test_page_shows_a_finished_experiment_from_the_stored_runs(tmp_path, tiny_di
     assert "Experiment comparisons" in texts(at)
     runs_df = next(d.value for d in at.dataframe if "arm" in d.value.columns)
     assert list(runs_df["arm"]) == ["DP ε=2", "non-private"]
-    assert runs_df["accuracy"][1] == pytest.approx(comp.rows[1]["accuracy"])
+    assert runs_df["accuracy"][1] == pytest.approx(100 * comp.rows[1]["accuracy"])
 
 
 def test_page_launches_an_experiment_and_follows_it(tmp_path, tiny_dir, monkeypatch):
