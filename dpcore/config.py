@@ -29,6 +29,11 @@ class PrivacyWarning(UserWarning):
     """A setting that is allowed but weakens the guarantee (e.g. δ > 1/n)."""
 
 
+# Decisions of one launch, not settings of a run: a form filled from an earlier run's config never carries them
+# over (a budget override, the device, test-only reproducible noise must each be chosen again).
+PER_LAUNCH_FIELDS = frozenset({"allow_over_budget", "device", "insecure_reproducible_noise"})
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """A run: data, backbone, privacy budget and optimisation. Immutable; `replace` makes variants.

@@ -281,7 +281,7 @@ def _predict_test(store: RunStore, run_id: str, splits, batch_size: int, device:
     probs, kept = [], []
     for start in range(0, len(test), batch_size):
         idx = list(range(start, min(start + batch_size, len(test))))
-        probs.append(loaded.predict_proba([test.image(i) for i in idx], batch_size=batch_size))
+        probs.append(loaded.predict_proba([test.image(i) for i in idx], batch_size=batch_size, calibrated=False))
         kept += idx
     from .store import atomic_write
 

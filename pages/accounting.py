@@ -1,4 +1,8 @@
 """Accounting: the privacy arithmetic of DP-SGD alone (no training). Every number comes from dpcore.accounting."""
+from pages.banner import keep_app_navigation
+
+keep_app_navigation()  # first: a deep link on a fresh server must run through app.py
+
 import streamlit as st
 
 from dpcore import accounting, figures

@@ -4,6 +4,10 @@ one-run ε lower bound (Steinke, Nasr & Jagielski 2023).
 The audit runs on a background thread (dpcore.audit.start_audit) and writes its progress next to the run;
 this page only launches it, polls the progress file and draws the stored audit.json.
 """
+from pages.banner import keep_app_navigation
+
+keep_app_navigation()  # first: a deep link on a fresh server must run through app.py
+
 import streamlit as st
 
 from dpcore import audit as au

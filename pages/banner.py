@@ -69,3 +69,20 @@ def show_network_warning() -> None:
     text = exposure_warning(config.get_option("server.address"))
     if text:
         st.warning(text, icon="🌐")
+
+
+def keep_app_navigation() -> None:
+    """Make a page opened by its own URL on a fresh server run inside app.py's navigation.
+
+    Streamlit treats an app with a `pages/` folder as an old-style multipage app until `st.navigation` has run
+    once in the process: the first request, if it is a deep link (`/clinician`), runs that file directly, with
+    every module of `pages/` listed as a page in the sidebar and without app.py's page config. Every page calls
+    this first: in that case it switches the process to app.py's navigation and reruns, so the same URL now
+    runs through app.py. Streamlit's flag is internal; if it moves, this does nothing (the old behaviour)."""
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:  # pragma: no cover - a Streamlit without the flag
+        return
+    if getattr(PagesManager, "uses_pages_directory", None):
+        PagesManager.uses_pages_directory = False
+        st.rerun()

@@ -1,5 +1,9 @@
 """Clinician: upload images, see class probabilities, a Grad-CAM overlay and the model card, and download a
 report of each. No training data; uploads stay in memory (the report is built in memory on click)."""
+from pages.banner import keep_app_navigation
+
+keep_app_navigation()  # first: a deep link on a fresh server must run through app.py
+
 import functools
 import hashlib
 import math

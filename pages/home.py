@@ -2,6 +2,10 @@
 
 The page's words come first and the engine (torch, timm: seconds to import on a cold start) after them, so a
 new user reads the introduction while the rest loads (`bench/first_paint.py`)."""
+from pages.banner import keep_app_navigation
+
+keep_app_navigation()  # first: a deep link on a fresh server must run through app.py
+
 import os
 
 import streamlit as st

@@ -1,4 +1,8 @@
 """Privacy budget: the ε each image has spent over every run on this machine, against a data set's budget."""
+from pages.banner import keep_app_navigation
+
+keep_app_navigation()  # first: a deep link on a fresh server must run through app.py
+
 import math
 import sqlite3
 

@@ -1,4 +1,8 @@
 """Predictions: a finished run on its TEST split — gallery, confusion matrix, ROC, per-class metrics."""
+from pages.banner import keep_app_navigation
+
+keep_app_navigation()  # first: a deep link on a fresh server must run through app.py
+
 import streamlit as st
 
 from dpcore import calibration, calibration_figures, figures, run_review

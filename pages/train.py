@@ -1,4 +1,8 @@
 """Train: configure a run, see its privacy plan before launch, then follow it live."""
+from pages.banner import keep_app_navigation
+
+keep_app_navigation()  # first: a deep link on a fresh server must run through app.py
+
 import sqlite3
 import warnings
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpcore.config import RunConfig
+from dpcore.config import PER_LAUNCH_FIELDS, RunConfig
 
 PRETRAINED_CHOICES = {"default": "default (offline sources first)", "none": "none (random init)",
                       "hub": "hub (timm)"}
@@ -19,7 +19,6 @@ FORM_FIELDS = {"dataset", "data_dir", "backbone", "pretrained", "scope", "epsilo
                "batch_size", "max_physical_batch_size", "lr", "clip_norm", "image_size", "seed", "split",
                "privacy_unit", "augmult", "augment", "ema_decay", "weight_standardization", "lr_schedule",
                "warmup_fraction", "trainable_blocks"}
-NOT_CARRIED = {"allow_over_budget", "device", "insecure_reproducible_noise"}  # a decision of each launch, not a setting
 
 
 def form_state(config: RunConfig) -> dict[str, Any]:
@@ -42,7 +41,7 @@ def form_state(config: RunConfig) -> dict[str, Any]:
         state["tr_eps"] = float(config.epsilon)
     defaults = RunConfig()
     state[HIDDEN_KEY] = {k: v for k, v in config.to_dict().items()
-                         if k not in FORM_FIELDS | NOT_CARRIED and getattr(defaults, k, None) != v}
+                         if k not in FORM_FIELDS | PER_LAUNCH_FIELDS and getattr(defaults, k, None) != v}
     return state
 
 

@@ -64,3 +64,25 @@ def test_every_page_renders_and_asks_for_nothing_missing(served, tmp_path):
     own = [(status, url) for status, url in failed if not STREAMLIT_PROBE.search(url)]
     assert not own, own
     assert not errors, errors
+
+
+def test_a_deep_link_as_the_first_request_gets_the_apps_navigation(tmp_path):
+    """On a fresh server the first request opens /ledger directly: the page runs inside app.py's navigation
+    (page titles in the sidebar, wide layout), not as a file of Streamlit's old `pages/` folder mode, which
+    listed every module (banner, common, …) as a page."""
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing in CI: .ci/run must apt-get install chromium")
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with serve(tmp_path / "runs") as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{url}/ledger")
+        page.get_by_role("heading", name=re.compile("Privacy budget")).first.wait_for(timeout=180_000)
+        page.wait_for_selector(READY, timeout=180_000)
+        nav = page.locator("[data-testid='stSidebarNav']").inner_text(timeout=60_000)
+        browser.close()
+    assert "Privacy budget" in nav and "Clinician" in nav, nav
+    assert not {"banner", "common", "train form"} & {line.strip().lower() for line in nav.splitlines()}, nav
