@@ -13,7 +13,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from dpcore import figures, run_review
+from dpcore import calibration, figures, run_review
 from dpcore.card import describe_weights
 from dpcore.errors import DPCoreError
 from dpcore.data.titles import dataset_title
@@ -29,7 +29,7 @@ ANALYSES = "cl_analyses"  # session state: (run, upload digest) → (probabiliti
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model…")
-def loaded_model(root: str, run_id: str):
+def loaded_model(root: str, run_id: str, temperature: float):  # noqa: ARG001 - part of the key: recalibrated, reloaded
     return load_run(store(), run_id), threading.Lock()  # the lock: Grad-CAM hooks the model while it runs
 
 
@@ -207,7 +207,7 @@ uploads = st.file_uploader("Images (PNG or JPEG)", type=["png", "jpg", "jpeg"], 
                            help="Images are processed in memory and not stored.")
 if uploads:
     try:
-        loaded, lock = loaded_model(runs_dir(), run_id)
+        loaded, lock = loaded_model(runs_dir(), run_id, calibration.temperature_of(card))
     except DPCoreError as exc:
         st.error(f"This model cannot be loaded: {exc}")
         st.stop()
