@@ -214,7 +214,7 @@ def _cmd_pretrain(args) -> int:
 
 
 COMMAND_MODULES = ("dpcore.cli_experiments", "dpcore.cli_privacy", "dpcore.cli_ledger", "dpcore.cli_fairness",
-                   "dpcore.cli_store", "dpcore.cli_resume", "dpcore.cli_calibrate")
+                   "dpcore.cli_store", "dpcore.cli_resume", "dpcore.cli_calibrate", "dpcore.cli_frontier")
 
 
 def _command_modules():

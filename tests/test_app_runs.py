@@ -137,3 +137,36 @@ def test_the_smallest_epsilon_shown_is_dpcore_frontiers_answer(tmp_path, monkeyp
     at.radio(key="rn_fmetric").set_value("accuracy").run()
     at.number_input(key="rn_target_accuracy").set_value(99.0).run()
     assert "No DP run reaches" in texts(at, "warning")
+
+
+def test_a_running_sweep_shows_its_progress_without_a_refresh_button_and_ends_by_itself(tmp_path, monkeypatch):
+    import threading
+
+    import dpcore.worker
+
+    gate = threading.Event()
+
+    def slow_train(config, store, listener=None, cancel=None, run_id=None, **_):
+        gate.wait(30)
+        acc, auc = SWEEP[config.epsilon]
+        _record(store, config, acc, auc, run_id=run_id)
+        return SimpleNamespace(run_id=run_id, status="done", card={"epsilon": config.epsilon, "test_accuracy": acc,
+                                                                   "privacy": {"private": True}})
+
+    monkeypatch.setattr(dpcore.worker, "train_in_worker", slow_train)
+    at = open_page(PAGE, tmp_path, monkeypatch)
+    from pages.common import manager
+
+    job = manager().submit_sweep(BASE.replace(scope="head", epsilon=1.0), [1.0, 4.0])
+    at.session_state["rn_sweep"] = job.run_id
+    at.run()  # run_every never fires in AppTest: each run() is one tick of the fragment
+    assert not at.exception, [e.value for e in at.exception]
+    assert "0 of 2 runs finished" in str([p.proto.text for p in at.get("progress")])
+    labels = [b.label for b in at.button]
+    assert "Cancel sweep" in labels and "Refresh" not in labels  # it refreshes itself
+    gate.set()
+    manager().wait(job.run_id, 30)
+    at.run()
+    assert "2 of 2 runs finished" in str([p.proto.text for p in at.get("progress")])
+    assert "Cancel sweep" not in [b.label for b in at.button]
+    assert at.selectbox(key="rn_group").value[2] == "head"

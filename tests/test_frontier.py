@@ -72,3 +72,24 @@ def test_targets_parse_as_fractions_or_percent():
     for bad in ("accuracy", "speed=0.9", "accuracy=ninety", "accuracy=90"):
         with pytest.raises(DPCoreError, match="Fix"):
             parse_target(bad)
+
+
+def test_the_cli_answers_from_the_stored_runs(tmp_path, capsys):
+    import json
+
+    from dpcore.cli import main
+    from dpcore.config import RunConfig
+    from dpcore.store import RunStore
+
+    store = RunStore(tmp_path)
+    for eps, acc in ((1.0, 0.8), (4.0, 1.0), (None, 0.99)):
+        run_id = store.create_run(RunConfig(dataset="digits", backbone="tiny_cnn", scope="head", epsilon=eps))
+        store.record_results(run_id, {"accuracy": acc}, {"private": eps is not None, "epsilon": eps, "unit": "image"})
+        store.set_status(run_id, "running")
+        store.set_status(run_id, "done")
+    assert main(["frontier", "--runs-dir", str(tmp_path), "--target", "accuracy=90%"]) == 0
+    out = capsys.readouterr().out
+    last = json.loads(out.strip().splitlines()[-1].removeprefix("frontier "))
+    assert last["kind"] == "interpolated" and last["epsilon"] == pytest.approx(2.0) and last["measured_epsilon"] == 4.0
+    assert "interpolation" in out and "costs privacy too" in out and "digits / tiny_cnn / scope head" in out
+    assert main(["frontier", "--runs-dir", str(tmp_path), "--target", "speed=1"]) == 2
