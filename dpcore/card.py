@@ -67,12 +67,24 @@ def release_facts(config: RunConfig, unit: str = "image") -> dict[str, Any]:
         "treated_as_public": ["the number of training and test images (n) and each split's class counts",
                               "the data set's grouping counts (patients / lesions per split)",
                               "the names of files skipped as unreadable",
+                              "how many files of the data folder are byte-identical copies or not images (counts "
+                              "only: which files they are is not on the card)",
                               "the run's configuration, its seed (which fixes initialisation, augmentation and "
                               "splits, never the noise or the sampling) and the starting weights",
                               "wall-clock timing of the run",
                               PUBLIC_FACT],
         "test_split": "evaluated, not trained on: its images get no guarantee from this run",
     }
+
+
+# Lists in a loader's split_info that name files by what their content is (which training files are byte-identical
+# copies of each other, which are not images): the loader warns with them locally; the card keeps their counts.
+_CONTENT_LISTS = ("duplicate_files", "ignored_files")
+
+
+def public_split_info(info: dict[str, Any]) -> dict[str, Any]:
+    """The split description for the card, without the per-file lists computed from the images' content."""
+    return {k: v for k, v in (info or {}).items() if k not in _CONTENT_LISTS}
 
 
 def describe_weights(weights: dict[str, Any] | None) -> str:
@@ -169,7 +181,7 @@ def build_card(*, run_id: str, config: RunConfig, status: str, splits, n_train: 
         "lineage": {**(lineage or {}), "chain": lineage_chain or []},
         "dataset": {
             "name": config.dataset, "data_dir": config.data_dir, "n_train": n_train, "n_test": n_test,
-            "class_names": splits.class_names, "split": splits.split_info,
+            "class_names": splits.class_names, "split": public_split_info(splits.split_info),
             "privacy_unit": splits.privacy_unit if privacy["unit"] == "image" else (
                 f"{privacy['unit']} (all images of one {privacy['unit']}: {privacy.get('unit_source', '')})"),
             "skipped_unreadable": skipped,

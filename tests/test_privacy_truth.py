@@ -390,3 +390,16 @@ def test_weight_standardisation_survives_empty_poisson_batches(tmp_path):
     result = _train(RunStore(tmp_path / "runs"), epsilon=8.0, batch_size=1, epochs=1, weight_standardization=True,
                     max_physical_batch_size=4, test_fraction=0.8, scope="full")
     assert result.status == "done" and result.card["steps"] == 359
+
+
+def test_the_card_counts_duplicate_and_non_image_files_but_does_not_name_them():
+    """Which training files are byte-identical copies is computed from the private images' content: the card
+    keeps the counts (declared as treated as public), the names stay in the loader's local warning."""
+    from dpcore.card import public_split_info, release_facts
+
+    info = {"method": "official folders", "duplicate_files": [["train/A/x.png", "train/A/y.png"]],
+            "n_duplicate_files": 1, "ignored_files": ["train/A/notes.txt"], "n_ignored_files": 1}
+    public = public_split_info(info)
+    assert public == {"method": "official folders", "n_duplicate_files": 1, "n_ignored_files": 1}
+    facts = release_facts(RunConfig(), "image")
+    assert any("byte-identical" in f and "counts only" in f for f in facts["treated_as_public"])
