@@ -18,10 +18,13 @@ keeps what one backward pass computes anyway, each layer's input ``a`` and outpu
 
 Exactly Opacus' clipping (flat, ``C / (‖∇ᵢ‖ + 1e-6)`` capped at 1) and Opacus' optimizer adds the
 noise, so the DP guarantee and the accounting are unchanged; ``tests/test_bookkeeping.py`` checks
-the clipped sums against Opacus' hooks mode. Supported layers (exact types): Linear, Conv2d (any
-groups, zero padding), timm's Conv2dSame (TF "same" padding), GroupNorm, LayerNorm, timm's
-GroupNormAct (an elementwise activation after the norm); a model with trainable parameters elsewhere
-is refused.
+the clipped sums against Opacus' hooks mode. Supported layers (exact types): Linear (on any
+(n, ..., D) input: tokens, NHWC maps), Conv2d (any groups, zero padding), timm's Conv2dSame (TF
+"same" padding), GroupNorm, LayerNorm, timm's LayerNorm2d, timm's GroupNormAct (an elementwise
+activation after the norm), and (``dpcore.bookkeeping_rules``) the class token / position
+embedding, layer scales and BEiT's relative position bias of ``models.opacus_compat``; so ViT,
+BEiT, ConvNeXt, VGG, ResNet and EfficientNet-Lite / MobileNet (GroupNorm or folded BN) are covered.
+A model with trainable parameters elsewhere is refused (the trainer then runs hooks and says so).
 
 Rules, for one example with positions t (K augmented views: their positions together):
 
@@ -39,7 +42,9 @@ Rules, for one example with positions t (K augmented views: their positions toge
   GroupNormAct: y = act(z), z = GroupNorm(x); the hook sees ∂L/∂y, and ∂L/∂z = act'(z)·∂L/∂y
   (z recomputed from the recorded input, act' by autograd on that elementwise function); then
   the GroupNorm rule with ∂L/∂z.
-* LayerNorm: as GroupNorm over the normalised trailing dimensions.
+* LayerNorm: as GroupNorm over the normalised trailing dimensions (one position per example, e.g.
+  a pooled (n, D) feature: no sum). LayerNorm2d: the same on the NHWC view of its NCHW input.
+* DPTokenPosEmbed, DPLayerScale / LayerScale, DPRelPosBias: see ``dpcore.bookkeeping_rules``.
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ import torch.nn.functional as F
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import nn
 
+from . import bookkeeping_rules as rules
 from .errors import ConfigError
 
 CLIP_EPS = 1e-6  # Opacus' flat clipping: C / (norm + 1e-6)
@@ -81,7 +87,8 @@ CONV = (nn.Conv2d,) + CONV_SAME
 GROUPNORM = (nn.GroupNorm,) + _timm_types("GroupNorm")
 GROUPNORM_ACT = _timm_types("GroupNormAct", module="norm_act")  # GroupNorm, then an elementwise activation
 LAYERNORM = (nn.LayerNorm,) + _timm_types("LayerNorm")
-SUPPORTED = LINEAR + CONV + GROUPNORM + GROUPNORM_ACT + LAYERNORM
+LAYERNORM2D = _timm_types("LayerNorm2d")  # LayerNorm over the channels of an NCHW tensor (ConvNeXt)
+SUPPORTED = LINEAR + CONV + GROUPNORM + GROUPNORM_ACT + LAYERNORM + LAYERNORM2D + rules.PER_EXAMPLE
 # activations a GroupNormAct may apply: elementwise (y_j depends on z_j only), so ∂L/∂z = act'(z)·∂L/∂y
 ELEMENTWISE_ACTS = (nn.Identity, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid,
                     nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish)
@@ -115,6 +122,11 @@ def check_supported(model: nn.Module) -> list[tuple[str, nn.Module]]:
                                          or getattr(m, "_fast_norm", False)):
             raise UnsupportedModel(f"{name}: GroupNormAct with drop {type(m.drop).__name__} / act "
                                    f"{type(m.act).__name__} / fast norm is not supported")
+        if type(m) in LAYERNORM + LAYERNORM2D and getattr(m, "_fast_norm", False):
+            raise UnsupportedModel(f"{name}: timm's fast (low-precision) norm is not supported")
+        why = rules.problem(m) if type(m) in rules.PER_EXAMPLE else None
+        if why:
+            raise UnsupportedModel(f"{name} ({type(m).__name__}): {why}")
         layers.append((name, m))
     return layers
 
@@ -389,6 +401,11 @@ def _sq_norms(m: nn.Module, a: torch.Tensor, g: torch.Tensor, cache: dict, K: in
             cache[m] = per_example
         if _trainable(b):
             out += g.sum((2, 3)).reshape(n, K, -1).sum(1).pow(2).sum(1)
+    elif type(m) in rules.PER_EXAMPLE:  # class token, position embedding, layer scale, rel. pos. bias
+        grads = rules.per_example_grads(m, a, g, n, K)
+        cache[m] = grads
+        for t in grads.values():
+            out += t.reshape(n, -1).pow(2).sum(1)
     else:  # GroupNorm / LayerNorm: the per-example gradients are small, so they are computed
         gw, gb = (None if t is None else t.reshape(n, K, *t.shape[1:]).sum(1) for t in _norm_layer_grads(m, a, g))
         cache[m] = (gw, gb)
@@ -414,9 +431,12 @@ def _norm_layer_grads(m: nn.Module, a: torch.Tensor, g: torch.Tensor):
         sum_g = flat_g.sum(-1)
         gw = ((flat_a * flat_g).sum(-1) - mean * sum_g) * rstd if _trainable(w) else None
         return gw, (sum_g if _trainable(b) else None)
-    else:
-        xhat = F.layer_norm(a, m.normalized_shape, eps=m.eps)
-        dims = tuple(range(1, a.dim() - len(m.normalized_shape)))
+    if type(m) in LAYERNORM2D:  # its forward: NCHW -> NHWC, layer_norm over C, back to NCHW
+        a, g = a.permute(0, 2, 3, 1), g.permute(0, 2, 3, 1)
+    xhat = F.layer_norm(a, m.normalized_shape, eps=m.eps)
+    dims = tuple(range(1, a.dim() - len(m.normalized_shape)))
+    if not dims:  # one position per example, e.g. a pooled (n, D) feature: sum(()) would sum everything
+        return (xhat * g if _trainable(w) else None), (g if _trainable(b) else None)
     gw = (xhat * g).sum(dims) if _trainable(w) else None
     gb = g.sum(dims) if _trainable(b) else None
     return gw, gb
@@ -448,6 +468,9 @@ def _clipped_sums(m: nn.Module, a: torch.Tensor, g: torch.Tensor, coef: torch.Te
                                                      dilation=m.dilation, groups=m.groups)
         if _trainable(b):
             out[b] = row_coef @ g.sum((2, 3))
+    elif type(m) in rules.PER_EXAMPLE:
+        for p, t in cached.items():
+            out[p] = torch.einsum("n,n...->...", coef, t)
     else:
         gw, gb = cached
         if gw is not None:

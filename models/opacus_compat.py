@@ -228,7 +228,8 @@ class DPBeitBlock(_beit.Block):
 class DPBeitAttention(_beit.Attention):
     def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        head_dim = self.qkv.out_features // (3 * self.num_heads)  # explicit: an empty batch cannot infer -1
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         # detached: the bias does not depend on x, and a full backward hook whose inputs need grad
         # fires only once the gradient reaches those inputs, i.e. never (found by testing)
         bias = self.rel_pos(x.detach()) if self.rel_pos is not None else None
@@ -237,7 +238,7 @@ class DPBeitAttention(_beit.Attention):
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale
         )
-        x = x.transpose(1, 2).reshape(b, n, -1)
+        x = x.transpose(1, 2).reshape(b, n, self.num_heads * head_dim)
         return self.proj_drop(self.proj(x))
 
 

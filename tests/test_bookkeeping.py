@@ -436,3 +436,137 @@ def test_group_norm_act_mask_falls_back_when_its_output_changed_in_place(monkeyp
     x, y = _data(n=4, size=6)
     _check_views(model, x, y, 4, 1)
     assert calls == [True]
+
+
+# -- ViT / BEiT / ConvNeXt: class token + position embedding, layer scale, relative position bias,
+#    LayerNorm2d (models.opacus_compat's modules, dpcore.bookkeeping_rules) -------------------------
+
+from dpcore import bookkeeping_rules as rules  # noqa: E402
+from models import opacus_compat as oc  # noqa: E402
+
+# the registry's architectures, narrowed (float64 per-example autograd of the real widths is GBs);
+# the same timm classes, made Opacus-compatible as models.create_model does
+TINY_TRANSFORMERS = {
+    "vit": ("vit_tiny_patch16_224", dict(patch_size=8, embed_dim=16, depth=2, num_heads=2, init_values=0.3)),
+    "beit": ("beit_base_patch16_224", dict(patch_size=8, embed_dim=16, depth=2, num_heads=2, init_values=0.3,
+                                           use_abs_pos_emb=True, use_rel_pos_bias=True)),
+    "convnext": ("convnext_tiny", dict(depths=(1, 1, 1, 1), dims=(8, 16, 16, 24), ls_init_value=0.3)),
+    "convnext_conv_mlp": ("convnext_tiny", dict(depths=(1, 1, 1, 1), dims=(8, 16, 16, 24), ls_init_value=0.3,
+                                                conv_mlp=True)),
+}
+
+
+def tiny_transformer(kind: str, seed: int = 0) -> nn.Module:
+    name, kwargs = TINY_TRANSFORMERS[kind]
+    torch.manual_seed(seed)
+    m = timm.create_model(name, pretrained=False, num_classes=3, img_size=32, **kwargs) if "convnext" not in kind \
+        else timm.create_model(name, pretrained=False, num_classes=3, **kwargs)
+    m = models.make_opacus_compatible(m)
+    with torch.no_grad():  # random, non-trivial values for the parameters a fresh model sets to 0 / 1
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m.double().train()
+
+
+def _rule_types(model):
+    return {type(m) for _, m in bk.check_supported(model)}
+
+
+def test_tiny_transformers_use_every_new_rule():
+    assert {oc.DPTokenPosEmbed, timm.layers.LayerScale, nn.Linear, nn.Conv2d} <= _rule_types(tiny_transformer("vit"))
+    beit = tiny_transformer("beit")
+    assert {oc.DPTokenPosEmbed, oc.DPLayerScale, oc.DPRelPosBias} <= _rule_types(beit)
+    assert beit.token_pos.pos_embed is not None and beit.token_pos.cls_token is not None
+    assert {timm.layers.LayerNorm2d, oc.DPLayerScale} <= _rule_types(tiny_transformer("convnext"))
+    assert {timm.layers.LayerNorm2d, oc.DPLayerScale} <= _rule_types(tiny_transformer("convnext_conv_mlp"))
+
+
+@pytest.mark.parametrize("kind", list(TINY_TRANSFORMERS))
+def test_tiny_transformers_full_fine_tuning(kind, one_thread):
+    model = tiny_transformer(kind)
+    x, y = _data(n=4, size=32, k=3, seed=1)
+    norms = _check_views(model, x, y, 4, 1)
+    assert torch.isfinite(norms).all()
+
+
+@pytest.mark.parametrize("path", ["ghost", "direct"])
+def test_tiny_vit_token_linears_on_either_path(monkeypatch, path, one_thread):
+    monkeypatch.setattr(bk, "_ghost_is_cheaper", lambda T, D, p: path == "ghost")
+    model = tiny_transformer("vit", seed=4)
+    x, y = _data(n=3, size=32, k=3, seed=4)
+    _check_views(model, x, y, 3, 1)
+
+
+@pytest.mark.parametrize("kind", ["vit", "beit", "convnext"])
+def test_tiny_transformers_last_k_with_augmult(kind, one_thread):
+    model = tiny_transformer(kind, seed=2)
+    if kind == "beit":  # BEiT's blocks are a ModuleList, which models.backbone_blocks does not know yet
+        last = {id(p) for part in (model.blocks[-1], model.fc_norm, model.head) for p in part.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in last)
+    else:
+        models.set_trainable(model, "last-k", 1)
+    assert any(not p.requires_grad for p in model.parameters())
+    n, K = 3, 2
+    x, y = _data(n=n * K, size=32, k=3, seed=2)
+    _check_views(model, x, y[:n].repeat_interleave(K), n, K)
+
+
+@pytest.mark.parametrize("kind", ["vit", "beit", "convnext"])
+def test_tiny_transformers_only_the_new_parameters_with_augmult(kind, one_thread):
+    """Everything frozen but the class token / position embedding / layer scales / bias tables /
+    LayerNorm2d: each rule alone decides the norm."""
+    model = tiny_transformer(kind, seed=5)
+    new = rules.PER_EXAMPLE + bk.LAYERNORM2D
+    keep = {id(p) for m in model.modules() if type(m) in new for p in m.parameters(recurse=False)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    assert keep
+    n, K = 3, 2
+    x, y = _data(n=n * K, size=32, k=3, seed=5)
+    _check_views(model, x, y[:n].repeat_interleave(K), n, K)
+
+
+@pytest.mark.parametrize("kind", ["vit", "beit", "convnext"])
+def test_tiny_transformers_bias_only_and_empty_batch(kind, one_thread):
+    model = tiny_transformer(kind, seed=3)
+    models.set_trainable(model, "bias")
+    x, y = _data(n=4, size=32, k=3, seed=3)
+    _check_views(model, x, y, 4, 1)
+    models.set_trainable(model, "full")
+    module, opt, crit = _optimizer(model, clip=1.0)
+    opt.zero_grad(set_to_none=True)
+    crit(module(x[:0]), y[:0]).backward()  # an empty Poisson batch
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+    assert opt.pre_step()
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "convnext_tiny"])
+def test_registry_transformers_match_opacus_hooks(name, one_thread):
+    torch.manual_seed(0)
+    base = models.create_model(name, 4, pretrained="none", image_size=32).model
+    x = torch.randn(4, 3, 32, 32)
+    y = torch.randint(0, 4, (4,))
+    err = gm.grad_rel_error(gm.clipped_summed_grad(base, x, y, "bk"), gm.clipped_summed_grad(base, x, y, "hooks"))
+    assert err < 1e-4
+
+
+def test_registry_beit_is_supported():
+    beit = models.create_model("beit_base_patch16_224.in22k_ft_in22k", 4, pretrained="none", image_size=32).model
+    assert {oc.DPTokenPosEmbed, oc.DPLayerScale, oc.DPRelPosBias} <= _rule_types(beit)
+
+
+def test_refuses_transformer_layers_it_cannot_clip():
+    ls = timm.layers.LayerScale(4, inplace=True)
+    with pytest.raises(UnsupportedModel, match="in-place layer scale"):
+        BookKeepingModule(nn.Sequential(nn.Linear(3, 4), ls), 1.0)
+    odd = oc.DPTokenPosEmbed(nn.Parameter(torch.zeros(1, 2, 4)), None)
+    with pytest.raises(UnsupportedModel, match="class token of shape"):
+        BookKeepingModule(nn.Sequential(nn.Linear(3, 4), odd), 1.0)
+    ln2d = timm.layers.LayerNorm2d(4)
+    ln2d._fast_norm = True
+    with pytest.raises(UnsupportedModel, match="fast"):
+        BookKeepingModule(nn.Sequential(nn.Conv2d(3, 4, 1), ln2d), 1.0)
+    with pytest.raises(UnsupportedModel, match="no rule"):  # a subclass is not its parent: exact types only
+        BookKeepingModule(nn.Sequential(nn.Linear(3, 4), type("MyScale", (oc.DPLayerScale,), {})(
+            nn.Parameter(torch.ones(4)))), 1.0)
