@@ -164,16 +164,18 @@ def frontier_figure(dp_points: list[dict], nonprivate_points: list[dict], metric
             name="runs the answer comes from", customdata=[p.get("run_id") for p in chosen], cliponaxis=False,
             marker=dict(symbol="circle-open", size=18, line=dict(width=3), color="darkorange"), hoverinfo="skip"))
     ys = [p[metric] for p in pts] + [p[metric] for p in nonprivate_points if _finite(p.get(metric))]
+    # labels where a frontier rarely has points: the ceiling's above its line on the left (small ε scores low),
+    # the target's under its line on the right (large ε scores high)
     for p in nonprivate_points:
         if _finite(p.get(metric)):
-            fig.add_hline(y=p[metric], line_dash="dash", line_color="gray",
-                          annotation_text=f"non-private: {p.get('label') or p.get('run_id')}",
-                          annotation_position="bottom right")
+            label = str(p.get("label") or p.get("run_id"))
+            fig.add_hline(y=p[metric], line_dash="dash", line_color="gray", annotation_position="top left",
+                          annotation_text=label if label.startswith("non-private") else f"non-private: {label}")
     if _finite(target):
         ys.append(target)
         shown = f"{target:.1%}" if metric in _PERCENT else f"{target:.3g}"
         fig.add_hline(y=target, line_dash="dot", line_color="darkorange", annotation_text=f"target {shown}",
-                      annotation_position="top left")
+                      annotation_position="bottom right")
     xs = [p["epsilon"] for p in pts]
     if _finite(answer_epsilon) and answer_epsilon > 0 and _finite(target):
         xs.append(answer_epsilon)

@@ -297,15 +297,15 @@ AUC_FORMAT = "%.3f"
 
 
 def pct_column(label: str, help: str | None = None):
-    return st.column_config.NumberColumn(label, format=PCT_FORMAT, help=help)
+    return st.column_config.NumberColumn(label, format=PCT_FORMAT, help=help, width=90)
 
 
 def eps_column(label: str = "ε spent", help: str | None = None):
-    return st.column_config.NumberColumn(label, format=EPS_FORMAT, help=help)
+    return st.column_config.NumberColumn(label, format=EPS_FORMAT, help=help, width=65)
 
 
 def auc_column(label: str = "ROC-AUC", help: str | None = None):
-    return st.column_config.NumberColumn(label, format=AUC_FORMAT, help=help)
+    return st.column_config.NumberColumn(label, format=AUC_FORMAT, help=help, width=90)
 
 
 def as_percent(df, columns):

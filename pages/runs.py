@@ -6,7 +6,7 @@ import streamlit as st
 from dpcore import checkpoint, figures, run_review
 from dpcore.frontier import METRICS, PERCENT, smallest_epsilon
 from dpcore.jobs import SweepJob
-from pages.common import (ACTIVE, as_percent, auc_column, eps_column, fmt_duration, fmt_time, manager, pct_column,
+from pages.common import (ACTIVE, as_percent, auc_column, eps_column, fmt_duration, manager, pct_column,
                           resume_button, run_label, show_table, store)
 
 st.title("📋 Runs")
@@ -92,23 +92,25 @@ if not table:
 
 df = pd.DataFrame(table)
 df["duration"] = df["duration_s"].map(fmt_duration)
-df["created"] = df["created"].map(lambda v: fmt_time(pd.Timestamp(v).timestamp()) if isinstance(v, str) else "—")
+df["data"] = df["dataset"] + " / " + df["backbone"]
+df["recipe"] = df["scope"] + ", " + df["pretrained"].map(lambda w: {"none": "scratch", "hub": "pretrained"}.get(w, w))
 df = as_percent(df, ["test_accuracy"])
-shown = ["run_id", "status", "dataset", "backbone", "pretrained", "scope", "epsilon", "unit", "target_epsilon", "delta",
-         "accountant", "test_accuracy", "test_roc_auc", "duration", "created"]
-small = st.column_config.TextColumn
-show_table(df, key="rn_runs", column_order=[c for c in shown if c in df.columns], column_config={
-    "run_id": small("run", width="medium"), "status": small("status", width="small"),
-    "dataset": small("data set", width="small"), "backbone": small("backbone", width="medium"),
-    "pretrained": small("weights", width="small"), "scope": small("scope", width="small"),
+shown = ["run_id", "status", "data", "recipe", "epsilon", "unit", "target_epsilon", "test_accuracy", "test_roc_auc",
+         "duration"]
+text = st.column_config.TextColumn
+# pixel widths that fit the main column of the wide layout at 1400 px (about 940 px) without a horizontal scroll:
+# the table used to be cut off on the right. The run id starts with its UTC start time; δ and the accountant of
+# a run are on its card (Train page, `python -m dpcore card RUN`)
+show_table(df, key="rn_runs", column_order=shown, column_config={
+    "run_id": text("run", width=165, help="YYYYMMDD-HHMMSS (UTC) of its creation, then a random tag"),
+    "status": text("status", width=65), "data": text("data set / backbone", width=140),
+    "recipe": text("scope, weights", width=110),
     "epsilon": eps_column(help="— = non-private (or not finished)"),
-    "unit": small("per", width="small", help="the privacy unit ε is stated for: an image, or a patient (lesion) "
-                                             "with all of their images"),
+    "unit": text("per", width=55, help="the privacy unit ε is stated for: an image, or a patient (lesion) with all "
+                                       "of their images"),
     "target_epsilon": eps_column("target ε"),
-    "delta": st.column_config.NumberColumn("δ", format="%.0e", width="small"),
-    "accountant": small("accountant", width="small"),
     "test_accuracy": pct_column("test accuracy"), "test_roc_auc": auc_column("test ROC-AUC"),
-    "duration": small("duration", width="small"), "created": small("created", width="medium"),
+    "duration": text("duration", width=75),
 })
 
 records = {r.run_id: r for r in store().list_runs()}
@@ -167,7 +169,8 @@ def frontier_section() -> None:
     chart.plotly_chart(figures.frontier_figure(
         dp_points, plain_points, metric=fmetric, highlight=answer.used if answer else (), target=goal,
         answer_epsilon=answer.epsilon if answer else None), key="rn-frontier")
-    st.caption(LEDGER_NOTE)
+    st.caption(LEDGER_NOTE + f" The same answer from a terminal: `python -m dpcore frontier --dataset {group[0]} "
+               f"--backbone {group[1]} --scope {group[2]} --pretrained {group[3]} --target {fmetric}={goal:g}`.")
     st.page_link("pages/ledger.py", label="Privacy budget: what every run has spent per image", icon="💰")
     rows = [{"run_id": p["run_id"], "epsilon": p["epsilon"], "unit": p.get("unit"), "accuracy": p["accuracy"],
              "balanced_accuracy": p["balanced_accuracy"], "roc_auc": p["roc_auc"],

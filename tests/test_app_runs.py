@@ -96,12 +96,14 @@ def test_runs_table_has_no_none_cells_and_one_format_per_kind_of_number(tmp_path
     at = open_page(PAGE, tmp_path, monkeypatch)
     runs = _table(at, "test_accuracy")
     assert runs.proto.placeholder == "—"  # missing values read '—', not 'None'
+    widths = [c.get("width") for c in _columns(runs).values() if c.get("width")]
+    assert all(isinstance(w, int) for w in widths) and sum(widths) <= 940  # fits the wide layout: no cut-off
     cols = _columns(runs)
     assert cols["test_accuracy"]["type_config"]["format"] == "%.1f %%"
     assert cols["epsilon"]["type_config"]["format"] == "%.3g" and cols["test_roc_auc"]["type_config"]["format"] == "%.3f"
     by_id = runs.value.set_index("run_id")
     assert by_id.loc[ids[1], "test_accuracy"] == pytest.approx(80.0)  # percent, as fmt_pct writes it in text
-    assert "None" not in set(by_id["created"]) | set(by_id["duration"])
+    assert "None" not in set(by_id["duration"]) and by_id.loc[ids[1], "data"] == "digits / tiny_cnn"
     frontier = _table(at, "balanced_accuracy")
     assert frontier.proto.placeholder == "—"
     fcols = _columns(frontier)
