@@ -96,15 +96,17 @@ def _eval_series(events: Sequence[Event], metric: str) -> tuple[list[int], list[
 def training_figures(events: list[Event], target_epsilon: float | None = None) -> dict[str, go.Figure]:
     """"accuracy", "loss" and "epsilon" charts of one run from its (possibly partial) event list."""
     acc = go.Figure()
-    # test accuracy is drawn last (on top), thick with round markers: when balanced accuracy equals it (balanced
-    # classes) the two thin dashed lines lie over it and it stays visible
-    styles = {"roc_auc": dict(line=dict(dash="dot", width=2), marker=dict(symbol="square", size=6)),
-              "balanced_accuracy": dict(line=dict(dash="dash", width=2), marker=dict(symbol="diamond", size=7)),
-              "accuracy": dict(line=dict(width=4), marker=dict(symbol="circle", size=10), opacity=0.85)}
-    for rank, metric in ((3, "roc_auc"), (2, "balanced_accuracy"), (1, "accuracy")):
+    # test accuracy is drawn first as a wide translucent band, balanced accuracy over it as a thin dashed line: when
+    # the two are equal (balanced classes) both stay visible (test accuracy used to hide under balanced accuracy)
+    styles = {"accuracy": dict(line=dict(width=7, color="#1f77b4"), marker=dict(symbol="circle", size=12),
+                               opacity=0.5),
+              "balanced_accuracy": dict(line=dict(dash="dash", width=2, color="#d62728"),
+                                        marker=dict(symbol="diamond", size=7)),
+              "roc_auc": dict(line=dict(dash="dot", width=2, color="#2ca02c"), marker=dict(symbol="square", size=6))}
+    for metric in ("accuracy", "balanced_accuracy", "roc_auc"):
         xs, ys = _eval_series(events, metric)
-        acc.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=_title(metric), legendrank=rank,
-                                 cliponaxis=False, **styles[metric]))
+        acc.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=_title(metric), cliponaxis=False,
+                                 **styles[metric]))
     acc.update_layout(title="Test metrics", xaxis_title="step", yaxis_title="score", yaxis=dict(range=[0, 1]),
                       **_LAYOUT)
     if not any(len(t.x) for t in acc.data):

@@ -184,9 +184,10 @@ def test_test_accuracy_stays_visible_over_an_equal_balanced_accuracy():
           for s in (1, 2)]
     acc = training_figures(ev)["accuracy"]
     top, bal = _trace(acc, "test accuracy"), _trace(acc, "balanced accuracy")
-    assert acc.data[-1].name == "test accuracy"  # drawn last, on top
-    assert top.line.width > bal.line.width and top.marker.size > bal.marker.size and bal.line.dash == "dash"
-    assert top.legendrank < bal.legendrank  # still listed first
+    # a wide translucent band under a thin dashed line: both show where they coincide
+    assert acc.data[0].name == "test accuracy" and top.opacity < 1 and bal.line.dash == "dash"
+    assert top.line.width >= 3 * bal.line.width and top.marker.size > bal.marker.size
+    assert top.line.color != bal.line.color
 
 
 def test_the_frontier_marks_the_runs_an_answer_comes_from():
