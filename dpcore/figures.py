@@ -93,8 +93,10 @@ def _eval_series(events: Sequence[Event], metric: str) -> tuple[list[int], list[
     return xs, ys
 
 
-def training_figures(events: list[Event], target_epsilon: float | None = None) -> dict[str, go.Figure]:
-    """"accuracy", "loss" and "epsilon" charts of one run from its (possibly partial) event list."""
+def training_figures(events: list[Event], target_epsilon: float | None = None,
+                     accountant: str | None = None, unit: str = "image") -> dict[str, go.Figure]:
+    """"accuracy", "loss" and "epsilon" charts of one run from its (possibly partial) event list; the ε curve
+    names the accountant that computed it and the privacy unit it is stated per."""
     acc = go.Figure()
     # test accuracy is drawn first as a wide translucent band, balanced accuracy over it as a thin dashed line: when
     # the two are equal (balanced classes) both stay visible (test accuracy used to hide under balanced accuracy)
@@ -125,7 +127,9 @@ def training_figures(events: list[Event], target_epsilon: float | None = None) -
         _empty_note(loss, "no steps yet")
 
     eps_points = [(e.step, e.epsilon) for e in events if e.kind == "step" and e.epsilon is not None]
-    eps = epsilon_curve_figure({"ε spent": eps_points}, target=target_epsilon)
+    name = f"ε spent per {unit}" + (f" ({accountant.upper()})" if accountant else "")
+    eps = epsilon_curve_figure({name: eps_points}, target=target_epsilon,
+                               title=f"ε spent vs step ({accountant.upper()})" if accountant else "ε spent vs step")
     return {"accuracy": acc, "loss": loss, "epsilon": eps}
 
 

@@ -162,7 +162,9 @@ def _panel_body(run_id: str) -> str:
         resume_button(run_id)
 
     if any(ev.kind in ("step", "eval") for ev in view.events):
-        figs = figures.training_figures(view.events, target_epsilon=cfg.epsilon)
+        figs = figures.training_figures(view.events, target_epsilon=cfg.epsilon,
+                                        accountant=cfg.accountant if cfg.private else None,
+                                        unit=cfg.privacy_unit if cfg.private else "image")
         cols = st.columns(3 if cfg.private else 2)
         cols[0].plotly_chart(figs["accuracy"], key=f"acc-{run_id}")
         cols[1].plotly_chart(figs["loss"], key=f"loss-{run_id}")

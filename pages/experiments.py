@@ -1,5 +1,9 @@
 """Experiments: the named, versioned comparisons in experiments/*.toml — what each needs here, one-click launch
 (one background job per arm, queued together), and the comparison table + chart read from the stored runs."""
+from pages.banner import keep_app_navigation
+
+keep_app_navigation()  # first: a deep link on a fresh server must run through app.py
+
 import pandas as pd
 import streamlit as st
 

@@ -1,5 +1,9 @@
 """Runs: every stored run, curves side by side, the privacy–utility frontier and the smallest ε reaching a target,
 deleting a run."""
+from pages.banner import keep_app_navigation
+
+keep_app_navigation()  # first: a deep link on a fresh server must run through app.py
+
 import pandas as pd
 import streamlit as st
 

@@ -208,3 +208,9 @@ def test_experiment_comparison_axes_match_the_frontier():
     fig = comparison_figure(rows, "accuracy")
     assert fig.layout.yaxis.range[1] == 1.0 and fig.layout.yaxis.tickformat == ".0%"
     assert list(fig.layout.xaxis.ticktext) == ["0.5", "1", "2"] and fig.layout.legend.orientation == "h"
+
+
+def test_the_live_epsilon_curve_names_its_accountant_and_unit():
+    events = [Event(kind="step", run_id="r", step=s, epsilon=0.1 * s) for s in range(1, 4)]
+    fig = training_figures(events, target_epsilon=2.0, accountant="pld", unit="patient")["epsilon"]
+    assert fig.data[0].name == "ε spent per patient (PLD)" and "PLD" in fig.layout.title.text
