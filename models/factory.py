@@ -499,7 +499,7 @@ def backbone_blocks(model: nn.Module) -> list[nn.Module]:
     """The backbone's blocks in forward order, for scope "last-k": ViT/BEiT ``blocks``, EfficientNet /
     MobileNet stages (``blocks``), ConvNeXt ``stages``, ResNet ``layer1..4``, VGG each conv of ``features`` then ``pre_logits``, tiny_cnn its
     conv blocks (``features``)."""
-    if isinstance(getattr(model, "blocks", None), nn.Sequential):
+    if isinstance(getattr(model, "blocks", None), (nn.Sequential, nn.ModuleList)):  # BEiT: a ModuleList
         return list(model.blocks)
     if isinstance(getattr(model, "stages", None), nn.Sequential):
         return list(model.stages)

@@ -83,6 +83,8 @@ def keep_app_navigation() -> None:
         from streamlit.runtime.pages_manager import PagesManager
     except ImportError:  # pragma: no cover - a Streamlit without the flag
         return
-    if getattr(PagesManager, "uses_pages_directory", None):
+    # the rerun finds the page again by its URL; AppTest sessions have none (and re-enter the old mode on every
+    # run, running page files directly), so they are left as they are
+    if getattr(PagesManager, "uses_pages_directory", None) and getattr(st.context, "url", None):
         PagesManager.uses_pages_directory = False
         st.rerun()

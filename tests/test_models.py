@@ -424,3 +424,15 @@ def test_tiny_cnn_learns_digits():
         acc = (model(x[te]).argmax(1) == y[te]).float().mean().item()
     assert acc > 0.9, acc
     assert time.perf_counter() - t < 30
+
+
+def test_last_k_finds_the_blocks_of_a_beit():
+    """BEiT keeps its blocks in a ModuleList (ViT in a Sequential): scope last-k must find them in both."""
+    from timm.models.beit import Beit
+
+    from models.factory import backbone_blocks
+    from models.opacus_compat import make_opacus_compatible
+
+    model = make_opacus_compatible(Beit(img_size=32, patch_size=16, embed_dim=32, depth=3, num_heads=2,
+                                        num_classes=2, use_rel_pos_bias=True))
+    assert len(backbone_blocks(model)) == 3
