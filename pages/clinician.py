@@ -11,6 +11,7 @@ import re
 import threading
 from pathlib import Path
 
+import pandas as pd
 import streamlit as st
 
 from dpcore import calibration, figures, run_review
@@ -23,7 +24,7 @@ from dpcore.report import (GRADCAM_EXPLAINED, NOTICE, calibration_line, colour_b
                            report_pdf)
 from dpcore.saliency import DEFAULT_OPACITY, saliency
 from dpcore.uploads import MAX_UPLOAD_BYTES, UploadError, decode_upload
-from pages.common import fmt_pct, privacy_headline, runs_dir, show_guarantee, store
+from pages.common import as_percent, pct_column, show_table, fmt_pct, privacy_headline, runs_dir, show_guarantee, store
 
 ANALYSES = "cl_analyses"  # session state: (run, upload digest) → (probabilities, Grad-CAM, problem)
 
@@ -64,9 +65,8 @@ def test_performance(card: dict) -> None:
     rows = [{"class": name, "prevalence (test)": v["prevalence"], "sensitivity": v["sensitivity"],
              "specificity": v["specificity"], "PPV": v["ppv"], "NPV": v["npv"], "test images": v["support"]}
             for name, v in m["per_class"].items()]
-    pct = st.column_config.NumberColumn(format="percent")
-    st.dataframe(rows, hide_index=True, key="cl_perf", column_config={
-        k: pct for k in ("prevalence (test)", "sensitivity", "specificity", "PPV", "NPV")})
+    shares = ("prevalence (test)", "sensitivity", "specificity", "PPV", "NPV")
+    show_table(as_percent(pd.DataFrame(rows), shares), key="cl_perf", column_config={k: pct_column(k) for k in shares})
     st.caption(f"On the {m['n']:,} held-out test images: balanced accuracy {fmt_pct(m['balanced_accuracy'])}. "
                "Each class against the rest. PPV and NPV depend on how common a class is: these are at the test "
                "split's prevalence, not at your clinic's.")

@@ -3,13 +3,14 @@ from pages.banner import keep_app_navigation
 
 keep_app_navigation()  # first: a deep link on a fresh server must run through app.py
 
+import pandas as pd
 import streamlit as st
 
 from dpcore import calibration, calibration_figures, figures, run_review
 from dpcore.data import load_dataset
 from dpcore.data.base import content_digests
 from dpcore.errors import DPCoreError
-from pages.common import fmt_eps, fmt_pct, run_label, runs_dir, store
+from pages.common import as_percent, pct_column, show_table, fmt_eps, fmt_pct, run_label, runs_dir, store
 
 
 @st.cache_data(max_entries=16, show_spinner="Loading test images…")
@@ -71,9 +72,8 @@ for i, name in enumerate(classes):
     per_class.append({"class": name, "test images": support,
                       "recall (sensitivity)": (metrics.get("per_class_recall") or {}).get(name),
                       "precision": (matrix[i][i] / predicted) if predicted else None})
-st.dataframe(per_class, hide_index=True, column_config={
-    "recall (sensitivity)": st.column_config.NumberColumn(format="percent"),
-    "precision": st.column_config.NumberColumn(format="percent")})
+show_table(as_percent(pd.DataFrame(per_class), ["recall (sensitivity)", "precision"]), column_config={
+    "recall (sensitivity)": pct_column("recall (sensitivity)"), "precision": pct_column("precision")})
 
 st.subheader("Calibration")
 cal = card.get("calibration")

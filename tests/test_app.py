@@ -306,8 +306,8 @@ def test_clinician_page_shows_clinical_metrics_from_the_card(finished, monkeypat
     table = at.dataframe[0].value
     assert list(table["class"]) == card["dataset"]["class_names"]
     first = card["dataset"]["class_names"][0]
-    assert table["sensitivity"][0] == pytest.approx(m["per_class"][first]["sensitivity"])
-    assert table["sensitivity"][0] == pytest.approx(card["test_metrics"]["per_class_recall"][first])
+    assert table["sensitivity"][0] == pytest.approx(100 * m["per_class"][first]["sensitivity"])  # shown in percent
+    assert table["sensitivity"][0] == pytest.approx(100 * card["test_metrics"]["per_class_recall"][first])
     assert "at the test split's prevalence" in texts(at)
 
 
