@@ -59,6 +59,7 @@ def test_every_page_renders_and_asks_for_nothing_missing(served, tmp_path):
             page.get_by_role("heading", name=re.compile(words, re.I)).first.wait_for(timeout=60_000)
             main = page.locator("[data-testid='stMain']").inner_text()
             assert "Traceback" not in main and "Error:" not in main.split("\n")[0], (path, main[:500])
+            page.wait_for_timeout(1500)  # only for the picture: tables draw on a canvas after the script is done
             page.screenshot(path=str(shots / f"page-{path or 'home'}.png"), full_page=True)
         browser.close()
     own = [(status, url) for status, url in failed if not STREAMLIT_PROBE.search(url)]
