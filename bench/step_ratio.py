@@ -166,15 +166,26 @@ class Config:
                 m, self.x, self.y, mode, noise_multiplier=1.0, clip_norm=1.0)
         self.times: list[float] = []
 
-    def step(self) -> float:
+    def step(self, accumulate: int = 1) -> float:
+        """One logical step of `accumulate` physical batches and ONE optimizer step, as DP-SGD with a large logical
+        batch trains (De et al. 2022): the non-private run sums its gradients over the physical batches; the DP run
+        clips each physical batch into Opacus' running sum (skipped steps, as dpcore.trainer does) and draws the noise
+        once, at the last one. accumulate = 1 is the single physical step."""
         sync(self.device)
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.module(self.x)
-        loss = self.criterion(out.float(), self.y)
-        loss.backward()
-        self.optimizer.step()
+        for i in range(accumulate):
+            if self.mode is not None and i:
+                self.optimizer.zero_grad(set_to_none=True)  # after a skipped step: per-example state only
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                out = self.module(self.x)
+            loss = self.criterion(out.float(), self.y)
+            loss.backward()
+            if self.mode is not None:
+                self.optimizer.signal_skip_step(do_skip=i < accumulate - 1)
+                self.optimizer.step()
+        if self.mode is None:
+            self.optimizer.step()
         sync(self.device)
         return time.perf_counter() - t0
 
@@ -250,7 +261,8 @@ def check_modes(base: nn.Module, size: int, modes, device) -> dict:
 
 
 def run_model(name: str, size: int, batches, modes, device, repeats: int, scopes,
-              autocast: bool, log, bn: str = "groupnorm", trainable_blocks: int = 1) -> list[dict]:
+              autocast: bool, log, bn: str = "groupnorm", trainable_blocks: int = 1,
+              accumulate: int = 1) -> list[dict]:
     scopes = [scopes] if isinstance(scopes, str) else list(scopes)
     torch.manual_seed(0)
     base = build_model(name, size, bn=bn)
@@ -268,14 +280,14 @@ def run_model(name: str, size: int, batches, modes, device, repeats: int, scopes
         for m in ok:
             try:
                 configs[m] = Config(base, x, y, m, device, scope, autocast, trainable_blocks)
-                configs[m].step()  # warm-up (and: does it run at this batch size?)
+                configs[m].step(accumulate)  # warm-up (and: does it run at this batch size?)
             except Exception as e:
                 log(f"  {name}@{size} b{b} {m}: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
                 configs.pop(m, None)
-        warm = {"non-private": configs["non-private"].step()}
+        warm = {"non-private": configs["non-private"].step(accumulate)}
         for k, c in configs.items():
             if k != "non-private":
-                warm[k] = c.step()  # 2nd warm-up: a timing of its own
+                warm[k] = c.step(accumulate)  # 2nd warm-up: a timing of its own
         slow = {k for k in configs if k not in ("non-private", "hooks") and "hooks" in warm
                 and warm[k] > 3 * warm["hooks"]}
         for k in slow:  # far slower than hooks: one timed step is enough to rank it
@@ -283,15 +295,16 @@ def run_model(name: str, size: int, batches, modes, device, repeats: int, scopes
         for _ in range(repeats):  # interleaved
             for k, c in configs.items():
                 if k not in slow:
-                    c.times.append(c.step())
+                    c.times.append(c.step(accumulate))
         base_t = statistics.median(configs["non-private"].times)
-        row = {"model": name, "size": size, "batch": b, "scope": scope, "bn": bn,
-               "nonprivate_s": base_t, "nonprivate_ips": b / base_t, "modes": {}}
+        row = {"model": name, "size": size, "batch": b, "scope": scope, "bn": bn, "accumulate": accumulate,
+               "nonprivate_s": base_t, "nonprivate_ips": b * accumulate / base_t, "modes": {}}
         for m in modes:
             if m in configs:
                 t = statistics.median(configs[m].times)
                 spread = (max(configs[m].times) - min(configs[m].times)) / t
-                row["modes"][m] = {"s": t, "ips": b / t, "ratio": t / base_t, "spread": spread, "eligible": True}
+                row["modes"][m] = {"s": t, "ips": b * accumulate / t, "ratio": t / base_t, "spread": spread,
+                                   "eligible": True}
             else:
                 row["modes"][m] = {"eligible": False, "why": checks[m] if not isinstance(checks[m], float)
                                    else ("wrong gradient" if checks[m] >= tol else "failed at this batch")}
@@ -391,6 +404,9 @@ def main(argv=None) -> int:
     ap.add_argument("--breakdown", default=None, metavar="MODEL@SIZE@BATCH@MODE",
                     help="time the phases of one DP step instead, e.g. resnet18@64@64@hooks")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--accumulate", type=int, default=1, metavar="K",
+                    help="time logical steps of K physical batches and one optimizer step (DP: the noise drawn once "
+                         "per logical step; logical batch = K x the physical batch); default 1")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     if args.threads:
@@ -427,8 +443,12 @@ def main(argv=None) -> int:
             print(f"  {k:<28} {v*1000:9.1f} ms" if isinstance(v, float) else f"  {k:<28} {v}")
         return 0
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    if args.accumulate < 1 or (args.accumulate > 1 and args.write_table):
+        print("--accumulate must be >= 1, and the grad-mode table is written from single physical steps only",
+              file=sys.stderr)
+        return 2
     print(f"command: python -m bench.step_ratio {' '.join(argv)}   (repeats={repeats}, scope={args.scope}, "
-          f"random 10-class data, SGD, sigma=1, C=1)")
+          f"random 10-class data, SGD, sigma=1, C=1, {args.accumulate} physical batch(es) per logical step)")
 
     def log(s):
         print(s, flush=True)
@@ -438,7 +458,7 @@ def main(argv=None) -> int:
     log(format_header(modes))
     for name, size, batches in plan:
         rows += run_model(name, size, batches, modes, device, repeats, scopes, args.bf16, log, args.bn,
-                          args.trainable_blocks)
+                          args.trainable_blocks, args.accumulate)
     print()
     print("DP / non-private step-time ratio (median of %d interleaved steps; n/a = mode not eligible):" % repeats)
     print(format_header(modes))
@@ -468,7 +488,8 @@ def main(argv=None) -> int:
         return 0
     print(f"default path: {d['model']} at {d['size']} px, batch {d['batch']}, full fine-tuning, "
           f"grad_sample_mode={chosen} (dpcore.grad_modes.choose_grad_sample_mode), {device.type}")
-    print(f"step_ratio {row['modes'][chosen]['ratio']:.2f}")
+    print(f"step_ratio {row['modes'][chosen]['ratio']:.2f}" + ("" if args.accumulate == 1 else
+          f"  (per logical step of {args.accumulate} physical batches: logical batch {args.accumulate * d['batch']})"))
     return 0
 
 
