@@ -202,17 +202,14 @@ def resume_button(run_id: str) -> None:
 
 # -- the guarantee of a stored run, as its card states it --------------------------------------
 def privacy_headline(card: dict) -> str:
-    """ε, δ and the unit in one line; the ε is the one the card guarantees (composed over the lineage)."""
+    """The report's one-line ε, δ and unit (dpcore.report), except that a void guarantee points to the
+    guarantee box the page shows below it."""
+    from dpcore import report
+
     p = card.get("privacy") or {}
-    if not p.get("private"):
-        return "none — trained without differential privacy"
-    if not p.get("guarantee_holds", True):
+    if p.get("private") and not p.get("guarantee_holds", True):
         return "**none** — see below"
-    eps = p.get("guarantee_epsilon") or card.get("epsilon")
-    unit = p.get("unit") or "image"
-    what = "one image" if unit == "image" else f"one {unit} with all of their images"
-    return (f"ε = {fmt_eps(eps)}, δ = {'—' if card.get('delta') is None else format(card['delta'], '.0e')} "
-            f"per {unit} (adding or removing {what}; {str(card.get('accountant')).upper()} accountant)")
+    return report.privacy_headline(card)
 
 
 def show_guarantee(card: dict) -> None:

@@ -145,7 +145,8 @@ def test_finished_run_is_calibrated_and_card_says_where(finished):
     assert len(fig.data) == 5  # diagonal, two curves, two count bars
 
 
-def test_calibrate_run_and_cli_calibrate_an_older_run(finished, tmp_path, capsys):
+def _as_stored_before_calibration(finished, tmp_path):
+    """A copy of the finished run whose card predates calibration: no calibration field, no public-fact line."""
     root, run_id = finished
     runs = tmp_path / "runs"
     shutil.copytree(root, runs)
@@ -153,7 +154,12 @@ def test_calibrate_run_and_cli_calibrate_an_older_run(finished, tmp_path, capsys
     card = store.card(run_id)
     expected = card.pop("calibration")
     card["privacy_facts"]["treated_as_public"].remove(cal.PUBLIC_FACT)
-    store.write_json(run_id, "card.json", card)  # as a run stored before calibration existed
+    store.write_json(run_id, "card.json", card)
+    return runs, store, run_id, expected
+
+
+def test_calibrate_run_and_cli_calibrate_an_older_run(finished, tmp_path, capsys):
+    runs, store, run_id, expected = _as_stored_before_calibration(finished, tmp_path)
     assert load_run(store, run_id).temperature == 1.0
     assert cli(["temperature", "--runs-dir", str(runs), run_id]) == 0
     out = capsys.readouterr().out
@@ -209,13 +215,7 @@ def test_predictions_page_shows_the_engines_calibration(finished, monkeypatch):
 
 
 def test_predictions_page_calibrates_an_older_run_on_request(finished, tmp_path, monkeypatch):
-    root, run_id = finished
-    runs = tmp_path / "runs"
-    shutil.copytree(root, runs)
-    store = RunStore(runs)
-    card = store.card(run_id)
-    expected = card.pop("calibration")
-    store.write_json(run_id, "card.json", card)
+    runs, store, run_id, expected = _as_stored_before_calibration(finished, tmp_path)
     at = open_page("pages/predictions.py", runs, monkeypatch)
     assert f"python -m dpcore temperature {run_id}" in texts(at)
     at.button(key="pr_calibrate").click().run()
