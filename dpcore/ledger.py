@@ -858,15 +858,16 @@ class Ledger:
         now = self.exposure_of(known, d_)
         after = self.exposure_of(known, d_, extra=extra, extra_void=void)
         fresh = sum(1 for m in matches if not m)
-        fresh_after = math.inf if void else (compose(extra, d_, "rdp") if steps else 0.0)
-        if fresh and not void and steps:
-            fresh_after = min(fresh_after, compose(extra, d_, "pld"))
+        fresh_rdp = math.inf if void else (compose(extra, d_, "rdp") if steps else 0.0)
+        fresh_pld = compose(extra, d_, "pld") if fresh and not void and steps else math.inf
+        fresh_after = min(fresh_rdp, fresh_pld)
         current = max(now.max_epsilon, 0.0)
         worst_after = max(after.max_epsilon, fresh_after if fresh else 0.0)
         now_text = now.max_label()
-        after_text = after.max_label() if after.max_epsilon >= (fresh_after if fresh else 0.0) else (
-            _f(fresh_after) + ("" if math.isinf(fresh_after) else
-                               " (PLD)" if steps and fresh_after < compose(extra, d_, "rdp") else " (RDP)"))
+        if fresh and fresh_after > after.max_epsilon:  # an image never used before is the most exposed after it
+            after_text = _f(fresh_after) + ("" if void else " (PLD)" if fresh_pld < fresh_rdp else " (RDP)")
+        else:
+            after_text = after.max_label()
         binding, exceeds, budget = None, False, None
         for k, d in budgets.items():
             ids = holders.get(k, set())
