@@ -33,3 +33,15 @@ def fresh_ledger(tmp_path, monkeypatch):
     path = tmp_path / "ledger" / "ledger.sqlite"
     monkeypatch.setenv("DPCORE_LEDGER", str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The headless browser of the end-to-end tests: skipped where absent, a failure in CI (`.ci/run` installs it)."""
+    from bench.app_server import CHROMIUM
+
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing in CI: .ci/run must apt-get install chromium")
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    return CHROMIUM

@@ -26,11 +26,7 @@ STREAMLIT_PROBE = re.compile(r"/[a-z]+/_stcore/(health|host-config)$")
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} is missing in CI: .ci/run must apt-get install chromium")
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+def served(tmp_path_factory, chromium):
     runs = tmp_path_factory.mktemp("runs_pages")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -67,14 +63,10 @@ def test_every_page_renders_and_asks_for_nothing_missing(served, tmp_path):
     assert not errors, errors
 
 
-def test_a_deep_link_as_the_first_request_gets_the_apps_navigation(tmp_path):
+def test_a_deep_link_as_the_first_request_gets_the_apps_navigation(tmp_path, chromium):
     """On a fresh server the first request opens /ledger directly: the page runs inside app.py's navigation
     (page titles in the sidebar, wide layout), not as a file of Streamlit's old `pages/` folder mode, which
     listed every module (banner, common, …) as a page."""
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} is missing in CI: .ci/run must apt-get install chromium")
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     with serve(tmp_path / "runs") as url, sync_playwright() as p:
