@@ -753,10 +753,11 @@ class Ledger:
                               n_trained=int((exposure.runs_per_image > 0).sum()), runs=involved, exposure=exposure,
                               budget_epsilon=ds["budget_epsilon"], budget_delta=ds["budget_delta"])
 
-    def worst_composition(self, key_or_name: str) -> dict[str, Any] | None:
+    def worst_composition(self, key_or_name: str, summary: DatasetSummary | None = None) -> dict[str, Any] | None:
         """The most-exposed image's runs, each with the ε it reported alone, against their composed ε and their
-        sum: the worked example of composition the budget page shows. None when no private run spent anything."""
-        s = self.summary(key_or_name)
+        sum: the worked example of composition the budget page shows. None when no private run spent anything.
+        `summary`: the data set's summary when the caller has it already (composing every image is the cost)."""
+        s = summary or self.summary(key_or_name)
         e = s.exposure
         if not len(e.epsilon) or e.max_epsilon == 0 or math.isinf(e.max_epsilon):
             return None

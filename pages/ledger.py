@@ -32,7 +32,7 @@ def _f(v, digits: int = 4) -> str:
 def _summary(path: str, key: str, stamp: tuple):
     s = Ledger(path).summary(key)
     return (s, Ledger(path).cumulative(key), Ledger(path).owner_exposure(key).to_dict(),
-            Ledger(path).worst_composition(key))
+            Ledger(path).worst_composition(key, s))
 
 
 try:
