@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .card import describe_weights
 from .data.titles import dataset_title
 from .metrics import clinical_metrics
+from .run_review import guaranteed_epsilon
 from .saliency import COLOUR_TABLE, SaliencyResult
 
 NOTICE = ("**Research use only — not a medical device; not a clinical diagnosis.** The output must be interpreted "
@@ -111,7 +112,8 @@ def _privacy(card: dict) -> dict:
     return {
         "private": bool(p.get("private")),
         "guarantee_holds": bool(p.get("private")) and bool(p.get("guarantee_holds", True)),
-        "epsilon": (p.get("guarantee_epsilon") or card.get("epsilon")) if p.get("private") else None,
+        # ∞ where the guarantee does not hold (the card then has no guarantee_epsilon: its own ε promises nothing)
+        "epsilon": guaranteed_epsilon({"epsilon": card.get("epsilon"), **p}) if p.get("private") else None,
         "delta": card.get("delta") if p.get("private") else None,
         "unit": p.get("unit") or "image",
         "adjacency": p.get("adjacency") or (card.get("privacy_facts") or {}).get("adjacency"),
@@ -120,8 +122,8 @@ def _privacy(card: dict) -> dict:
         "guarantee": card.get("guarantee", ""),
         "lineage": lin.get("sentence") if lin.get("composed_over_ancestors") and not lin.get("void") else None,
         "group": (p.get("group") or {}).get("sentence") if (p.get("group") or {}).get("largest", 1) > 1 else None,
-        "epsilon_one_image_of_a_unit": per_image.get("epsilon_replace_one") if p.get("unit") not in (None, "image")
-        else None,
+        "epsilon_one_image_of_a_unit": per_image.get("epsilon_replace_one")
+        if p.get("unit") not in (None, "image") and p.get("guarantee_holds", True) else None,
         "test_split": (card.get("privacy_facts") or {}).get("test_split"),
     }
 

@@ -176,3 +176,17 @@ def test_report_facts_refuse_mismatched_probabilities():
     with pytest.raises(ValueError, match="3 probabilities for 2 classes"):
         report.report_facts(card={}, class_names=["a", "b"], probabilities=[0.2, 0.3, 0.5], file_name="x",
                             image_size=(1, 1))
+
+
+def test_a_void_guarantee_reports_no_finite_epsilon(run):
+    """A card whose guarantee does not hold (a non-private ancestor, replayable noise) has guarantee_epsilon None
+    and still its run's own ε: the report must not print that ε as if it were a guarantee."""
+    _, card = run
+    void = copy.deepcopy(card)
+    void["privacy"].update(guarantee_holds=False, guarantee_epsilon=None, unit="patient",
+                           per_image={"epsilon_replace_one": 0.7})
+    assert void.get("epsilon") is not None and math.isfinite(void["epsilon"])
+    facts = report.report_facts(card=void, class_names=["a", "b"], probabilities=[0.4, 0.6], file_name="x.png",
+                                image_size=(8, 8), saliency_problem="no layer")
+    assert math.isinf(facts["privacy"]["epsilon"]) and facts["privacy"]["guarantee_holds"] is False
+    assert facts["privacy"]["epsilon_one_image_of_a_unit"] is None  # no per-image promise either
