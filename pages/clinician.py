@@ -126,7 +126,7 @@ def analysis(loaded, lock, image, digest: str):
     """The model's probabilities and Grad-CAM for one upload, kept for this session so that moving the opacity
     slider re-blends the map instead of running the model again."""
     cache = st.session_state.setdefault(ANALYSES, {})
-    key = (loaded.run_id, digest)
+    key = (loaded.run_id, loaded.temperature, digest)  # a recalibrated model gives other probabilities
     if key not in cache:
         probs = loaded.predict_proba([image])[0]
         try:
@@ -211,7 +211,8 @@ if uploads:
     except DPCoreError as exc:
         st.error(f"This model cannot be loaded: {exc}")
         st.stop()
-    shown = {(run_id, show_upload(k, u.name, u.getvalue(), card, loaded, lock)) for k, u in enumerate(uploads)}
+    shown = {(run_id, loaded.temperature, show_upload(k, u.name, u.getvalue(), card, loaded, lock))
+             for k, u in enumerate(uploads)}
     st.session_state[ANALYSES] = {key: v for key, v in st.session_state.get(ANALYSES, {}).items() if key in shown}
     st.caption(calibration_line(card, getattr(loaded, "temperature", None)) + " " + NOTICE)
 else:
