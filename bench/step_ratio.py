@@ -19,7 +19,8 @@ Every (model, batch, mode) configuration is warmed up with one step, then the co
 timed *interleaved* (round-robin, one step each per round) so that machine noise hits them alike;
 the table shows medians. A mode is *eligible* only if its clipped, summed gradient (noise 0) equals
 the hooks mode's on the same batch (relative L2 error < 1e-4 on CPU, 5e-3 on CUDA where cuDNN/cuBLAS
-use TF32 by default). A mode whose warm-up step is > 3x the hooks one is timed once only.
+use TF32 by default), or, where float32 hooks is itself that far off, hooks' in float64 (dropout off in
+both: the check compares clipping, not mask draws). A mode whose warm-up step is > 3x the hooks one is timed once only.
 
 The last line printed is the headline ``step_ratio X.XX``: DP / non-private step time on the default
 path = resnet18 at 64 px, batch 64, full fine-tuning, with the mode ``dpcore.grad_modes`` picks
@@ -244,17 +245,41 @@ def breakdown(name: str, size: int, batch: int, mode: str, device, scope: str, r
     return out
 
 
+def _dropout_off(model: nn.Module) -> nn.Module:
+    """Dropout in eval mode (identity), the rest in train mode: two modes' passes would otherwise draw other
+    masks (VGG's classifier, timm's drop_rate), and the check compares clipping, not mask draws."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    return model
+
+
 def check_modes(base: nn.Module, size: int, modes, device) -> dict:
-    """{mode: relative error vs hooks (float) or the error message (str)} on an 8-image batch."""
+    """{mode: relative error vs hooks (float) or the error message (str)} on an 8-image batch, dropout off.
+
+    Where a mode disagrees with float32 hooks, both are compared with hooks in float64 (Opacus' per-example
+    gradients of a float64 copy): on vgg11 float32 hooks itself is 0.35 % off float64 (its 25k-long 7×7
+    conv sums), and a mode that matches float64 to the tolerance is eligible. ``"__hooks_vs_float64__"``
+    then records hooks' own error."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(8, 3, size, size, generator=g).to(device)
     y = torch.randint(0, 10, (8,), generator=g).to(device)
-    m = copy.deepcopy(base).to(device)
+    m = _dropout_off(copy.deepcopy(base).to(device))
     ref = gm.clipped_summed_grad(m, x, y, "hooks")
-    out = {}
+    tol = gm.rel_tol(device)
+    out, ref64 = {}, None
     for mode in modes:
         try:
-            out[mode] = 0.0 if mode == "hooks" else gm.grad_rel_error(gm.clipped_summed_grad(m, x, y, mode), ref)
+            if mode == "hooks":
+                out[mode] = 0.0
+                continue
+            got = gm.clipped_summed_grad(m, x, y, mode)
+            out[mode] = gm.grad_rel_error(got, ref)
+            if tol <= out[mode] < 0.05:  # hooks' own float32 error, or wrong (a wrong norm gives O(1)): ask float64
+                if ref64 is None:
+                    ref64 = gm.clipped_summed_grad(copy.deepcopy(m).double(), x.double(), y, "hooks")
+                    out["__hooks_vs_float64__"] = gm.grad_rel_error(ref, ref64)
+                out[mode] = gm.grad_rel_error(got, ref64)
         except Exception as e:  # a mode that cannot handle the model
             out[mode] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
     return out
@@ -271,6 +296,9 @@ def run_model(name: str, size: int, batches, modes, device, repeats: int, scopes
     ok = [m for m in modes if isinstance(checks[m], float) and checks[m] < tol]
     for m in modes:
         log(f"  {name}@{size}: {m}: " + (f"rel.err {checks[m]:.1e}" if isinstance(checks[m], float) else checks[m]))
+    if "__hooks_vs_float64__" in checks:
+        log(f"  {name}@{size}: float32 hooks vs float64 hooks: rel.err {checks['__hooks_vs_float64__']:.1e} "
+            "(the other modes' errors above are vs float64 where they differed from float32 hooks)")
     rows = []
     for scope, b in [(sc, b) for sc in scopes for b in batches]:
         g = torch.Generator().manual_seed(b)

@@ -576,3 +576,110 @@ def test_refuses_transformer_layers_it_cannot_clip():
     with pytest.raises(UnsupportedModel, match="no rule"):  # a subclass is not its parent: exact types only
         BookKeepingModule(nn.Sequential(nn.Linear(3, 4), type("MyScale", (oc.DPLayerScale,), {})(
             nn.Parameter(torch.ones(4)))), 1.0)
+
+
+# -- VGG (timm's VGG: Conv2d + ReLU + MaxPool features, the ConvMlp classifier — a 7×7 conv on an input
+#    adaptive-pooled up to 7×7 at small image sizes, Dropout, a 1×1 conv — and ClassifierHead) ----------
+
+from timm.models.vgg import VGG  # noqa: E402
+
+
+def tiny_vgg(drop_rate: float = 0.0, seed: int = 0) -> nn.Module:
+    """The registry's VGG classes, narrowed: three stages (8, 16, 16+16 channels), a 16-wide ConvMlp."""
+    torch.manual_seed(seed)
+    m = VGG([8, "M", 16, "M", 16, 16, "M"], num_classes=3, mlp_ratio=16 / 4096, drop_rate=drop_rate)
+    m = models.make_opacus_compatible(m)
+    return m.double().train()
+
+
+def dropout_off(model: nn.Module) -> list:
+    """Dropout in eval mode (identity), every other module left in train mode: a per-example reference that
+    re-runs each example alone would otherwise draw other masks than the batch did."""
+    drops = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    for m in drops:
+        m.eval()
+    return drops
+
+
+def test_tiny_vgg_has_the_registry_layers():
+    model = tiny_vgg(drop_rate=0.5)
+    reg = models.create_model("vgg11", 3, pretrained="none", image_size=32).model
+    kinds = lambda m: {type(x) for x in m.modules() if not list(x.children())}  # noqa: E731
+    assert kinds(model) == kinds(reg) | {nn.Dropout}
+    assert _rule_types(model) == {nn.Conv2d, nn.Linear}
+    # at 32 px the last stage is 4×4 < 7: ConvMlp average-pools it up to 7×7 for its 7×7 conv (T = 1)
+    assert model.forward_features(torch.zeros(1, 3, 32, 32, dtype=torch.float64)).shape[-1] == 4
+
+
+@pytest.mark.parametrize("path", ["auto", "ghost", "direct"])
+def test_tiny_vgg_full_fine_tuning(monkeypatch, path, one_thread):
+    if path != "auto":
+        monkeypatch.setattr(bk, "_ghost_is_cheaper", lambda T, D, p: path == "ghost")
+    model = tiny_vgg(drop_rate=0.5, seed=1)
+    assert len(dropout_off(model)) == 2
+    x, y = _data(n=4, size=32, k=3, seed=1)
+    _check_views(model, x, y, 4, 1)
+
+
+def test_tiny_vgg_with_dropout_on_equals_per_example_autograd_with_the_same_masks(one_thread):
+    """Dropout in train mode: book-keeping clips the gradient of the network the batch ran (its masks).
+    The reference re-runs each example alone with the batch's own multiplier of each Dropout replayed."""
+    model = tiny_vgg(drop_rate=0.5, seed=6)
+    drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    masks, row = {}, {}
+
+    def hook(mod, inputs, out):
+        a = inputs[0]
+        if "i" not in row:  # the batch: keep the multiplier (0 or 1/(1-p)) it drew
+            masks[mod] = torch.where(a != 0, out / a, torch.zeros_like(a)).detach()
+            return None
+        return a * masks[mod][row["i"]:row["i"] + 1]
+    handles = [m.register_forward_hook(hook) for m in drops]
+    n = 4
+    x, y = _data(n=n, size=32, k=3, seed=6)
+    module = BookKeepingModule(model, 1.0)
+    loss = nn.functional.cross_entropy(module(x), y)
+    assert all(((masks[m] == 0).any() and (masks[m] == 2).any()) for m in drops)  # p = 0.5 did drop units
+    module.capturing = False  # the reference's forwards are not the step's
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref = []
+    for i in range(n):
+        row["i"] = i
+        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), params)
+        ref.append(torch.cat([g.flatten() for g in grads]))
+    ref = torch.stack(ref)
+    for h in handles:
+        h.remove()
+    module.capturing = True
+    module.max_grad_norm = clip = 1.05 * float(ref.norm(dim=1).median())
+    norms = module.backward_and_clip(loss, per_example_scale=n)
+    torch.testing.assert_close(norms, ref.norm(dim=1), rtol=1e-10, atol=1e-12)
+    coef = (clip / (ref.norm(dim=1) + 1e-6)).clamp(max=1)
+    assert (coef < 1).any() and (coef == 1).any()
+    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in params]), (ref * coef[:, None]).sum(0),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_tiny_vgg_last_k_with_augmult(one_thread):
+    model = tiny_vgg(drop_rate=0.5, seed=2)
+    dropout_off(model)
+    models.set_trainable(model, "last-k", 2)  # the last features conv (of models.backbone_blocks) + pre_logits
+    assert any(not p.requires_grad for p in model.parameters())
+    assert model.pre_logits.fc1.weight.requires_grad and not model.features[0].weight.requires_grad
+    n, K = 3, 2
+    x, y = _data(n=n * K, size=32, k=3, seed=2)
+    _check_views(model, x, y[:n].repeat_interleave(K), n, K)
+
+
+def test_tiny_vgg_bias_only_and_empty_batch(one_thread):
+    model = tiny_vgg(drop_rate=0.5, seed=3)
+    dropout_off(model)
+    models.set_trainable(model, "bias")
+    x, y = _data(n=4, size=32, k=3, seed=3)
+    _check_views(model, x, y, 4, 1)
+    models.set_trainable(model, "full")
+    module, opt, crit = _optimizer(model, clip=1.0)
+    opt.zero_grad(set_to_none=True)
+    crit(module(x[:0]), y[:0]).backward()  # an empty Poisson batch
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+    assert opt.pre_step()
