@@ -255,7 +255,8 @@ class ProgressPrinter:
             d = ev.data
             self.every = max(1, d["total_steps"] // 200)
             line = (f"plan: {d['n_train']} train / {d['n_test']} test images, {d['steps_per_epoch']} steps/epoch, "
-                    f"{d['total_steps']} steps on {d['device']}")
+                    f"{d['total_steps']} steps on {d['device']}"
+                    + (f" × {d['processes']} processes" if d.get("processes", 1) > 1 else ""))
             if "noise_multiplier" in d:
                 line += (f"; σ={d['noise_multiplier']:.4f}, q={d['sample_rate']:.5f}, C={d['clip_norm']:g}, "
                          f"planned ε={d['epsilon']:.4f} (target {d['target_epsilon']:g}, δ={d['delta']:g}, "
@@ -342,7 +343,10 @@ def format_card(card: dict) -> str:
         lines.append("recipe    : " + "; ".join(r for r in recipe if r))
     if card.get("metrics_ema") and card.get("metrics_raw"):
         lines.append(f"raw / EMA : accuracy {card['metrics_raw']['accuracy']:.4f} / {card['metrics_ema']['accuracy']:.4f}")
-    lines.append(f"training  : {card['training']['duration_s']:.1f} s on {card['training']['device']}")
+    spread = card["training"].get("distributed")
+    lines.append(f"training  : {card['training']['duration_s']:.1f} s on {card['training']['device']}"
+                 + (f" × {spread['processes']} processes ({spread['backend']}); the guarantee is the same as in "
+                    "one process" if spread else ""))
     for w in card.get("warnings", []):
         lines.append(f"warning   : {w}")
     return "\n".join(lines)
@@ -351,7 +355,35 @@ def format_card(card: dict) -> str:
 def _cmd_train(args) -> int:
     from .store import RunStore
 
-    return train_and_print(config_from_args(args), RunStore(args.runs_dir), quiet=args.quiet)
+    config = config_from_args(args)
+    from .distributed import from_env
+
+    world = from_env()
+    if world is None:
+        return train_and_print(config, RunStore(args.runs_dir), quiet=args.quiet)
+    return _train_rank(config, RunStore(args.runs_dir), world, quiet=args.quiet)
+
+
+def _train_rank(config: RunConfig, store, world, *, quiet: bool) -> int:
+    """One process of a torchrun launch: rank 0 prints and records the run as a single-process run would; the
+    others train their shard quietly (their failures go to stderr, which torchrun shows)."""
+    from .distributed import backend_for
+    from .trainer import resolve_device
+
+    world.backend = backend_for(resolve_device(config.device))
+    world.init()
+    try:
+        if world.is_main:
+            return train_and_print(config, store, quiet=quiet, world=world)
+        from .cli_resume import cancel_on_signals
+        from .trainer import train
+
+        with cancel_on_signals() as cancel, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = train(config, store, cancel=cancel, world=world)
+        return 0 if result.status == "done" else 130
+    finally:
+        world.close()
 
 
 def train_and_print(config: RunConfig, store, *, quiet: bool, **train_kwargs) -> int:

@@ -105,7 +105,7 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
 def privatize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_set, *, batch_size: int | None = None,
               sample_rate: float | None = None, noise_multiplier: float, clip_norm: float,
               grad_sample_mode: str = "hooks", randomness: SecretRandomness | None = None,
-              before_noise=None, n_units: int | None = None):
+              before_noise=None, n_units: int | None = None, world=None, wants_stop=None):
     """Opacus' DP-SGD pieces: per-example gradients, clipping to C, Gaussian noise σ·C, Poisson sampling.
 
     The loader samples each example independently with q (default 1/ceil(n/batch_size), the q the
@@ -118,8 +118,20 @@ def privatize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_se
     ``n_units``: patient-level DP (``dpcore.privacy.units``): q is the rate over that many patients, the
     optimizer normalises by the expected number of patients, and no loader is made (the trainer samples
     patients itself, from ``randomness.sampling``); the returned loader is then None.
+
+    ``world`` (``dpcore.distributed.World``): one process of a multi-process run. Its loader samples only its
+    shard of `train_set`, the normalisation stays the expected size of the *global* logical batch n·q, only
+    rank 0 draws noise (pass `before_noise` there only), and each real step sums the ranks' gradients and
+    agrees on ``wants_stop()`` (any rank's) before the update.
     """
     n = len(train_set) if n_units is None else int(n_units)
+    if world is not None:
+        from . import distributed
+
+        if n_units is not None:
+            raise ConfigError("privacy_unit", "patient-level sampling is not spread across processes",
+                              "train patient-level runs in one process")
+        train_set = distributed.shard(train_set, world)
     if sample_rate is None:
         if batch_size is None:
             raise TypeError("privatize needs batch_size or sample_rate")
@@ -158,6 +170,8 @@ def privatize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_se
     randomness.attach(dp_optimizer, loader)
     if before_noise is not None:
         _guard_noise(dp_optimizer, before_noise)
+    if world is not None:
+        distributed.distribute_optimizer(dp_optimizer, world, wants_stop or (lambda: False))
     return engine, module, dp_optimizer, loader, criterion
 
 
@@ -184,6 +198,7 @@ def train(
     force_public: bool = False,
     resume: bool = False,
     checkpoint_every: float | None = None,
+    world=None,
 ) -> TrainResult:
     """Train one run end to end and store it. Re-raises the error of a failed run after recording it.
 
@@ -192,16 +207,30 @@ def train(
     ``resume=True`` continues the stored run `run_id` from its checkpoint (`dpcore.checkpoint`; written every
     ``checkpoint_every`` seconds, default $DPCORE_CHECKPOINT_EVERY or 300, 0 = never) with fresh secret noise
     and sampling, under a new ledger entry for the remaining steps.
+
+    ``world`` (``dpcore.distributed.World``, from torchrun): this process is one rank of a multi-process run.
+    Rank 0 creates and records the run (store, ledger, card, events); the others train their shard and
+    write nothing.
     """
-    run_id = run_id or store.create_run(config)
+    main = world is None or world.is_main
+    if world is not None:
+        from . import distributed
+
+        distributed.refuse(config, resume=resume, kind=kind)
+    if main:
+        run_id = run_id or store.create_run(config)
+    if world is not None:
+        run_id = world.broadcast_object(run_id)
     cancel = cancel or threading.Event()
-    emit = fan_out(BufferedEventWriter(store), listener)
+    emit = fan_out(BufferedEventWriter(store), listener) if main else (lambda event: None)
     t0 = time.time()
-    store.set_status(run_id, "running")
+    if main:
+        store.set_status(run_id, "running")
     emit(Event("started", run_id, message=f"{config.dataset} / {config.backbone} / "
-               + (f"ε={config.epsilon:g}" if config.private else "non-private")))
+               + (f"ε={config.epsilon:g}" if config.private else "non-private")
+               + (f" / {world.size} processes" if world is not None else "")))
     run = _Run(config, emit, cancel, t0, run_id=run_id, store=store, kind=kind, force_public=force_public,
-               resume=resume, checkpoint_every=checkpoint_every)
+               resume=resume, checkpoint_every=checkpoint_every, world=world)
     try:
         return run.execute()
     except KeyboardInterrupt:
@@ -268,9 +297,11 @@ class _Run:
 
     def __init__(self, config: RunConfig, emit: Listener, cancel: threading.Event, t0: float, *,
                  run_id: str, store: RunStore | None = None, kind: str = "train", force_public: bool = False,
-                 resume: bool = False, checkpoint_every: float | None = None):
+                 resume: bool = False, checkpoint_every: float | None = None, world=None):
         self.config, self.store, self.run_id, self.emit, self.cancel, self.t0 = (
             config, store, run_id, emit, cancel, t0)
+        self.world = world  # dpcore.distributed.World of a multi-process run, else None
+        self.main = world is None or world.is_main  # rank 0 (or the only process) writes; the others train
         self.kind, self.force_public = kind, force_public
         self.resume = resume
         if checkpoint_every is None:
@@ -307,7 +338,29 @@ class _Run:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.device = resolve_device(cfg.device)
+        if self.world is not None:
+            self.device = self.world.device(self.device)
+        with self.world.main_first() if self.world is not None else contextlib.nullcontext():
+            self._prepare()
+        self._configure()
+        if self.world is not None:  # rank 0's starting weights everywhere, whatever each rank initialised
+            self.world.broadcast_module(self._inner_model())
+        if self.resume:
+            self._restore()
+        if self.main:
+            self._open_ledger()  # before any step: a run that cannot record its spending takes none
+        self.emit(Event("plan", self.run_id, total_steps=self.total_steps, elapsed=self.elapsed(),
+                        data=self.plan_summary()))
+        status = "done"
+        try:
+            self._loop()
+        except Cancelled:
+            status = "cancelled"
+        return self._finish(status)
 
+    def _prepare(self) -> None:
+        """The data, the model and what is cached from them (by rank 0 first in a multi-process run)."""
+        cfg = self.config
         splits = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, test_fraction=cfg.test_fraction,
                               cache_dir=cfg.cache_dir, medmnist_size=cfg.medmnist_size, split=cfg.split)
         self.splits = splits
@@ -333,18 +386,6 @@ class _Run:
             self._prepare_images()
         if cfg.privacy_unit == "patient":
             self._prepare_units()
-        self._configure()
-        if self.resume:
-            self._restore()
-        self._open_ledger()  # before any step: a run that cannot record its spending takes none
-        self.emit(Event("plan", self.run_id, total_steps=self.total_steps, elapsed=self.elapsed(),
-                        data=self.plan_summary()))
-        status = "done"
-        try:
-            self._loop()
-        except Cancelled:
-            status = "cancelled"
-        return self._finish(status)
 
     def _configure(self, mechanism: tuple[float, float, int] | None = None) -> None:
         """The sampling plan (q, T), the evaluation schedule, the optimizer, DP-SGD and the recipe."""
@@ -358,7 +399,8 @@ class _Run:
             self.sample_rate, self.total_steps = float(mechanism[1]), int(mechanism[2])
             self.spe = max(1, round(1 / self.sample_rate))
         self.epochs = math.ceil(self.total_steps / self.spe)
-        self.eval_steps = _eval_schedule(self.spe, self.epochs, cfg.evals_per_epoch) if self.n_test else set()
+        self.eval_steps = (_eval_schedule(self.spe, self.epochs, cfg.evals_per_epoch)
+                           if self.n_test and self.main else set())  # rank 0 alone evaluates
         self.optimizer = _make_optimizer(cfg, [p for p in self.model.parameters() if p.requires_grad])
         self.criterion = torch.nn.CrossEntropyLoss()
         if cfg.private:
@@ -556,8 +598,10 @@ class _Run:
         self.engine, self.model, self.optimizer, self.loader, self.criterion = privatize(
             self.model, self.optimizer, self.train_set, sample_rate=self.sample_rate,
             noise_multiplier=self.privacy_plan.noise_multiplier, clip_norm=self.config.clip_norm,
-            grad_sample_mode=mode, randomness=self.randomness, before_noise=self._before_noise,
-            n_units=self.units.n_units if self.units is not None else None)
+            grad_sample_mode=mode, randomness=self.randomness,
+            before_noise=self._before_noise if self.main else None,  # rank 0 draws the noise and counts it
+            n_units=self.units.n_units if self.units is not None else None,
+            world=self.world, wants_stop=self.cancel.is_set)
 
     def _before_noise(self) -> None:
         """Fail closed: the ledger counts this step before its noise is drawn, or the step is not taken."""
@@ -659,7 +703,7 @@ class _Run:
     def _setup_recipe(self) -> None:
         """EMA of the weights and the lr schedule (both act once per real optimizer step)."""
         cfg = self.config
-        if cfg.ema_decay is not None:
+        if cfg.ema_decay is not None and self.main:  # post-processing of what rank 0 releases
             self.ema = EMA(self._inner_model(), cfg.ema_decay)
         self.lr_schedule = LRSchedule(self.optimizer, self.total_steps, cfg.lr_schedule, cfg.warmup_fraction)
         self.lr_schedule.apply(0)
@@ -695,7 +739,8 @@ class _Run:
                "total_steps": self.total_steps, "class_names": self.splits.class_names,
                "device": str(self.device), "trainable_params": self.trainable, "recipe": self.recipe_info(),
                "privacy_unit": self.unit_name, "lineage": self.lineage.to_dict() if self.lineage else None,
-               "budget": self.verdict.message if self.verdict else None}
+               "budget": self.verdict.message if self.verdict else None,
+               "processes": self.world.size if self.world is not None else 1}
         if self.group is not None and cfg.private and self.units is None:
             from .privacy.group_privacy import group_summary
             out["group_privacy"] = group_summary(self.privacy_plan.epsilon, cfg.delta, self.group)
@@ -873,26 +918,36 @@ class _Run:
 
     def _nonprivate_epoch(self, epoch: int) -> None:
         cfg = self.config
-        order = torch.randperm(self.n_train)
+        order = torch.randperm(self.n_train)  # the user's seed: the same order on every rank
         done = self.step - epoch * self.spe  # batches of this epoch taken before a resume
         for start in range(done * cfg.batch_size, self.n_train, cfg.batch_size):
             if self.step >= self.total_steps:
                 break
             idx = order[start:start + cfg.batch_size]
+            mine = idx if self.world is None else idx[self.world.rank::self.world.size]
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
             losses = []
-            for chunk in idx.split(self._examples_per_batch()):
+            for chunk in mine.split(self._examples_per_batch()):
                 self._check_cancel()
                 x, y = self.train_set[chunk]
                 out = self.model(self._inputs(x))  # K views per example: the plain mean over all rows
                 loss = self.criterion(out, augment.expand_views(y.to(self.device), self.K))
                 (loss * (len(chunk) / len(idx))).backward()  # gradient of the mean over the logical batch
                 losses.append((float(loss.detach()), len(chunk)))
-            if self.spending is None:
-                raise RuntimeError("no privacy-ledger entry for this run: refusing to train")
-            self.spending.ensure(self.step + 1 - self.step_offset)  # counted before it is taken: it voids its images
+            if self.world is not None:  # every rank's share of the logical batch, and its loss
+                self._check_cancel()
+                mine_loss = torch.tensor([sum(v * k for v, k in losses), float(len(mine))], dtype=torch.float64)
+                total = self.world.sum_gradients([p for g in self.optimizer.param_groups for p in g["params"]],
+                                                 self.cancel.is_set(), extra=mine_loss)
+                losses = [(float(total[0]) / max(float(total[1]), 1.0), int(total[1]))]
+            if self.main:
+                if self.spending is None:
+                    raise RuntimeError("no privacy-ledger entry for this run: refusing to train")
+                self.spending.ensure(self.step + 1 - self.step_offset)  # counted before it is taken: it voids its images
             self.optimizer.step()
+            if self.world is not None and self.world.verify:
+                self.world.verify_identical([p for g in self.optimizer.param_groups for p in g["params"]])
             self._after_step(epoch, losses)
 
     def _empty_batch(self) -> None:
@@ -904,6 +959,10 @@ class _Run:
                 p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
 
     def _check_cancel(self) -> None:
+        if self.world is not None:  # every rank stops after the same step: the flag the last all-reduce agreed
+            if self.world.stop_agreed:
+                raise Cancelled()
+            return
         if self.cancel.is_set():
             raise Cancelled()
 
@@ -931,7 +990,7 @@ class _Run:
             n = sum(k for _, k in losses)
             loss = sum(v * k for v, k in losses) / n if n else None
         eps = None
-        if self.config.private and (self.eps_tracker.cheap or self.step in self.eps_steps):
+        if self.config.private and self.main and (self.eps_tracker.cheap or self.step in self.eps_steps):
             eps = self.eps_tracker(self.step)
         elapsed = self.elapsed()
         eta = elapsed / self.step * (self.total_steps - self.step)
@@ -943,7 +1002,7 @@ class _Run:
             self.emit(Event("eval", self.run_id, step=self.step, total_steps=self.total_steps,
                             epoch=self.step / self.spe, epsilon=eps, metrics=self.last_metrics,
                             elapsed=self.elapsed(), eta=eta))
-        if (self.store is not None and self.checkpoint_every and self.step < self.total_steps
+        if (self.store is not None and self.main and self.checkpoint_every and self.step < self.total_steps
                 and time.time() - self._last_checkpoint >= self.checkpoint_every):
             self._save_checkpoint()
 
@@ -996,6 +1055,8 @@ class _Run:
 
     def _finish(self, status: str) -> TrainResult:
         cfg = self.config
+        if not self.main:  # rank 0 records the run; this rank's replica is identical and not saved
+            return TrainResult(self.run_id, status, {})
         privacy = self._privacy_spent()
         # The exact count first: until this succeeds the ledger holds the (larger) reserved count.
         self._finish_ledger(status, privacy)
@@ -1025,6 +1086,8 @@ class _Run:
         )
         if self.features is not None:
             card["model"]["features"] = self.features_info()
+        if self.world is not None:
+            card["training"]["distributed"] = self.world.describe()
         if self.last_probs is not None:  # temperature on half the TEST split (never training images); never fails
             from . import calibration
 
@@ -1072,6 +1135,11 @@ class _Run:
     def fail(self, status: str, message: str, trace: str = "") -> None:
         """Record a failed or interrupted run. Each part is tried on its own (a full disk can break any of
         them); the ledger part comes first and needs nothing the others need."""
+        if not self.main:  # rank 0 records the run (it sees this rank's end as a failed collective)
+            import sys
+
+            print(f"dpcore: rank {self.world.rank} of run {self.run_id} ended ({status}): {message}", file=sys.stderr)
+            return
         problems = []
         try:
             privacy = self._privacy_spent() if self.config.private and self.engine is not None else None
