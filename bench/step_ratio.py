@@ -46,7 +46,9 @@ from torch import nn
 import models
 from dpcore import grad_modes as gm
 
-DEFAULT_PATH = {"model": "resnet18", "size": 64, "batch": 64}
+# resnet18 at the trainer's defaults (RunConfig: full fine-tuning, physical batch 128, logical batch 256 = 2 physical
+# batches) but 64 px, not its 224 (one physical batch of 128 at 224 px: ~15-20 s on this 2-core CPU)
+DEFAULT_PATH = {"model": "resnet18", "size": 64, "batch": 128, "accumulate": 2}
 
 FULL_PLAN = [  # (model, image size, batch sizes)
     ("tiny_cnn", 32, [64, 256]),
@@ -66,12 +68,29 @@ MOBILE_PLAN = [  # the EfficientNet-Lite / MobileNet family, at the trainer's ph
     ("mobilenetv1_100", 64, [128]),
     ("mobilenetv1_100", 128, [128]),
 ]
-PLANS = {"full": FULL_PLAN, "quick": QUICK_PLAN, "mobile": MOBILE_PLAN}
+# The default run (CPU): the way users train. Each backbone at the trainer's defaults (dpcore.config.RunConfig: full
+# fine-tuning, physical batch 128, logical batch 256 = 2 physical batches, one noise draw per logical step) at a small
+# image size, with the grad_sample_mode the trainer picks (--modes auto); BEiT-base (86 M parameters, ~4 img/s
+# here) at physical batch 16, 2 per logical step. Per physical step AND per logical step, side by side.
+TRAINER_PLAN = [  # (model, image size, physical batch sizes, physical batches per logical step)
+    ("resnet18", 64, [128], 2),
+    ("tf_efficientnet_lite0", 64, [128], 2),
+    ("vit_tiny_patch16_224", 32, [128], 2),
+    ("beit_base_patch16_224.in22k_ft_in22k", 32, [16], 2),
+]
+PLANS = {"full": FULL_PLAN, "quick": QUICK_PLAN, "mobile": MOBILE_PLAN, "trainer": TRAINER_PLAN}
+AUTO = "auto"  # --modes auto: per backbone the mode dpcore.grad_modes picks (what the trainer runs)
 # timm backbones measured before (or without) a registry entry: name -> timm.create_model kwargs
 EXTRA_TIMM = {"tf_efficientnet_lite0": {}, "mobilenetv2_100": {"pad_type": "same"},
               "mobilenetv1_100": {"pad_type": "same"}}
 EXTRA_FAMILY = "efficientnet"  # timm's module for all three (timm.models.efficientnet)
-CUDA_PLAN = [
+CUDA_TRAINER_PLAN = [  # the default run on CUDA: the trainer's defaults at 224 px (issue 17: <= 1.25x there)
+    ("resnet18", 224, [128], 2),
+    ("tf_efficientnet_lite0", 224, [128], 2),
+    ("vit_tiny_patch16_224", 224, [128], 2),
+    ("beit_base_patch16_224.in22k_ft_in22k", 224, [32], 2),
+]
+CUDA_PLAN = [  # the mode-ranking grid on CUDA (--write-table without --plan)
     ("tiny_cnn", 32, [64, 256]),
     ("resnet18", 64, [64, 256]),
     ("vit_tiny_patch16_224", 32, [64, 256]),
@@ -80,13 +99,14 @@ CUDA_PLAN = [
 
 
 def parse_plan(spec: str) -> list:
-    """``--plan``: a preset name (full, quick, mobile) or ``MODEL@SIZE@B1/B2,...``."""
+    """``--plan``: a preset name (full, quick, mobile, trainer) or ``MODEL@SIZE@B1/B2[@K],...`` (K: physical
+    batches per logical step, default 1)."""
     if spec in PLANS:
         return PLANS[spec]
     plan = []
     for item in spec.split(","):
-        name, size, batches = item.split("@")
-        plan.append((name, int(size), [int(b) for b in batches.split("/")]))
+        name, size, batches, *k = item.split("@")
+        plan.append((name, int(size), [int(b) for b in batches.split("/")], int(k[0]) if k else 1))
     return plan
 
 
@@ -165,7 +185,8 @@ class Config:
         else:
             self.module, self.optimizer, self.criterion = gm.make_private(
                 m, self.x, self.y, mode, noise_multiplier=1.0, clip_norm=1.0)
-        self.times: list[float] = []
+        self.times: list[float] = []  # physical steps
+        self.times_logical: list[float] = []  # logical steps of `accumulate` physical batches
 
     def step(self, accumulate: int = 1) -> float:
         """One logical step of `accumulate` physical batches and ONE optimizer step, as DP-SGD with a large logical
@@ -246,11 +267,13 @@ def breakdown(name: str, size: int, batch: int, mode: str, device, scope: str, r
 
 
 def _dropout_off(model: nn.Module) -> nn.Module:
-    """Dropout in eval mode (identity), the rest in train mode: two modes' passes would otherwise draw other
-    masks (VGG's classifier, timm's drop_rate), and the check compares clipping, not mask draws."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd):
-            m.eval()
+    """Every Dropout replaced by Identity (what it is in eval mode; ``gm.clipped_summed_grad`` puts its copy in
+    train mode), the rest untouched: two modes' passes would otherwise draw other masks (VGG's classifier, timm's
+    drop_rate), and the check compares clipping, not mask draws."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.dropout._DropoutNd):
+                setattr(parent, name, nn.Identity())
     return model
 
 
@@ -285,10 +308,22 @@ def check_modes(base: nn.Module, size: int, modes, device) -> dict:
     return out
 
 
+def _stats(times: list[float], images: int, base_s: Optional[float] = None) -> dict:
+    t = statistics.median(times)
+    out = {"s": t, "ips": images / t, "spread": (max(times) - min(times)) / t, "n": len(times)}
+    if base_s is not None:
+        out["ratio"] = t / base_s
+    return out
+
+
 def run_model(name: str, size: int, batches, modes, device, repeats: int, scopes,
               autocast: bool, log, bn: str = "groupnorm", trainable_blocks: int = 1,
               accumulate: int = 1) -> list[dict]:
+    """Rows of one model: per (scope, physical batch) the median physical-step times of non-private and each
+    eligible mode and, with ``accumulate`` K > 1, their logical-step times (K physical batches, one optimizer
+    step), all timed interleaved in the same rounds."""
     scopes = [scopes] if isinstance(scopes, str) else list(scopes)
+    K = int(accumulate)
     torch.manual_seed(0)
     base = build_model(name, size, bn=bn)
     checks = check_modes(base, size, modes, device)
@@ -308,35 +343,46 @@ def run_model(name: str, size: int, batches, modes, device, repeats: int, scopes
         for m in ok:
             try:
                 configs[m] = Config(base, x, y, m, device, scope, autocast, trainable_blocks)
-                configs[m].step(accumulate)  # warm-up (and: does it run at this batch size?)
+                configs[m].step()  # warm-up (and: does it run at this batch size?)
+                if K > 1:
+                    configs[m].step(K)
             except Exception as e:
                 log(f"  {name}@{size} b{b} {m}: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
                 configs.pop(m, None)
-        warm = {"non-private": configs["non-private"].step(accumulate)}
-        for k, c in configs.items():
-            if k != "non-private":
-                warm[k] = c.step(accumulate)  # 2nd warm-up: a timing of its own
+        configs["non-private"].step()
+        if K > 1:
+            configs["non-private"].step(K)
+        warm = {k: c.step() for k, c in configs.items()}  # 2nd warm-up: a timing of its own
         slow = {k for k in configs if k not in ("non-private", "hooks") and "hooks" in warm
                 and warm[k] > 3 * warm["hooks"]}
         for k in slow:  # far slower than hooks: one timed step is enough to rank it
             configs[k].times.append(warm[k])
-        for _ in range(repeats):  # interleaved
+            if K > 1:
+                configs[k].times_logical.append(configs[k].step(K))
+        for _ in range(repeats):  # interleaved: every configuration's physical, then logical step, each round
             for k, c in configs.items():
                 if k not in slow:
-                    c.times.append(c.step(accumulate))
-        base_t = statistics.median(configs["non-private"].times)
-        row = {"model": name, "size": size, "batch": b, "scope": scope, "bn": bn, "accumulate": accumulate,
-               "nonprivate_s": base_t, "nonprivate_ips": b * accumulate / base_t, "modes": {}}
+                    c.times.append(c.step())
+            for k, c in configs.items():
+                if k not in slow and K > 1:
+                    c.times_logical.append(c.step(K))
+        npc = configs["non-private"]
+        base_t = statistics.median(npc.times)
+        row = {"model": name, "size": size, "batch": b, "scope": scope, "bn": bn, "accumulate": K,
+               "nonprivate_s": base_t, "nonprivate_ips": b / base_t, "modes": {},
+               "nonprivate_spread": (max(npc.times) - min(npc.times)) / base_t}
+        if K > 1:
+            lnp = _stats(npc.times_logical, K * b)
+            row["logical"] = {"accumulate": K, "batch": K * b, "nonprivate_s": lnp["s"],
+                              "nonprivate_ips": lnp["ips"], "nonprivate_spread": lnp["spread"], "modes": {}}
         for m in modes:
             if m in configs:
-                t = statistics.median(configs[m].times)
-                spread = (max(configs[m].times) - min(configs[m].times)) / t
-                row["modes"][m] = {"s": t, "ips": b * accumulate / t, "ratio": t / base_t, "spread": spread,
-                                   "eligible": True}
+                row["modes"][m] = {**_stats(configs[m].times, b, base_t), "eligible": True}
+                if K > 1:
+                    row["logical"]["modes"][m] = _stats(configs[m].times_logical, K * b, row["logical"]["nonprivate_s"])
             else:
                 row["modes"][m] = {"eligible": False, "why": checks[m] if not isinstance(checks[m], float)
                                    else ("wrong gradient" if checks[m] >= tol else "failed at this batch")}
-        row["nonprivate_spread"] = (max(configs["non-private"].times) - min(configs["non-private"].times)) / base_t
         rows.append(row)
         log(format_row(row, modes))
         del configs
@@ -344,18 +390,46 @@ def run_model(name: str, size: int, batches, modes, device, repeats: int, scopes
 
 
 def format_header(modes) -> str:
-    return (f"{'model':<22}{'px':>4}{'batch':>6}{'scope':>7}{'non-priv img/s':>16}  "
-            + "".join(f"{m + ' img/s (x)':>22}" for m in modes))
+    return (f"{'model':<22}{'px':>4}{'batch':>6}{'K':>3}{'scope':>7}{'non-priv img/s':>16}  "
+            + "".join(f"{m + ' physical (x)':>24}{m + ' logical (x)':>24}" for m in modes))
 
 
 def format_row(row: dict, modes) -> str:
+    """Per mode: images/s and DP / non-private of the physical step, then of the logical step (K physical
+    batches, one optimizer step; '–' for K = 1, 'not timed' for a mode --modes auto did not pick)."""
     cells = []
+    logical = row.get("logical")
     for m in modes:
-        r = row["modes"][m]
+        r = row["modes"].get(m)
+        if r is None:
+            cells += ["not timed", "not timed"]
+            continue
         cells.append(f"{r['ips']:9.1f} ({r['ratio']:4.2f}x)" if r.get("eligible") else "n/a")
-    return (f"{row['model']:<22}{row['size']:>4}{row['batch']:>6}{row.get('scope', 'full'):>7}"
-            f"{row['nonprivate_ips']:>16.1f}  "
-            + "".join(f"{c:>22}" for c in cells))
+        lr = (logical or {}).get("modes", {}).get(m)
+        cells.append(f"{lr['ips']:9.1f} ({lr['ratio']:4.2f}x)" if lr else ("n/a" if logical else "–"))
+    return (f"{row['model'][:21]:<22}{row['size']:>4}{row['batch']:>6}{row.get('accumulate', 1):>3}"
+            f"{row.get('scope', 'full'):>7}{row['nonprivate_ips']:>16.1f}  "
+            + "".join(f"{c:>24}" for c in cells))
+
+
+def markdown_table(rows, modes) -> str:
+    """The side-by-side table for bench/RESULTS.md (ratios with each DP configuration's step-time spread)."""
+    head = "| model | px | physical batch | K (logical batch) | non-private img/s, physical / logical |"
+    for m in modes:
+        head += f" {m}: physical step ÷ non-private | {m}: logical step ÷ non-private |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lg = r.get("logical")
+        cells = [r["model"], str(r["size"]), str(r["batch"]),
+                 f"{r.get('accumulate', 1)} ({lg['batch']})" if lg else "1",
+                 f"{r['nonprivate_ips']:.1f} / {lg['nonprivate_ips']:.1f}" if lg else f"{r['nonprivate_ips']:.1f} / –"]
+        for m in modes:
+            p = r["modes"].get(m)
+            q = (lg or {}).get("modes", {}).get(m)
+            cells.append(f"{p['ratio']:.2f}× (±{p['spread'] / 2:.0%})" if p and p.get("eligible") else "n/a")
+            cells.append(f"**{q['ratio']:.2f}×** (±{q['spread'] / 2:.0%})" if q else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def best_modes(rows, modes) -> dict:
@@ -365,7 +439,7 @@ def best_modes(rows, modes) -> dict:
         mine = [r for r in rows if r["model"] == name]
         tot = {}
         for m in modes:
-            if all(r["modes"][m].get("eligible") for r in mine):
+            if all(r["modes"].get(m, {}).get("eligible") for r in mine):
                 tot[m] = sum(r["modes"][m]["ratio"] for r in mine) / len(mine)
         ranked = sorted(tot, key=tot.get)
         out[name] = {"mode": ranked[0] if ranked else gm.DEFAULT_MODE, "ranked": ranked,
@@ -419,11 +493,15 @@ def main(argv=None) -> int:
     ap.add_argument("--scope", default="full",
                     help="what is trained (frozen rest): one of %s, or several comma-separated" % ", ".join(models.SCOPES))
     ap.add_argument("--trainable-blocks", type=int, default=1, help="scope last-k: how many blocks (default 1)")
-    ap.add_argument("--plan", default=None, help="full | quick | mobile | MODEL@SIZE@B1/B2,... (default: full)")
+    ap.add_argument("--plan", default=None,
+                    help="trainer | full | quick | mobile | MODEL@SIZE@B1/B2[@K],... (default: trainer, on CUDA its "
+                         "224 px form; with --write-table: full, on CUDA the CUDA grid)")
     ap.add_argument("--bn", default="groupnorm", choices=("groupnorm", "folded"),
                     help="EXTRA_TIMM models: BatchNorm -> GroupNorm (random init, default) or folded into the "
                          "convs (as pretrained weights)")
-    ap.add_argument("--modes", default=",".join(gm.MODES), help="comma-separated grad_sample_modes")
+    ap.add_argument("--modes", default=None,
+                    help="comma-separated grad_sample_modes, or auto (each backbone's pick by dpcore.grad_modes; "
+                         "hooks then only checks the gradients). Default: auto for the default plan, else all")
     ap.add_argument("--models", default=None, help="comma-separated subset of the plan's models")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward (CUDA only)")
     ap.add_argument("--write-table", action="store_true", help="write bench/grad_modes.json for this device")
@@ -432,9 +510,10 @@ def main(argv=None) -> int:
     ap.add_argument("--breakdown", default=None, metavar="MODEL@SIZE@BATCH@MODE",
                     help="time the phases of one DP step instead, e.g. resnet18@64@64@hooks")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    ap.add_argument("--accumulate", type=int, default=1, metavar="K",
-                    help="time logical steps of K physical batches and one optimizer step (DP: the noise drawn once "
-                         "per logical step; logical batch = K x the physical batch); default 1")
+    ap.add_argument("--accumulate", type=int, default=None, metavar="K",
+                    help="also time logical steps of K physical batches and one optimizer step (DP: the noise drawn "
+                         "once per logical step; logical batch = K x the physical batch), beside the physical step; "
+                         "default: the plan's K (trainer plan 2, others 1)")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     if args.threads:
@@ -446,13 +525,22 @@ def main(argv=None) -> int:
     if args.bf16 and device.type != "cuda":
         print("--bf16 is for CUDA only", file=sys.stderr)
         return 2
-    modes = [m for m in args.modes.split(",") if m]
-    if "hooks" not in modes:
-        modes.insert(0, "hooks")  # the correctness reference
     repeats = args.repeats or (3 if args.quick else 5)
-    plan = QUICK_PLAN if args.quick else (CUDA_PLAN if device.type == "cuda" else FULL_PLAN)
     if args.plan:
         plan = parse_plan(args.plan)
+    elif args.quick:
+        plan = QUICK_PLAN
+    elif args.write_table:  # the mode-ranking grids
+        plan = CUDA_PLAN if device.type == "cuda" else FULL_PLAN
+    else:
+        plan = CUDA_TRAINER_PLAN if device.type == "cuda" else TRAINER_PLAN
+    default_run = not (args.plan or args.quick or args.write_table)
+    mode_spec = args.modes or (AUTO if default_run else ",".join(gm.MODES))
+    auto = mode_spec == AUTO
+    if args.accumulate is not None and args.accumulate < 1:
+        print("--accumulate must be >= 1", file=sys.stderr)
+        return 2
+    plan = [(p[0], p[1], p[2], args.accumulate or (p[3] if len(p) > 3 else 1)) for p in plan]
     scopes = [s for s in args.scope.split(",") if s]
     bad = [s for s in scopes if s not in models.SCOPES]
     if bad or not scopes:
@@ -461,6 +549,18 @@ def main(argv=None) -> int:
     if args.models:
         keep = args.models.split(",")
         plan = [p for p in plan if p[0] in keep]
+    if auto:  # per backbone the trainer's mode; hooks (the reference of check_modes) is not timed
+        plan_modes = {p[0]: [gm.choose_grad_sample_mode(p[0], device.type)] for p in plan}
+        modes = list(dict.fromkeys(m for ms in plan_modes.values() for m in ms))
+    else:
+        modes = [m for m in mode_spec.split(",") if m]
+        bad_modes = [m for m in modes if m not in gm.MODES]
+        if bad_modes:
+            print(f"unknown mode(s) {bad_modes}; use {', '.join(gm.MODES)} or {AUTO}", file=sys.stderr)
+            return 2
+        if "hooks" not in modes:
+            modes.insert(0, "hooks")  # the correctness reference
+        plan_modes = {p[0]: modes for p in plan}
     env = environment(device)
     if args.breakdown:
         name, size, batch, mode = args.breakdown.split("@")
@@ -471,12 +571,10 @@ def main(argv=None) -> int:
             print(f"  {k:<28} {v*1000:9.1f} ms" if isinstance(v, float) else f"  {k:<28} {v}")
         return 0
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
-    if args.accumulate < 1 or (args.accumulate > 1 and args.write_table):
-        print("--accumulate must be >= 1, and the grad-mode table is written from single physical steps only",
-              file=sys.stderr)
-        return 2
+    ks = sorted({p[3] for p in plan})
     print(f"command: python -m bench.step_ratio {' '.join(argv)}   (repeats={repeats}, scope={args.scope}, "
-          f"random 10-class data, SGD, sigma=1, C=1, {args.accumulate} physical batch(es) per logical step)")
+          f"random 10-class data, SGD, sigma=1, C=1, modes={mode_spec}, physical batches per logical step K="
+          f"{'/'.join(map(str, ks))})")
 
     def log(s):
         print(s, flush=True)
@@ -484,18 +582,25 @@ def main(argv=None) -> int:
     t_start = time.time()
     rows = []
     log(format_header(modes))
-    for name, size, batches in plan:
-        rows += run_model(name, size, batches, modes, device, repeats, scopes, args.bf16, log, args.bn,
-                          args.trainable_blocks, args.accumulate)
+    for name, size, batches, k in plan:
+        rows += run_model(name, size, batches, plan_modes[name], device, repeats, scopes, args.bf16, log, args.bn,
+                          args.trainable_blocks, k)
     print()
-    print("DP / non-private step-time ratio (median of %d interleaved steps; n/a = mode not eligible):" % repeats)
+    print("DP / non-private step-time ratio (median of %d interleaved steps; n/a = mode not eligible). physical: "
+          "one physical batch and one optimizer step (noise per batch); logical: K physical batches, ONE optimizer "
+          "step, noise once (both non-private and DP at the same physical and logical batch):" % repeats)
     print(format_header(modes))
     for r in rows:
         print(format_row(r, modes))
+    print()
+    print(markdown_table(rows, modes))
     spreads = [r["nonprivate_spread"] for r in rows] + [v["spread"] for r in rows for v in r["modes"].values()
                                                         if v.get("eligible")]
-    print(f"noise: median (max-min)/median of a configuration's step times = {statistics.median(spreads):.0%}, "
-          f"worst {max(spreads):.0%}; run took {time.time() - t_start:.0f} s")
+    spreads += [v["spread"] for r in rows if r.get("logical") for v in
+                [{"spread": r["logical"]["nonprivate_spread"]}, *r["logical"]["modes"].values()]]
+    if spreads:
+        print(f"noise: median (max-min)/median of a configuration's step times = {statistics.median(spreads):.0%}, "
+              f"worst {max(spreads):.0%}; run took {time.time() - t_start:.0f} s")
     ranked = best_modes(rows, modes)
     for name, e in ranked.items():
         print(f"fastest eligible mode for {name}: {e['mode']}  (mean DP/non-private ratio {e['mean_ratio']})")
@@ -505,20 +610,39 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "rows": rows, "argv": argv}, f, indent=1)
 
-    # headline: the default path with the mode dpcore would pick now
+    print_headline(rows, device)
+    return 0
+
+
+def headline_row(rows, device) -> tuple[Optional[dict], str]:
+    """The default path's row (resnet18, 64 px, full; physical batch 128, else the one measured) and its mode."""
     d = DEFAULT_PATH
     chosen = gm.choose_grad_sample_mode(d["model"], device.type)
-    row = next((r for r in rows if r["model"] == d["model"] and r["size"] == d["size"]
-                and r["batch"] == d["batch"] and r["scope"] == "full"), None)
-    if row is None or not row["modes"].get(chosen, {}).get("eligible"):
-        print(f"default path ({d['model']} {d['size']} px, batch {d['batch']}, full, mode {chosen}) not measured")
+    mine = [r for r in rows if r["model"] == d["model"] and r["size"] == d["size"] and r["scope"] == "full"
+            and r["modes"].get(chosen, {}).get("eligible")]
+    mine.sort(key=lambda r: (r["batch"] != d["batch"], r.get("accumulate", 1) != d["accumulate"]))
+    return (mine[0] if mine else None), chosen
+
+
+def print_headline(rows, device) -> None:
+    """Last line: ``step_ratio X`` of the default path, per logical step where one was timed (the way users
+    train), saying which K; else per physical step."""
+    d = DEFAULT_PATH
+    row, chosen = headline_row(rows, device)
+    if row is None:
+        print(f"default path ({d['model']} {d['size']} px, full, mode {chosen}) not measured")
         print("step_ratio nan")
-        return 0
-    print(f"default path: {d['model']} at {d['size']} px, batch {d['batch']}, full fine-tuning, "
+        return
+    p = row["modes"][chosen]
+    lg = (row.get("logical") or {}).get("modes", {}).get(chosen)
+    print(f"default path: {d['model']} at {d['size']} px, physical batch {row['batch']}, full fine-tuning, "
           f"grad_sample_mode={chosen} (dpcore.grad_modes.choose_grad_sample_mode), {device.type}")
-    print(f"step_ratio {row['modes'][chosen]['ratio']:.2f}" + ("" if args.accumulate == 1 else
-          f"  (per logical step of {args.accumulate} physical batches: logical batch {args.accumulate * d['batch']})"))
-    return 0
+    if lg:
+        K = row["accumulate"]
+        print(f"step_ratio {lg['ratio']:.2f}  (per logical step: K={K} physical batches of {row['batch']}, logical "
+              f"batch {K * row['batch']}, noise once; per physical step {p['ratio']:.2f})")
+    else:
+        print(f"step_ratio {p['ratio']:.2f}  (per physical step: K=1, batch {row['batch']})")
 
 
 if __name__ == "__main__":
