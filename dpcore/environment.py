@@ -37,6 +37,7 @@ def describe_machine() -> dict[str, Any]:
     return {
         "device": "cuda" if cuda else "cpu",
         "gpu_name": torch.cuda.get_device_name(0) if cuda else None,
+        "gpus": torch.cuda.device_count() if cuda else 0,  # > 1: a run can be spread over them (torchrun)
         "torch": _version("torch"),
         "opacus": _version("opacus"),
         "timm": _version("timm"),

@@ -34,6 +34,7 @@ class Job:
     finished_at: float | None = None
     error: str | None = None
     resume: bool = False  # continue the stored run from its checkpoint
+    processes: int = 1  # > 1: one DP-SGD run spread over that many local GPUs (torchrun; dpcore.distributed)
 
     @property
     def finished(self) -> bool:
@@ -81,10 +82,14 @@ class JobManager:
         self._worker.start()
 
     # -- commands --------------------------------------------------------------------------
-    def submit(self, config: RunConfig, label: str = "") -> Job:
+    def submit(self, config: RunConfig, label: str = "", processes: int = 1) -> Job:
         """Queue a run; it is stored at once as 'queued' and starts when the jobs before it end."""
+        if processes > 1:
+            from .distributed import refuse
+
+            refuse(config, resume=False, kind="train")  # before it is queued, not when it starts
         run_id = self.store.create_run(config, status="queued")
-        return self._enqueue(Job(run_id=run_id, config=config, label=label))
+        return self._enqueue(Job(run_id=run_id, config=config, label=label, processes=max(1, int(processes))))
 
     def _enqueue(self, job: Job) -> Job:
         with self._wakeup:
@@ -175,6 +180,8 @@ class JobManager:
                     status, error = self._run_sweep(job), None
                 else:
                     extra = {"resume": True} if job.resume else {}
+                    if job.processes > 1:
+                        extra["processes"] = job.processes
                     result = self._train(job.config, self.store, listener=job.events, cancel=job.cancel_event,
                                          run_id=job.run_id, **extra)
                     status, error = result.status, None

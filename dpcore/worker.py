@@ -55,9 +55,12 @@ def death_reason(returncode: int, stderr_tail: str = "") -> str:
 
 
 def train_in_worker(config: RunConfig, store: RunStore, listener=None, cancel: threading.Event | None = None,
-                    run_id: str | None = None, **kwargs):
+                    run_id: str | None = None, processes: int = 1, **kwargs):
     """`dpcore.trainer.train` in a child process: same arguments, same result (a TrainResult), same
-    failure (raises when the run failed). Blocks until the child has ended."""
+    failure (raises when the run failed). Blocks until the child has ended.
+
+    ``processes`` > 1: the child is torchrun on this machine, starting that many training processes (one per
+    GPU; `dpcore.distributed`); cancelling sends it SIGTERM, which it passes on to every one of them."""
     from .trainer import TrainResult
 
     run_id = run_id or store.create_run(config)
@@ -66,6 +69,9 @@ def train_in_worker(config: RunConfig, store: RunStore, listener=None, cancel: t
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     cmd = [sys.executable, "-m", "dpcore.worker", "--runs-dir", str(store.root), "--run-id", run_id,
            "--options", json.dumps(kwargs)]
+    if processes > 1:  # every process reads the config from the store: stdin reaches only one of them
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(int(processes)),
+               *cmd[1:], "--config-from-store"]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=os.getcwd(), bufsize=1)  # relative data and runs paths as the app sees them
     proc.stdin.write(config.to_json())
@@ -149,7 +155,8 @@ def _leave_a_core() -> None:
     import torch
 
     wanted = os.environ.get(THREADS_ENV)
-    n = int(wanted) if wanted else max(1, (os.cpu_count() or 1) - 1)
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))  # torchrun: the cores are shared by its processes
+    n = int(wanted) if wanted else max(1, ((os.cpu_count() or 1) - 1) // local)
     torch.set_num_threads(max(1, n))
 
 
@@ -158,22 +165,33 @@ def main(argv=None) -> int:
     parser.add_argument("--runs-dir", required=True)
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--options", default="{}")
+    parser.add_argument("--config-from-store", action="store_true", help="read the run's config from the store "
+                        "(torchrun: several processes), not from stdin")
     args = parser.parse_args(argv)
-    config = RunConfig.from_json(sys.stdin.read())
+    store = RunStore(args.runs_dir)
+    config = store.get_run(args.run_id).config if args.config_from_store else RunConfig.from_json(sys.stdin.read())
     _leave_a_core()
     cancel = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: cancel.set())
-    from .trainer import train
+    from .distributed import backend_for, from_env
+    from .trainer import resolve_device, train
 
+    world = from_env()
     try:
-        train(config, RunStore(args.runs_dir), listener=_emit, cancel=cancel, run_id=args.run_id,
-              **json.loads(args.options))
+        if world is not None:
+            world.backend = backend_for(resolve_device(config.device))
+            world.init()
+        train(config, store, listener=_emit if world is None or world.is_main else None, cancel=cancel,
+              run_id=args.run_id, world=world, **json.loads(args.options))
     except BaseException:  # noqa: BLE001 - the trainer stored the failure and emitted "failed"
         import traceback
 
         traceback.print_exc(limit=4)
         return 1
+    finally:
+        if world is not None:
+            world.close()
     return 0
 
 

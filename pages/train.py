@@ -127,6 +127,17 @@ def epsilon_curve(sigma: float, q: float, steps: int, delta: float, accountant: 
     return accounting.epsilon_curve(sigma, q, steps, delta, accountant)
 
 
+def _gpus_for_run(config: RunConfig) -> int:
+    """Several local GPUs: offer to spread the run over them (one process each, torchrun); same guarantee."""
+    gpus = environment.describe_machine().get("gpus", 0)
+    if gpus < 2 or config.device == "cpu" or config.privacy_unit == "patient":
+        return 1
+    return int(st.selectbox(
+        "GPUs for this run", list(range(1, gpus + 1)), index=gpus - 1, key="gpus",
+        help="One training process per GPU. Each samples its own share of the images at the same rate q and "
+             "only the first adds the noise, once per step: σ, q, T and so ε are those of a one-GPU run."))
+
+
 # the form's defaults live in session state, so its choices survive a visit to another page
 DEFAULTS = {"tr_seed": 0, "tr_size": 0, "tr_eps": 2.0, "tr_delta": 1e-5, "tr_clip": 1.0, "tr_epochs": 15, "tr_batch": 256,
                 "tr_phys": 128, "tr_lr": 0.01, "tr_augmult": 1, "tr_augment": "auto", "tr_ema": False,
@@ -137,6 +148,7 @@ for key, value in DEFAULTS.items():
     st.session_state.setdefault(key, value)
 
 st.title("🏋️ Train")
+
 run_id = watched_run()
 if run_id:
     job_panel(run_id)
@@ -303,8 +315,10 @@ if config is not None:
         cols[4].metric("ε", "∞")
         st.caption("A non-private run promises nothing about privacy; it is the accuracy ceiling to compare with.")
     launch = guarantee_panel(config)
+    processes = _gpus_for_run(config)
     if st.button("Launch", type="primary", key="launch", disabled=launch is None):
         job = manager().submit(launch, label=f"{dataset} / {backbone} / "
-                               + (f"ε={config.epsilon:g}" if config.private else "non-private"))
+                               + (f"ε={config.epsilon:g}" if config.private else "non-private")
+                               + (f" / {processes} GPUs" if processes > 1 else ""), processes=processes)
         watch(job.run_id)
         st.rerun()

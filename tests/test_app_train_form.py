@@ -55,3 +55,29 @@ def test_form_state_round_trips_every_field_it_has_a_widget_for():
     assert state["tr_ema"] and state["tr_ema_decay"] == 0.999 and state["tr_augmult"] == 4
     assert state["tr_hidden"] == {}
     assert with_options([1.0, 2.0], 1.5) == [1.0, 1.5, 2.0] and with_options([1.0], 1.0) == [1.0]
+
+
+def test_with_several_gpus_the_train_page_offers_to_spread_the_run(tmp_path, monkeypatch):
+    from dpcore import environment
+    from dpcore.jobs import JobManager
+
+    real = environment.describe_machine
+    monkeypatch.setattr(environment, "describe_machine", lambda: {**real(), "gpus": 4})
+    asked = []
+    submit = JobManager.submit
+
+    def recording(self, config, label="", processes=1):
+        asked.append(processes)
+        return submit(self, config, label)  # trained in one process here: this machine has no GPUs
+
+    monkeypatch.setattr(JobManager, "submit", recording)
+    at = open_page("pages/train.py", tmp_path, monkeypatch)
+    assert not at.exception, [e.value for e in at.exception]
+    gpus = at.selectbox(key="gpus")
+    assert gpus.value == 4 and gpus.options == ["1", "2", "3", "4"]
+    gpus.set_value(2).run()
+    at.button(key="launch").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert asked == [2]
+    run = at.query_params["run"]
+    at.button(key=f"cancel-{run[0] if isinstance(run, list) else run}").click().run()

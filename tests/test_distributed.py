@@ -226,3 +226,28 @@ def test_sigterm_to_the_launcher_cancels_every_process_after_the_same_step(tmp_p
     card = RunStore(runs).card(rec.run_id)
     entry = [e for e in Ledger(fresh_ledger).entries() if e.run_id == run_id][0]
     assert entry.steps == card["privacy"]["steps"] > 0
+
+
+# -- the app's path: a queued job spread over processes ----------------------------------------------------
+def test_the_job_queue_runs_a_job_over_two_processes_and_streams_rank_0s_events(tmp_path, fresh_ledger):
+    from dpcore.jobs import JobManager
+
+    manager = JobManager(RunStore(tmp_path / "runs"))
+    job = manager.submit(RunConfig(dataset="digits", backbone="tiny_cnn", pretrained="none", image_size=16,
+                                   batch_size=256, device="cpu", epochs=1, epsilon=2.0), processes=2)
+    done = manager.wait(job.run_id, timeout=LAUNCH_TIMEOUT)
+    assert done.status == "done", done.error
+    card = RunStore(tmp_path / "runs").card(job.run_id)
+    assert card["training"]["distributed"]["processes"] == 2
+    kinds = [e.kind for e in job.events.snapshot()]
+    assert kinds.count("plan") == 1 and kinds.count("finished") == 1  # rank 0's events only
+    assert kinds.count("step") == card["privacy"]["steps"]
+
+
+def test_a_patient_level_job_is_refused_before_it_is_queued(tmp_path):
+    from dpcore.jobs import JobManager
+
+    manager = JobManager(RunStore(tmp_path / "runs"))
+    with pytest.raises(ConfigError, match="patient-level"):
+        manager.submit(RunConfig(dataset="ham10000", privacy_unit="patient"), processes=2)
+    assert RunStore(tmp_path / "runs").list_runs() == []
