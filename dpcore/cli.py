@@ -519,9 +519,22 @@ COMMANDS = {"train": _cmd_train, "sweep": _cmd_sweep, "runs": _cmd_runs, "epsilo
             "pretrain": _cmd_pretrain}
 
 
+def _only_train_under_torchrun(command: str) -> None:
+    """Under torchrun every process runs the command: only `train` knows how to share one run among them."""
+    from .distributed import from_env
+    from .errors import ConfigError
+
+    world = from_env()
+    if world is not None and command != "train":
+        raise ConfigError("command", f"`{command}` is not spread across processes, and {world.size} copies of it "
+                          "would each write the run store and the privacy ledger",
+                          f"run `python -m dpcore {command}` without torchrun (only `train` runs under torchrun)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _only_train_under_torchrun(args.command)
         return COMMANDS[args.command](args)
     except DPCoreError as exc:
         print(f"error: {exc}", file=sys.stderr)

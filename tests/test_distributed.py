@@ -74,6 +74,16 @@ def test_what_a_multi_process_run_refuses_is_said_before_it_starts():
         distributed.refuse(RunConfig(), resume=True, kind="train")
 
 
+def test_under_torchrun_only_train_runs(tmp_path, monkeypatch, capsys):
+    from dpcore import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["sweep", "--dataset", "digits", "--epsilons", "1,2", "--runs-dir", str(tmp_path)]) == 2
+    assert "only `train` runs under torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "index.sqlite").exists()
+
+
 # -- the mechanism, on 2 processes ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def checks(tmp_path_factory):
