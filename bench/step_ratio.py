@@ -267,13 +267,15 @@ def breakdown(name: str, size: int, batch: int, mode: str, device, scope: str, r
 
 
 def _dropout_off(model: nn.Module) -> nn.Module:
-    """Every Dropout replaced by Identity (what it is in eval mode; ``gm.clipped_summed_grad`` puts its copy in
-    train mode), the rest untouched: two modes' passes would otherwise draw other masks (VGG's classifier, timm's
-    drop_rate), and the check compares clipping, not mask draws."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.modules.dropout._DropoutNd):
-                setattr(parent, name, nn.Identity())
+    """Every Dropout (and timm DropPath) at p = 0 (``gm.clipped_summed_grad`` puts its copy in train mode, so eval mode would not
+    last; timm's attention reads ``attn_drop.p`` for its fused kernel), the rest untouched: two modes' passes would
+    otherwise draw other masks (VGG's classifier, timm's drop_rate), and the check compares clipping, not mask
+    draws."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+        elif hasattr(m, "drop_prob") and type(m).__name__ == "DropPath":  # timm's stochastic depth
+            m.drop_prob = 0.0
     return model
 
 

@@ -683,3 +683,33 @@ def test_tiny_vgg_bias_only_and_empty_batch(one_thread):
     crit(module(x[:0]), y[:0]).backward()  # an empty Poisson batch
     assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
     assert opt.pre_step()
+
+
+def test_noise_has_std_sigma_c_and_comes_from_the_optimizers_generator_only():
+    """BookKeepingOptimizer.add_noise: N(0, (σC)²) on every coordinate (Opacus' scaling after), all of it from
+    ``optimizer.generator`` (the trainer's secret one: the same seed, the same noise; another, another) and none
+    from torch's global generator."""
+    sigma, clip = 1.7, 0.3
+
+    def noise_of(seed, chunk=None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(200, 50), nn.Tanh(), nn.Linear(50, 20))  # 11,070 coordinates
+        module, opt, crit = _optimizer(model, clip=clip, sigma=sigma, expected=20)
+        if chunk:
+            opt.NOISE_CHUNK = chunk  # several draws per parameter
+        opt.generator = torch.Generator().manual_seed(seed)
+        x, y = torch.zeros(20, 200), torch.zeros(20, dtype=torch.long)
+        opt.zero_grad(set_to_none=True)
+        crit(module(x) * 0.0, y).backward()  # zero gradient: what reaches the optimizer is the noise alone
+        before = torch.get_rng_state()
+        assert opt.pre_step()
+        assert torch.equal(torch.get_rng_state(), before)
+        with pytest.raises(ValueError):  # Opacus' guard against noising the same sum twice still holds
+            opt.add_noise()
+        return torch.cat([p.grad.flatten() for p in model.parameters()]) * opt.expected_batch_size
+
+    a, b, c = noise_of(1234), noise_of(1234), noise_of(99, chunk=1000)
+    assert torch.equal(a, b) and not torch.isclose(a, c).any()
+    for noise in (a, c):
+        assert abs(noise.mean().item()) < 4 * sigma * clip / noise.numel() ** 0.5
+        assert noise.std().item() == pytest.approx(sigma * clip, rel=0.03)

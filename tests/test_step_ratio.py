@@ -99,4 +99,4 @@ def test_eligibility_check_turns_dropout_off(one_thread):
     base = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5), nn.Linear(4 * 6 * 6, 10))
     checks = sr.check_modes(base, 8, ["hooks", "bk"], torch.device("cpu"))
     assert checks["hooks"] == 0.0 and checks["bk"] < 1e-4
-    assert base[3].training  # the caller's model is untouched (the check works on a copy)
+    assert base[3].p == 0.5  # the caller's model is untouched (the check works on a copy)
