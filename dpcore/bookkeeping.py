@@ -60,6 +60,9 @@ from . import bookkeeping_rules as rules
 from .errors import ConfigError
 
 CLIP_EPS = 1e-6  # Opacus' flat clipping: C / (norm + 1e-6)
+# F.unfold writes each unfolded number at about the cost of this many multiply-adds in a batched matmul (measured on
+# a 2-core CPU, resnet18's layer2-4 shapes at batch 128: e.g. 512 channels at 2×2, unfold 4.7 ms vs pixels 0.9 ms)
+UNFOLD_COST = 40
 
 
 def _timm_types(*names: str, module: str = "norm") -> tuple[type, ...]:
@@ -266,7 +269,12 @@ def _linear_sq_norms(a: torch.Tensor, g: torch.Tensor):
     if _ghost_is_cheaper(T, D, p):  # <Σ g a, Σ g a> = Σ_{t,t'} (a_t·a_t')(g_t·g_t')
         return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2)), None
     per_example = torch.bmm(g.transpose(1, 2), a)  # (n, p, D)
-    return per_example.pow(2).sum((1, 2)), per_example
+    return _sq_sum(per_example), per_example
+
+
+def _sq_sum(per_example: torch.Tensor) -> torch.Tensor:
+    """Σ x² per example (row) in one pass, without a squared copy of the per-example gradients."""
+    return torch.linalg.vector_norm(per_example.reshape(per_example.shape[0], -1), dim=1).square()
 
 
 def _conv_padding(m: nn.Conv2d):
@@ -317,7 +325,7 @@ def _pointwise_sq_norms(a: torch.Tensor, g: torch.Tensor, K: int = 1):
     per_example = torch.bmm(G, A.transpose(1, 2))  # (rows, C_out, C_in)
     if K > 1:
         per_example = per_example.reshape(n, K, c_out, c_in).sum(1)
-    return per_example.pow(2).sum((1, 2)), per_example.reshape(n, c_out, c_in, 1, 1)
+    return _sq_sum(per_example), per_example.reshape(n, c_out, c_in, 1, 1)
 
 
 def _conv_sq_norms(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, K: int = 1):
@@ -349,15 +357,16 @@ def _conv_sq_norms(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, K: int = 1):
         a.reshape(1, rows * c_in, h, w), (rows * m.out_channels, c_in // G, kh, kw),
         g.reshape(1, rows * m.out_channels, *g.shape[2:]), stride=m.stride, padding=_conv_padding(m),
         dilation=m.dilation, groups=rows * G).reshape(n, K, *m.weight.shape).sum(1)
-    return per_example.pow(2).sum((1, 2, 3, 4)), per_example
+    return _sq_sum(per_example), per_example
 
 
 def _patch_gram(m: nn.Conv2d, a: torch.Tensor, method: str = "auto") -> torch.Tensor:
     """(n·G, T, T) inner products between the input patches of every pair of output positions.
 
-    Either from the unfolded patches (cost T²·D), or, when cheaper, from the Gram matrix of the
-    padded input's pixels (cost P²·C_in, P padded positions) summed over the k² kernel offsets:
-    a patch pair's product is the sum, over offsets δ, of the products of the pixels at t+δ, t'+δ.
+    Either from the unfolded patches (cost T²·D, plus writing the T·D unfolded numbers: ~UNFOLD_COST
+    multiply-adds each on this CPU), or, when cheaper, from the Gram matrix of the padded input's pixels
+    (cost P²·C_in, P padded positions) summed over the k² kernel offsets: a patch pair's product is the
+    sum, over offsets δ, of the products of the pixels at t+δ, t'+δ.
     """
     n, c_in, h, w = a.shape
     G = m.groups
@@ -367,7 +376,8 @@ def _patch_gram(m: nn.Conv2d, a: torch.Tensor, method: str = "auto") -> torch.Te
     hp, wp = h + 2 * ph, w + 2 * pw
     oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
     T, P, cg = oh * ow, hp * wp, c_in // G
-    if method == "unfold" or method == "auto" and P * P >= T * T * kh * kw:
+    D = cg * kh * kw
+    if method == "unfold" or method == "auto" and P * P * cg + kh * kw * T * T >= T * T * D + UNFOLD_COST * T * D:
         cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=(ph, pw), stride=m.stride)
         cols = cols.reshape(n * G, cg * kh * kw, T)
         return torch.bmm(cols.transpose(1, 2), cols)
@@ -430,7 +440,8 @@ def _norm_layer_grads(m: nn.Module, a: torch.Tensor, g: torch.Tensor):
         rstd = (var + m.eps).rsqrt().repeat_interleave(c // G, dim=1)  # than var_mean here
         mean = mean.repeat_interleave(c // G, dim=1)
         sum_g = flat_g.sum(-1)
-        gw = ((flat_a * flat_g).sum(-1) - mean * sum_g) * rstd if _trainable(w) else None
+        # Σ_hw a·g as a batched matmul: no a·g temporary (4x faster here than (a * g).sum(-1))
+        gw = (torch.einsum("ncx,ncx->nc", flat_a, flat_g) - mean * sum_g) * rstd if _trainable(w) else None
         return gw, (sum_g if _trainable(b) else None)
     if type(m) in LAYERNORM2D:  # its forward: NCHW -> NHWC, layer_norm over C, back to NCHW
         a, g = a.permute(0, 2, 3, 1), g.permute(0, 2, 3, 1)
