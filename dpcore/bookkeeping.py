@@ -185,7 +185,8 @@ class BookKeepingModule(nn.Module):
         out = output if output.requires_grad else output.detach().requires_grad_()
 
         def keep(grad):
-            entry[1] = grad
+            if entry:  # emptied once clipped (clip_into_grads)
+                entry[1] = grad
         out.register_hook(keep)
         return out if out is not output else None
 
@@ -203,6 +204,17 @@ class BookKeepingModule(nn.Module):
     def clip_into_grads(self, per_example_scale: float = 1.0) -> torch.Tensor:
         records = self._records
         self._records = {}
+        try:
+            return self._clip_into_grads(records, per_example_scale)
+        finally:
+            # The output-gradient hooks' closures hold these entries for as long as the caller keeps the
+            # batch's output or loss (a training loop: until the next forward has run). Emptying them frees
+            # every layer's recorded input and output gradient now, not one forward later (lite0 at batch 128:
+            # the next forward ran 3-5x slower, allocating beside them).
+            for entry in records.values():
+                entry.clear()
+
+    def _clip_into_grads(self, records: dict, per_example_scale: float) -> torch.Tensor:
         K = int(self.views_per_example)
         rows = next((e[0].shape[0] for e in records.values()), 0)
         if rows % K:

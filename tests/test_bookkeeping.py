@@ -185,6 +185,20 @@ def test_refuses_what_it_cannot_clip():
         module(torch.randn(2, 3))
 
 
+def test_clipping_frees_the_recorded_activations_while_the_loss_is_still_held():
+    """A training loop keeps the last loss / output until its next forward has run; the hooks on that output
+    must not keep every layer's input and output gradient alive that long."""
+    model = Zoo()
+    module = BookKeepingModule(model, 1.0)
+    x, y = _data()
+    out = module(x.float())
+    recorded = dict(module._records)
+    loss = nn.functional.cross_entropy(out, y)
+    module.backward_and_clip(loss, per_example_scale=len(x))
+    assert recorded and all(entry == [] for entry in recorded.values())
+    assert module._records == {} and all(p.grad is not None for p in model.parameters())
+
+
 def test_eval_forward_records_nothing_and_keeps_parameters_trainable():
     model = Zoo()
     module = BookKeepingModule(model, 1.0)
