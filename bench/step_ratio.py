@@ -1,30 +1,45 @@
-"""DP-SGD step time vs non-private step time, per Opacus grad_sample_mode.
+"""DP-SGD step time vs non-private step time, per physical and per logical step, per grad_sample_mode.
 
-    python -m bench.step_ratio                 # full run (CPU: ~10 min on 2 cores)
+    python -m bench.step_ratio                 # the way users train (CPU: ~5-8 min on 2 cores): TRAINER_PLAN
     python -m bench.step_ratio --quick         # a fast smoke run
-    python -m bench.step_ratio --device cuda
-    python -m bench.step_ratio --write-table   # also (re)write bench/grad_modes.json for this device
+    python -m bench.step_ratio --device cuda   # the same at 224 px (CUDA_TRAINER_PLAN)
+    python -m bench.step_ratio --write-table   # rank all modes (FULL_PLAN / CUDA_PLAN) into bench/grad_modes.json
     python -m bench.step_ratio --plan mobile --scope full,last-k --modes hooks,bk --write-table --merge
                                                # EfficientNet-Lite / MobileNets; keep the table's other entries
+    python -m bench.step_ratio --plan resnet18@64@128@4 --modes bk   # MODEL@SIZE@PHYSICAL_BATCHES[@K]
 
-One *step* = forward + backward + optimizer step on a fixed batch (random images, 10 classes, SGD);
-for DP that includes per-example gradients (or norms), clipping, one Gaussian noise draw per
-parameter (sigma = 1) and the scaling. Models come from ``models.create_model`` (random init: the
-step time does not depend on the weights), i.e. already Opacus-compatible (GroupNorm, ...). Backbones
-the registry does not know yet (``EXTRA_TIMM``: tf_efficientnet_lite0, mobilenetv2_100 and
-mobilenetv1_100 with ``pad_type="same"``) are built with ``timm.create_model`` and
-``models.make_opacus_compatible``; ``--bn folded`` instead gives their pretrained form (``models.bn_fold``: each
-BatchNorm folded into the conv before it, which gets a bias; the norm becomes its activation).
-Every (model, batch, mode) configuration is warmed up with one step, then the configurations are
-timed *interleaved* (round-robin, one step each per round) so that machine noise hits them alike;
-the table shows medians. A mode is *eligible* only if its clipped, summed gradient (noise 0) equals
-the hooks mode's on the same batch (relative L2 error < 1e-4 on CPU, 5e-3 on CUDA where cuDNN/cuBLAS
-use TF32 by default), or, where float32 hooks is itself that far off, hooks' in float64 (dropout off in
-both: the check compares clipping, not mask draws). A mode whose warm-up step is > 3x the hooks one is timed once only.
+A *physical step* = forward + backward + optimizer step on one fixed batch (random images, 10 classes,
+SGD); for DP that includes per-example gradients (or norms), clipping, the Gaussian noise (sigma = 1)
+and the scaling. A *logical step* (plan entries with K > 1, or ``--accumulate K``) = K physical batches
+and ONE optimizer step, as DP-SGD with large logical batches trains (De et al. 2022) and as the trainer
+does: the non-private run sums its gradients, the DP run clips each physical batch into Opacus' running
+sum (skipped steps) and draws the noise once. Both are timed, side by side, with the same physical and
+logical batch for DP and non-private. The default run (no --plan / --quick / --write-table) is
+``TRAINER_PLAN``: resnet18, tf_efficientnet_lite0, vit_tiny and BEiT-base at the trainer's defaults
+(``dpcore.config.RunConfig``: full fine-tuning, physical batch 128, logical batch 256 = K 2; BEiT-base at
+physical batch 16) but small images (64 px for the CNNs, 32 px for the transformers: 224 px is ~15-25 s
+per physical batch of 128 on this 2-core CPU), each with the mode the trainer picks (``--modes auto``:
+``dpcore.grad_modes.choose_grad_sample_mode``; hooks then only checks gradients, untimed).
 
-The last line printed is the headline ``step_ratio X.XX``: DP / non-private step time on the default
-path = resnet18 at 64 px, batch 64, full fine-tuning, with the mode ``dpcore.grad_modes`` picks
-for it on this device (the table's fastest eligible mode, ``hooks`` without a table).
+Models come from ``models.create_model`` (random init: the step time does not depend on the weights),
+i.e. already Opacus-compatible (GroupNorm, ...). Backbones the registry does not know yet
+(``EXTRA_TIMM``) are built with ``timm.create_model`` and ``models.make_opacus_compatible``; ``--bn
+folded`` instead gives the pretrained form of tf_efficientnet_lite0 / mobilenetv2_100 / mobilenetv1_100
+(``models.bn_fold``: each BatchNorm folded into the conv before it, which gets a bias; the norm becomes
+its activation). Every (model, batch, mode) configuration is warmed up, then the configurations are
+timed *interleaved* (round-robin: each one's physical step, then each one's logical step, per round)
+so that machine noise hits them alike; the table shows medians, and the markdown copy each DP
+configuration's spread ((max - min) / median of its step times). A mode is *eligible* only if its
+clipped, summed gradient (noise 0) equals the hooks mode's on the same batch (relative L2 error < 1e-4
+on CPU, 5e-3 on CUDA where cuDNN/cuBLAS use TF32 by default), or, where float32 hooks is itself that
+far off, hooks' in float64 (dropout off in both: the check compares clipping, not mask draws). A mode
+whose warm-up step is > 3x the hooks one is timed once only.
+
+The last line printed is the headline ``step_ratio X.XX (...)``: DP / non-private time of one logical
+step on the default path = resnet18 at 64 px, physical batch 128, K = 2 (logical batch 256), full
+fine-tuning, with the mode ``dpcore.grad_modes`` picks for it on this device (the table's fastest
+eligible mode, ``hooks`` without a table); the line names K and gives the physical-step ratio too.
+A run without that path's row (e.g. ``--plan mobile``) ends with ``step_ratio nan``.
 """
 
 from __future__ import annotations
