@@ -430,7 +430,8 @@ def format_row(row: dict, modes) -> str:
 
 
 def markdown_table(rows, modes) -> str:
-    """The side-by-side table for bench/RESULTS.md (ratios with each DP configuration's step-time spread)."""
+    """The side-by-side table for bench/RESULTS.md: ratios, each with its DP configuration's step-time spread
+    ((max - min) / median) in brackets."""
     head = "| model | px | physical batch | K (logical batch) | non-private img/s, physical / logical |"
     for m in modes:
         head += f" {m}: physical step ÷ non-private | {m}: logical step ÷ non-private |"
@@ -443,8 +444,8 @@ def markdown_table(rows, modes) -> str:
         for m in modes:
             p = r["modes"].get(m)
             q = (lg or {}).get("modes", {}).get(m)
-            cells.append(f"{p['ratio']:.2f}× (±{p['spread'] / 2:.0%})" if p and p.get("eligible") else "n/a")
-            cells.append(f"**{q['ratio']:.2f}×** (±{q['spread'] / 2:.0%})" if q else "–")
+            cells.append(f"{p['ratio']:.2f}× ({p['spread']:.0%})" if p and p.get("eligible") else "n/a")
+            cells.append(f"**{q['ratio']:.2f}×** ({q['spread']:.0%})" if q else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
