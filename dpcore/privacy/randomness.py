@@ -7,6 +7,12 @@ compare weights exactly. So both generators here are seeded from the operating s
 (`secrets`, i.e. ``os.urandom``), reseeded with fresh OS entropy after every noisy step, and their
 seeds are never stored, logged or returned.
 
+A seed is not enough on the CPU: torch's Mersenne Twister keeps only the low 32 bits of ``manual_seed``
+(seeds 5 and 2³² + 5 draw the same numbers), so a seeded CPU generator is one of 2³² streams, few enough to
+try them all against a released update. A CPU generator here is therefore given its whole state — the 624
+words of MT19937, 19,968 bits — from the OS (`fill_from_os`), checked to round-trip before any draw; a CUDA
+generator (Philox) takes a 64-bit seed, which it keeps whole.
+
 What this is not: torch's generators (Mersenne Twister on the CPU, Philox on CUDA) are not
 cryptographic, and the noise is the plain floating-point Gaussian, as in Opacus without
 ``secure_mode`` (Opacus' secure mode needs torchcsprng, which is not maintained for current torch).
@@ -18,9 +24,47 @@ seed instead: runs are then replayable and carry NO DP guarantee (the card says 
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 
+import numpy as np
 import torch
+
+# torch's CPU generator state (aten CPUGeneratorImpl, legacy layout): uint64 initial seed, int32 left, int32 seeded,
+# uint64 next, 624 × uint64 words (each a 32-bit MT19937 word), then the cached normal samples and their flags.
+_MT_STATE_BYTES = 5056
+_MT_WORDS, _MT_WORDS_AT = 624, 24
+_MT_LEFT_AT, _MT_NEXT_AT = 8, 16
+_NORMAL_VALID_AT, _FLOAT_NORMAL_VALID_AT = 5040, 5052
+
+
+def fill_from_os(gen: torch.Generator) -> None:
+    """Give a CPU generator a whole MT19937 state from ``os.urandom`` (a CUDA one: a 64-bit seed).
+
+    Fails closed: if this torch lays its generator state out differently, no draw is made from a generator
+    that might hold only 32 bits of entropy."""
+    if gen.device.type != "cpu":
+        gen.manual_seed(secrets.randbits(64))
+        return
+    state = gen.get_state().clone()
+    if state.numel() != _MT_STATE_BYTES or state.dtype != torch.uint8:
+        raise RuntimeError(f"torch's CPU generator state has {state.numel()} bytes, not {_MT_STATE_BYTES}: the DP "
+                           "noise cannot be given a full secret state, so no noisy step is taken. Fix: use the "
+                           "pinned torch version (requirements.txt)")
+    words = np.frombuffer(os.urandom(4 * _MT_WORDS), dtype=np.uint32).astype(np.uint64)
+    raw = state.numpy()
+    raw[:8] = 0  # the "initial seed" a caller could read back: none
+    raw[_MT_LEFT_AT:_MT_LEFT_AT + 4] = np.array([1], dtype=np.int32).view(np.uint8)  # twist before the first draw
+    raw[_MT_NEXT_AT:_MT_NEXT_AT + 8] = 0
+    raw[_MT_WORDS_AT:_MT_WORDS_AT + 8 * _MT_WORDS] = words.view(np.uint8)
+    raw[_NORMAL_VALID_AT:_NORMAL_VALID_AT + 4] = 0  # no cached Gaussian from an earlier state
+    raw[_FLOAT_NORMAL_VALID_AT] = 0
+    gen.set_state(state)
+    back = np.frombuffer(gen.get_state().numpy()[_MT_WORDS_AT:_MT_WORDS_AT + 8 * _MT_WORDS].tobytes(),
+                         dtype=np.uint64)
+    if not np.array_equal(back, words):
+        raise RuntimeError("torch did not keep the secret generator state it was given: no noisy step is taken. "
+                           "Fix: use the pinned torch version (requirements.txt)")
 
 
 def _derived_seed(seed: int, what: str, counter: int) -> int:
@@ -47,8 +91,8 @@ class SecretRandomness:
     def reseed(self) -> None:
         """Fresh OS entropy for the next draws (or the next derived seeds in insecure mode)."""
         if self.insecure_seed is None:
-            self.noise.manual_seed(secrets.randbits(63))
-            self.sampling.manual_seed(secrets.randbits(63))
+            fill_from_os(self.noise)
+            fill_from_os(self.sampling)
         else:
             self.noise.manual_seed(_derived_seed(self.insecure_seed, "noise", self._count))
             self.sampling.manual_seed(_derived_seed(self.insecure_seed, "sampling", self._count))
