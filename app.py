@@ -31,7 +31,7 @@ if "torch" not in sys.modules and page.url_path:  # a cold start on any page but
 try:
     page.run()
 except Exception as exc:  # noqa: BLE001 - only the store's errors are caught, below
-    from dpcore.store import StoreError  # imported here: torch loads with the page, not before its first words
+    from dpcore.store.runs import StoreError  # imported here: torch loads with the page, not before its first words
 
     if not isinstance(exc, StoreError):
         raise

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from dpcore import accounting
+from dpcore.privacy import accounting
 
 PLANS = {"small": (5000, 256, 10), "imagenet": (1_281_167, 16384, 10)}
 DELTA = 1e-5

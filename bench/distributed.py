@@ -1,4 +1,4 @@
-"""How much faster is one DP-SGD run on N processes (torchrun, `dpcore.distributed`) than on one?
+"""How much faster is one DP-SGD run on N processes (torchrun, `dpcore.privacy.distributed`) than on one?
 
     python -m bench.distributed [--processes 2] [--backbone resnet18] [--image-size 32] [--epochs 2] [--pairs 2]
 
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dpcore.store import RunStore
+from dpcore.store.runs import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ logical batch for DP and non-private. The default run (no --plan / --quick / --w
 (``dpcore.config.RunConfig``: full fine-tuning, physical batch 128, logical batch 256 = K 2; BEiT-base at
 physical batch 16) but small images (64 px for the CNNs, 32 px for the transformers: 224 px is ~15-25 s
 per physical batch of 128 on this 2-core CPU), each with the mode the trainer picks (``--modes auto``:
-``dpcore.grad_modes.choose_grad_sample_mode``; hooks then only checks gradients, untimed).
+``dpcore.privacy.grad_modes.choose_grad_sample_mode``; hooks then only checks gradients, untimed).
 
 Models come from ``models.create_model`` (random init: the step time does not depend on the weights),
 i.e. already Opacus-compatible (GroupNorm, ...). Backbones the registry does not know yet
@@ -37,7 +37,7 @@ whose warm-up step is > 3x the hooks one is timed once only.
 
 The last line printed is the headline ``step_ratio X.XX (...)``: DP / non-private time of one logical
 step on the default path = resnet18 at 64 px, physical batch 128, K = 2 (logical batch 256), full
-fine-tuning, with the mode ``dpcore.grad_modes`` picks for it on this device (the table's fastest
+fine-tuning, with the mode ``dpcore.privacy.grad_modes`` picks for it on this device (the table's fastest
 eligible mode, ``hooks`` without a table); the line names K and gives the physical-step ratio too.
 A run without that path's row (e.g. ``--plan mobile``) ends with ``step_ratio nan``.
 """
@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 import models
-from dpcore import grad_modes as gm
+from dpcore.privacy import grad_modes as gm
 
 # resnet18 at the trainer's defaults (RunConfig: full fine-tuning, physical batch 128, logical batch 256 = 2 physical
 # batches) but 64 px, not its 224 (one physical batch of 128 at 224 px: ~15-20 s on this 2-core CPU)
@@ -94,7 +94,7 @@ TRAINER_PLAN = [  # (model, image size, physical batch sizes, physical batches p
     ("beit_base_patch16_224.in22k_ft_in22k", 32, [16], 2),
 ]
 PLANS = {"full": FULL_PLAN, "quick": QUICK_PLAN, "mobile": MOBILE_PLAN, "trainer": TRAINER_PLAN}
-AUTO = "auto"  # --modes auto: per backbone the mode dpcore.grad_modes picks (what the trainer runs)
+AUTO = "auto"  # --modes auto: per backbone the mode dpcore.privacy.grad_modes picks (what the trainer runs)
 # timm backbones measured before (or without) a registry entry: name -> timm.create_model kwargs
 EXTRA_TIMM = {"tf_efficientnet_lite0": {}, "mobilenetv2_100": {"pad_type": "same"},
               "mobilenetv1_100": {"pad_type": "same"}}
@@ -206,7 +206,7 @@ class Config:
     def step(self, accumulate: int = 1) -> float:
         """One logical step of `accumulate` physical batches and ONE optimizer step, as DP-SGD with a large logical
         batch trains (De et al. 2022): the non-private run sums its gradients over the physical batches; the DP run
-        clips each physical batch into Opacus' running sum (skipped steps, as dpcore.trainer does) and draws the noise
+        clips each physical batch into Opacus' running sum (skipped steps, as dpcore.training.trainer does) and draws the noise
         once, at the last one. accumulate = 1 is the single physical step."""
         sync(self.device)
         t0 = time.perf_counter()
@@ -495,7 +495,7 @@ def write_table(rows, modes, env, argv, merge: bool = False) -> None:
     table["devices"][kind] = {"models": per_model, "families": families,
                               "environment": env, "date": today, "command": command}
     table["about"] = ("fastest grad_sample_mode whose clipped summed gradient equals hooks' (noise 0); "
-                      "written by python -m bench.step_ratio --write-table, read by dpcore.grad_modes")
+                      "written by python -m bench.step_ratio --write-table, read by dpcore.privacy.grad_modes")
     path = gm.table_path()
     path.write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {path}")
@@ -518,7 +518,7 @@ def main(argv=None) -> int:
                     help="EXTRA_TIMM models: BatchNorm -> GroupNorm (random init, default) or folded into the "
                          "convs (as pretrained weights)")
     ap.add_argument("--modes", default=None,
-                    help="comma-separated grad_sample_modes, or auto (each backbone's pick by dpcore.grad_modes; "
+                    help="comma-separated grad_sample_modes, or auto (each backbone's pick by dpcore.privacy.grad_modes; "
                          "hooks then only checks the gradients). Default: auto for the default plan, else all")
     ap.add_argument("--models", default=None, help="comma-separated subset of the plan's models")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward (CUDA only)")
@@ -654,7 +654,7 @@ def print_headline(rows, device) -> None:
     p = row["modes"][chosen]
     lg = (row.get("logical") or {}).get("modes", {}).get(chosen)
     print(f"default path: {d['model']} at {d['size']} px, physical batch {row['batch']}, full fine-tuning, "
-          f"grad_sample_mode={chosen} (dpcore.grad_modes.choose_grad_sample_mode), {device.type}")
+          f"grad_sample_mode={chosen} (dpcore.privacy.grad_modes.choose_grad_sample_mode), {device.type}")
     if lg:
         K = row["accumulate"]
         print(f"step_ratio {lg['ratio']:.2f}  (per logical step: K={K} physical batches of {row['batch']}, logical "

@@ -35,9 +35,9 @@ def _subset_folder(src: Path, dst: Path, n: int) -> None:
 
 def main() -> None:
     from dpcore.config import RunConfig
-    from dpcore.store import RunStore
-    from dpcore.sweep import format_header, format_point, run_sweep, sweep_configs
-    from dpcore.trainer import train
+    from dpcore.store.runs import RunStore
+    from dpcore.training.sweep import format_header, format_point, run_sweep, sweep_configs
+    from dpcore.training.trainer import train
 
     warnings.simplefilter("ignore")
     work = Path(tempfile.mkdtemp(prefix="bench_sweep_"))

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from bench.app_server import CHROMIUM, FLAGS, busy_cores, click_preset, serve
-from dpcore.store import RunStore
+from dpcore.store.runs import RunStore
 
 
 def _one(browser, url: str, store: RunStore, watched: bool, timeout: float = 600) -> tuple[float, float]:

@@ -9,11 +9,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .accounting import ACCOUNTANTS, MAX_EPSILON, MAX_STEPS, check_steps
-from .augment import AUGMENTS, MAX_AUGMULT
-from .errors import ConfigError
-from .schedule import LR_SCHEDULES
+from dpcore.errors import ConfigError
+from dpcore.privacy.accounting import ACCOUNTANTS, MAX_EPSILON, MAX_STEPS, check_steps
 
+# The vocabulary a config may use; the training parts that implement each word import it from here.
+AUGMENTS = ("none", "xray", "dermoscopy", "natural", "auto")  # dpcore.training.augment
+MAX_AUGMULT = 64
+LR_SCHEDULES = ("constant", "cosine")  # dpcore.training.schedule
 SCOPES = ("full", "head", "bias", "last-k")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
@@ -100,7 +102,7 @@ class RunConfig:
     def _validate(self) -> None:
         from models import list_models  # local import: models/ imports dpcore.errors only
 
-        from .data import list_datasets
+        from dpcore.data import list_datasets
 
         def bad(field: str, problem: str, fix: str) -> None:
             raise ConfigError(field, problem, fix)

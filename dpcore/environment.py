@@ -62,7 +62,7 @@ def expected_data_root(data_root: Path | None = None) -> Path:
 
 
 def _medmnist_row(name: str, root: Path | None) -> dict[str, Any]:
-    from .data.medmnist import DEFAULT_CACHE, ZENODO_URL, npz_name
+    from dpcore.data.medmnist import DEFAULT_CACHE, ZENODO_URL, npz_name
 
     file = npz_name(name, 28)
     if root is not None and (root / LOCAL_DATA[name][0]).is_file():
@@ -80,7 +80,7 @@ def _medmnist_row(name: str, root: Path | None) -> dict[str, Any]:
 
 def dataset_availability(data_root: Path | None = None) -> list[dict[str, Any]]:
     """One row per registered data set: name, available, path (to pass as data_dir) and a plain note."""
-    from .data import DATASETS
+    from dpcore.data import DATASETS
 
     root = Path(data_root).expanduser() if data_root is not None else default_data_root()
     rows = []
@@ -90,7 +90,7 @@ def dataset_availability(data_root: Path | None = None) -> list[dict[str, Any]]:
         elif name in ("pneumoniamnist", "dermamnist"):
             rows.append(_medmnist_row(name, root))
         elif name == "cifar10":
-            from .data.cifar10 import DEFAULT_CACHE, URL
+            from dpcore.data.cifar10 import DEFAULT_CACHE, URL
 
             folder = DEFAULT_CACHE.expanduser() / "cifar-10-batches-py"
             ok = folder.is_dir()

@@ -13,9 +13,9 @@ import json
 import statistics
 import warnings
 
-from dpcore import experiments as ex
-from dpcore.store import RunStore
-from dpcore.trainer import train
+from dpcore.analysis import experiments as ex
+from dpcore.store.runs import RunStore
+from dpcore.training.trainer import train
 
 METRICS = ("accuracy", "balanced_accuracy", "roc_auc")
 

@@ -462,7 +462,7 @@ def create_model(
         weights["lineage"] = None
     elif path:
         weights["provenance"] = {**weights_provenance(path, meta), **resolved.provenance}
-        from dpcore.privacy.lineage import from_metadata
+        from models.lineage_metadata import from_metadata
 
         try:
             weights["lineage"] = from_metadata(meta)

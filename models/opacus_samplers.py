@@ -1,7 +1,7 @@
 """Opacus grad samplers for conv layers: timm's ``Conv2dSame``, and grouped / depthwise ``Conv2d``.
 
 Importing this module registers them with Opacus (``register_grad_sampler``, for both the hooks and
-the fast-gradient-clipping modules). ``dpcore.grad_modes`` imports it, so they are registered before
+the fast-gradient-clipping modules). ``dpcore.privacy.grad_modes`` imports it, so they are registered before
 any model is privatised by the trainer or the benchmark. Every sampler here is exact (tested
 against per-example autograd in float64, ``tests/test_grad_modes.py``).
 

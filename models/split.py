@@ -2,7 +2,7 @@
 
 Under scope "last-k" the blocks before the last k are frozen and, without augmentation, a fixed public
 function of each image, exactly like the whole backbone under scope "head". Their output can then be
-computed once (``dpcore.features``) and DP-SGD runs on the last k blocks alone: the same mechanism and
+computed once (``dpcore.training.features``) and DP-SGD runs on the last k blocks alone: the same mechanism and
 the same per-example gradients, without the forward pass through the frozen part at every step (on a
 CPU most of a last-k step). The suffix module shares its parameters with the model, so training it
 trains the model, and the whole model is saved.

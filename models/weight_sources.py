@@ -492,7 +492,7 @@ def describe_source(backbone: str, pretrained: Optional[str]) -> dict[str, Any]:
         return out
     from .factory import _file_metadata
 
-    from dpcore.privacy.lineage import from_metadata
+    from models.lineage_metadata import from_metadata
 
     meta = _file_metadata(str(r.path))
     out["lineage"] = from_metadata(meta)

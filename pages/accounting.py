@@ -1,11 +1,12 @@
-"""Accounting: the privacy arithmetic of DP-SGD alone (no training). Every number comes from dpcore.accounting."""
+"""Accounting: the privacy arithmetic of DP-SGD alone (no training). Every number comes from dpcore.privacy.accounting."""
 from pages.banner import keep_app_navigation
 
 keep_app_navigation()  # first: a deep link on a fresh server must run through app.py
 
 import streamlit as st
 
-from dpcore import accounting, figures
+from dpcore.privacy import accounting
+from dpcore.figures import runs as figures
 from dpcore.errors import ConfigError
 from pages.common import show_config_error
 

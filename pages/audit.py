@@ -1,7 +1,7 @@
 """Audit: a membership-inference audit (loss threshold + LiRA) of a finished run's mechanism, with a valid
 one-run ε lower bound (Steinke, Nasr & Jagielski 2023).
 
-The audit runs on a background thread (dpcore.audit.start_audit) and writes its progress next to the run;
+The audit runs on a background thread (dpcore.analysis.audit.start_audit) and writes its progress next to the run;
 this page only launches it, polls the progress file and draws the stored audit.json.
 """
 from pages.banner import keep_app_navigation
@@ -10,8 +10,8 @@ keep_app_navigation()  # first: a deep link on a fresh server must run through a
 
 import streamlit as st
 
-from dpcore import audit as au
-from dpcore import audit_figures
+from dpcore.analysis import audit as au
+from dpcore.figures import audit as audit_figures
 from dpcore.errors import DPCoreError
 from pages.common import fmt_duration, fmt_eps, fmt_time, run_label, store
 

@@ -14,16 +14,18 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from dpcore import calibration, figures, run_review
-from dpcore.card import describe_weights
+from dpcore.training import calibration
+from dpcore.figures import runs as figures
+from dpcore.analysis import run_review
+from dpcore.store.card import describe_weights
 from dpcore.errors import DPCoreError
 from dpcore.data.titles import dataset_title
-from dpcore.metrics import clinical_metrics
-from dpcore.predict import load_run
-from dpcore.report import (GRADCAM_EXPLAINED, NOTICE, calibration_line, colour_bar, report_facts, report_json,
+from dpcore.training.metrics import clinical_metrics
+from dpcore.analysis.predict import load_run
+from dpcore.analysis.report import (GRADCAM_EXPLAINED, NOTICE, calibration_line, colour_bar, report_facts, report_json,
                            report_pdf)
-from dpcore.saliency import DEFAULT_OPACITY, saliency
-from dpcore.uploads import MAX_UPLOAD_BYTES, UploadError, decode_upload
+from dpcore.analysis.saliency import DEFAULT_OPACITY, saliency
+from dpcore.analysis.uploads import MAX_UPLOAD_BYTES, UploadError, decode_upload
 from pages.common import as_percent, pct_column, show_table, fmt_pct, privacy_headline, runs_dir, show_guarantee, store
 
 ANALYSES = "cl_analyses"  # session state: (run, upload digest) → (probabilities, Grad-CAM, problem)

@@ -14,9 +14,9 @@ import streamlit as st
 
 from dpcore.config import RunConfig
 from dpcore.errors import ConfigError, DPCoreError
-from dpcore.events import Event
-from dpcore.jobs import Job, JobManager
-from dpcore.store import RunNotFound, RunStore
+from dpcore.store.events import Event
+from dpcore.training.jobs import Job, JobManager
+from dpcore.store.runs import RunNotFound, RunStore
 
 RUNS_ENV = "DPCORE_RUNS_DIR"
 WATCH_KEY = "watched_run"
@@ -112,7 +112,7 @@ def _live_panel(run_id: str) -> None:
 
 
 def _panel_body(run_id: str) -> str:
-    from dpcore import figures
+    from dpcore.figures import runs as figures
 
     view = run_view(run_id)
     cfg = view.config
@@ -181,7 +181,7 @@ def _panel_body(run_id: str) -> str:
 
 def resume_button(run_id: str) -> None:
     """Continue a stopped run from its last checkpoint (fresh secret noise; the ledger counts every step)."""
-    from dpcore import checkpoint
+    from dpcore.training import checkpoint
 
     if not checkpoint.exists(store().run_dir(run_id)):
         return
@@ -202,9 +202,9 @@ def resume_button(run_id: str) -> None:
 
 # -- the guarantee of a stored run, as its card states it --------------------------------------
 def privacy_headline(card: dict) -> str:
-    """The report's one-line ε, δ and unit (dpcore.report), except that a void guarantee points to the
+    """The report's one-line ε, δ and unit (dpcore.analysis.report), except that a void guarantee points to the
     guarantee box the page shows below it."""
-    from dpcore import report
+    from dpcore.analysis import report
 
     p = card.get("privacy") or {}
     if p.get("private") and not p.get("guarantee_holds", True):
@@ -323,7 +323,7 @@ def show_table(df, column_config=None, key=None, **kwargs):
 
 
 def experiment_columns() -> dict:
-    """Column formats of an experiment's comparison table (dpcore.experiments.comparison rows, as_percent applied to
+    """Column formats of an experiment's comparison table (dpcore.analysis.experiments.comparison rows, as_percent applied to
     accuracy and balanced_accuracy), shared by the Experiments and the Runs page."""
     return {
         "target_epsilon": eps_column("target ε"),

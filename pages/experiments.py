@@ -7,9 +7,9 @@ keep_app_navigation()  # first: a deep link on a fresh server must run through a
 import pandas as pd
 import streamlit as st
 
-from dpcore import experiments as ex
+from dpcore.analysis import experiments as ex
 from dpcore.errors import DPCoreError
-from dpcore.experiment_figures import comparison_figure
+from dpcore.figures.experiments import comparison_figure
 from pages.common import as_percent, experiment_columns, fmt_duration, manager, show_queue, show_table, store
 
 st.title("🧪 Experiments")

@@ -43,7 +43,7 @@ with left:
 # ruff: noqa: E402 - the engine is imported after the first words on purpose (see the docstring)
 import models
 from dpcore import environment
-from dpcore.presets import build_presets, missing_requirements
+from dpcore.training.presets import build_presets, missing_requirements
 from pages.common import job_panel, manager, show_queue, watch, watched_run
 from pages.train_form import load_into_form
 

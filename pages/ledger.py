@@ -10,8 +10,8 @@ import pandas as pd
 import streamlit as st
 
 from dpcore.errors import DPCoreError
-from dpcore.ledger import Ledger, LedgerError, composition_sentence
-from dpcore.ledger_figures import image_epsilon_figure, ledger_figure
+from dpcore.privacy.ledger import Ledger, LedgerError, composition_sentence
+from dpcore.figures.ledger import image_epsilon_figure, ledger_figure
 from pages.common import fmt_time
 
 st.title("💰 Privacy budget")

@@ -6,7 +6,9 @@ keep_app_navigation()  # first: a deep link on a fresh server must run through a
 import pandas as pd
 import streamlit as st
 
-from dpcore import calibration, calibration_figures, figures, run_review
+from dpcore.training import calibration
+from dpcore.figures import calibration as calibration_figures, runs as figures
+from dpcore.analysis import run_review
 from dpcore.data import load_dataset
 from dpcore.data.base import content_digests
 from dpcore.errors import DPCoreError

@@ -7,9 +7,11 @@ keep_app_navigation()  # first: a deep link on a fresh server must run through a
 import pandas as pd
 import streamlit as st
 
-from dpcore import checkpoint, figures, run_review
-from dpcore.frontier import METRICS, PERCENT, smallest_epsilon
-from dpcore.jobs import SweepJob
+from dpcore.training import checkpoint
+from dpcore.figures import runs as figures
+from dpcore.analysis import run_review
+from dpcore.analysis.frontier import METRICS, PERCENT, smallest_epsilon
+from dpcore.training.jobs import SweepJob
 from pages.common import (ACTIVE, as_percent, auc_column, eps_column, fmt_duration, manager, pct_column,
                           resume_button, run_label, show_table, store)
 
@@ -21,7 +23,7 @@ def sweep_form() -> None:
     from dpcore.config import RunConfig
     from dpcore.data import list_datasets
     from dpcore.errors import DPCoreError
-    from dpcore.sweep import parse_epsilons
+    from dpcore.training.sweep import parse_epsilons
     from models import list_models
 
     with st.expander("Sweep ε — one run per privacy budget, frozen backbone + DP head", expanded=False):
@@ -201,7 +203,8 @@ def fairness_section(records: dict) -> None:
     """Subgroup fairness: a finished run's test metrics per metadata group (sex, age, ...), DP beside non-private."""
     from pathlib import Path
 
-    from dpcore import fairness, fairness_figures
+    from dpcore.analysis import fairness
+    from dpcore.figures import fairness as fairness_figures
     from dpcore.errors import DPCoreError
 
     st.subheader("Subgroup fairness")
@@ -304,8 +307,8 @@ fairness_section(records)
 def experiments_section() -> None:
     """The named experiments that have stored runs here: their comparison table and chart (launch them on the
     Experiments page)."""
-    from dpcore import experiments as ex
-    from dpcore.experiment_figures import comparison_figure
+    from dpcore.analysis import experiments as ex
+    from dpcore.figures.experiments import comparison_figure
     from pages.common import experiment_columns
 
     tagged = {(t.get("experiment"), t.get("version")) for t in ex.read_tags(store().root).values()}

@@ -9,22 +9,23 @@ import warnings
 import streamlit as st
 
 import models
-from dpcore import accounting, environment, figures
-from dpcore.augment import AUGMENTS
-from dpcore.card import guarantee_sentence
+from dpcore import environment
+from dpcore.privacy import accounting
+from dpcore.figures import runs as figures
+from dpcore.training.augment import AUGMENTS
+from dpcore.store.card import guarantee_sentence
 from dpcore.config import SCOPES, PrivacyWarning, RunConfig
 from dpcore.data import DATASETS, load_dataset
 from dpcore.errors import ConfigError, DPCoreError
-from dpcore.ledger import Ledger, LedgerCorrupt
-from dpcore.preflight import preflight
-from dpcore.schedule import LR_SCHEDULES
+from dpcore.privacy.ledger import Ledger, LedgerCorrupt
+from dpcore.training.preflight import preflight
+from dpcore.training.schedule import LR_SCHEDULES
 from pages.train_form import HIDDEN_KEY, SOURCE_KEY, load_into_form, with_options
 from pages.common import (
     ACTIVE,
     job_panel,
     manager,
     run_view,
-    runs_dir,
     show_config_error,
     show_queue,
     watch,
@@ -299,7 +300,7 @@ if config is not None:
                    "independently with probability q")
     if config.private:
         plan = privacy_plan(config.epsilon, config.delta, q, total, config.accountant)
-        cols[3].metric("Noise σ", f"{plan['noise_multiplier']:.4g}", help="calibrated by dpcore.accounting")
+        cols[3].metric("Noise σ", f"{plan['noise_multiplier']:.4g}", help="calibrated by dpcore.privacy.accounting")
         cols[4].metric(f"Planned ε ({config.accountant.upper()})", f"{plan['epsilon']:.4g}",
                        help=f"δ = {config.delta:.0e}, per {owners[0] if patient else 'image'}")
         curve = epsilon_curve(plan["noise_multiplier"], q, total, config.delta, config.accountant)

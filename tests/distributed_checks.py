@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dpcore import distributed
-from dpcore.trainer import BatchedTensorDataset, privatize
+from dpcore.privacy import distributed
+from dpcore.training.trainer import BatchedTensorDataset, privatize
 
 
 def _sgd(model, lr=1.0):

@@ -5,7 +5,7 @@ import dp_accounting
 import pytest
 from dp_accounting import pld, rdp
 
-from dpcore import accounting
+from dpcore.privacy import accounting
 from dpcore.errors import ConfigError
 
 PLANS = [  # (sigma, q, T, delta)

@@ -1,5 +1,5 @@
 """The Streamlit app, driven headless by AppTest: every page renders, training runs in the background
-and reaches the page, accounting numbers are dpcore.accounting's, uploads are checked."""
+and reaches the page, accounting numbers are dpcore.privacy.accounting's, uploads are checked."""
 from __future__ import annotations
 
 import io
@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from apptest_support import fresh_caches, open_page, texts  # noqa: F401 - fresh_caches is autouse
-from dpcore import accounting
+from dpcore.privacy import accounting
 from dpcore.config import RunConfig
-from dpcore.store import RunStore
-from dpcore.trainer import train
+from dpcore.store.runs import RunStore
+from dpcore.training.trainer import train
 
 PAGES = ["pages/home.py", "pages/train.py", "pages/accounting.py", "pages/runs.py", "pages/predictions.py",
          "pages/clinician.py"]
@@ -217,7 +217,7 @@ def test_runs_page_sweep_button_launches_one_background_sweep(tmp_path, monkeypa
     at.checkbox(key="rn_sw_np").set_value(True)
     at.button[[b.label for b in at.button].index("Sweep ε")].click().run()
     assert not at.exception, [e.value for e in at.exception]
-    from dpcore.jobs import SweepJob
+    from dpcore.training.jobs import SweepJob
     from pages.common import manager
 
     job = manager().get(at.session_state["rn_sweep"])
@@ -297,7 +297,7 @@ def test_train_page_shows_both_privacy_units_side_by_side_and_launches_a_patient
 
 
 def test_clinician_page_shows_clinical_metrics_from_the_card(finished, monkeypatch):
-    from dpcore.metrics import clinical_metrics
+    from dpcore.training.metrics import clinical_metrics
 
     root, run_id = finished
     at = open_page("pages/clinician.py", root, monkeypatch)
@@ -312,7 +312,7 @@ def test_clinician_page_shows_clinical_metrics_from_the_card(finished, monkeypat
 
 
 def test_clinical_metrics_and_the_majority_warning():
-    from dpcore.metrics import clinical_metrics
+    from dpcore.training.metrics import clinical_metrics
 
     # the issue's demo X-ray model: 234 NORMAL, 390 PNEUMONIA; NORMAL almost never recognised
     m = clinical_metrics([[12, 222], [3, 387]], ["NORMAL", "PNEUMONIA"])
@@ -326,7 +326,7 @@ def test_clinical_metrics_and_the_majority_warning():
 
 
 def test_a_non_image_upload_is_refused_in_plain_words():
-    from dpcore.uploads import UploadError, decode_upload
+    from dpcore.analysis.uploads import UploadError, decode_upload
 
     with pytest.raises(UploadError) as err:
         decode_upload(b"this is not an image at all", "notes.png")

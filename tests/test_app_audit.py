@@ -14,10 +14,10 @@ import pytest
 import apptest_support as support
 from apptest_support import fresh_caches  # noqa: F401 - autouse
 
-from dpcore import audit
+from dpcore.analysis import audit
 from dpcore.config import RunConfig
-from dpcore.store import RunStore
-from dpcore.trainer import train
+from dpcore.store.runs import RunStore
+from dpcore.training.trainer import train
 
 PAGE = "pages/audit.py"
 

@@ -20,9 +20,9 @@ from streamlit.runtime.media_file_manager import MediaFileManager
 from apptest_support import fresh_caches, open_page, texts  # noqa: F401 - fresh_caches is autouse
 from dpcore.config import RunConfig
 from dpcore.data import load_dataset
-from dpcore.predict import load_run
-from dpcore.store import RunStore
-from dpcore.trainer import train
+from dpcore.analysis.predict import load_run
+from dpcore.store.runs import RunStore
+from dpcore.training.trainer import train
 
 TINY = {"dataset": "digits", "backbone": "tiny_cnn", "image_size": 16, "epochs": 1, "batch_size": 64,
         "max_physical_batch_size": 64, "epsilon": 2.0, "device": "cpu"}
@@ -104,16 +104,16 @@ def test_each_upload_gets_a_slider_the_overlay_a_colour_bar_and_both_reports(fin
 
 
 def test_moving_the_slider_reblends_without_running_grad_cam_again(finished, downloads, monkeypatch):
-    import dpcore.saliency
+    import dpcore.analysis.saliency
 
     calls = []
-    real = dpcore.saliency.saliency
+    real = dpcore.analysis.saliency.saliency
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dpcore.saliency, "saliency", counted)  # the page imports it from here on every run
+    monkeypatch.setattr(dpcore.analysis.saliency, "saliency", counted)  # the page imports it from here on every run
     root, _ = finished
     at = open_page("pages/clinician.py", root, monkeypatch)
     at.file_uploader(key="cl_upload").set_value([("scan.png", _png(_digit(2)), "image/png")]).run()

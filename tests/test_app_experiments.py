@@ -12,8 +12,8 @@ from streamlit.testing.v1 import AppTest
 import apptest_support as support
 from apptest_support import fresh_caches  # noqa: F401 - autouse
 
-from dpcore import experiments as ex
-from dpcore.store import RunStore
+from dpcore.analysis import experiments as ex
+from dpcore.store.runs import RunStore
 
 PAGE = "pages/experiments.py"
 TINY = """

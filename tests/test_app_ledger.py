@@ -8,9 +8,9 @@ import pytest
 
 from apptest_support import fresh_caches, open_page, texts  # noqa: F401 - fresh_caches is autouse
 from dpcore.config import RunConfig
-from dpcore.ledger import Ledger
-from dpcore.store import RunStore
-from dpcore.trainer import train
+from dpcore.privacy.ledger import Ledger
+from dpcore.store.runs import RunStore
+from dpcore.training.trainer import train
 
 # the Train page's defaults on digits (seed 0, test fraction 0.2): the data set these runs spend
 TINY = {"dataset": "digits", "backbone": "tiny_cnn", "image_size": 16, "epochs": 1, "batch_size": 64,

@@ -1,6 +1,6 @@
 """The Runs page, driven headless by AppTest on runs folders of recorded (not trained) runs: the frontier defaults
 to the latest sweep's group, tables have no 'None' cells and one format per kind of number, the smallest-ε answer
-is dpcore.frontier's, the frontier's score axis stays within [0, 1]."""
+is dpcore.analysis.frontier's, the frontier's score axis stays within [0, 1]."""
 from __future__ import annotations
 
 import json
@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 
 from apptest_support import fresh_caches, open_page, texts  # noqa: F401 - fresh_caches is autouse
-from dpcore import run_review
+from dpcore.analysis import run_review
 from dpcore.config import RunConfig
-from dpcore.frontier import smallest_epsilon
-from dpcore.store import RunStore
+from dpcore.analysis.frontier import smallest_epsilon
+from dpcore.store.runs import RunStore
 
 PAGE = "pages/runs.py"
 BASE = RunConfig(dataset="digits", backbone="tiny_cnn", image_size=16, epochs=1, device="cpu")
@@ -60,7 +60,7 @@ def test_the_frontier_defaults_to_the_latest_finished_runs_group_not_the_first_i
 
 
 def test_after_a_sweep_the_frontier_shows_the_sweeps_group(tmp_path, monkeypatch):
-    import dpcore.worker
+    import dpcore.training.worker
 
     def fake_train(config, store, listener=None, cancel=None, run_id=None, **_):
         acc, auc = SWEEP[config.epsilon]
@@ -70,7 +70,7 @@ def test_after_a_sweep_the_frontier_shows_the_sweeps_group(tmp_path, monkeypatch
             "epsilon": eps, "test_accuracy": acc, "test_roc_auc": auc,
             "privacy": {"private": config.private, "target_epsilon": config.epsilon, "guarantee_holds": True}})
 
-    monkeypatch.setattr(dpcore.worker, "train_in_worker", fake_train)
+    monkeypatch.setattr(dpcore.training.worker, "train_in_worker", fake_train)
     store = RunStore(tmp_path)
     _record(store, BASE.replace(epsilon=2.0), 0.85, 0.9)  # the one 'full' point the page showed before
     at = open_page(PAGE, tmp_path, monkeypatch)
@@ -144,7 +144,7 @@ def test_the_smallest_epsilon_shown_is_dpcore_frontiers_answer(tmp_path, monkeyp
 def test_a_running_sweep_shows_its_progress_without_a_refresh_button_and_ends_by_itself(tmp_path, monkeypatch):
     import threading
 
-    import dpcore.worker
+    import dpcore.training.worker
 
     gate = threading.Event()
 
@@ -155,7 +155,7 @@ def test_a_running_sweep_shows_its_progress_without_a_refresh_button_and_ends_by
         return SimpleNamespace(run_id=run_id, status="done", card={"epsilon": config.epsilon, "test_accuracy": acc,
                                                                    "privacy": {"private": True}})
 
-    monkeypatch.setattr(dpcore.worker, "train_in_worker", slow_train)
+    monkeypatch.setattr(dpcore.training.worker, "train_in_worker", slow_train)
     at = open_page(PAGE, tmp_path, monkeypatch)
     from pages.common import manager
 

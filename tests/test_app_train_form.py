@@ -5,9 +5,9 @@ import warnings
 
 from apptest_support import fresh_caches, open_page, texts  # noqa: F401 - fresh_caches is autouse
 from dpcore.config import RunConfig
-from dpcore.presets import build_presets
-from dpcore.store import RunStore
-from dpcore.trainer import train
+from dpcore.training.presets import build_presets
+from dpcore.store.runs import RunStore
+from dpcore.training.trainer import train
 from pages.train_form import form_state, with_options
 
 
@@ -59,7 +59,7 @@ def test_form_state_round_trips_every_field_it_has_a_widget_for():
 
 def test_with_several_gpus_the_train_page_offers_to_spread_the_run(tmp_path, monkeypatch):
     from dpcore import environment
-    from dpcore.jobs import JobManager
+    from dpcore.training.jobs import JobManager
 
     real = environment.describe_machine
     monkeypatch.setattr(environment, "describe_machine", lambda: {**real(), "gpus": 4})

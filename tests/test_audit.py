@@ -1,4 +1,4 @@
-"""Membership-inference audit (dpcore.audit): the one-run p-value (Steinke et al. 2023) against the theorem,
+"""Membership-inference audit (dpcore.analysis.audit): the one-run p-value (Steinke et al. 2023) against the theorem,
 the validity of the whole bound procedure (grid + Bonferroni) on mechanisms of known ε, the attacks
 separating a deliberately overfit non-private model from a DP ε=1 one, and the audit of a stored run
 (the run's own recipe replayed, the ledger entry, audit.json, CLI, background thread)."""
@@ -14,13 +14,15 @@ import pytest
 import torch
 from scipy import optimize, special, stats
 
-from dpcore import accounting, audit, audit_figures
-from dpcore import trainer as trainer_module
-from dpcore.cli import main
+from dpcore.privacy import accounting
+from dpcore.analysis import audit
+from dpcore.figures import audit as audit_figures
+from dpcore.training import trainer as trainer_module
+from dpcore.cli.main import main
 from dpcore.config import RunConfig
-from dpcore.ledger import Ledger, LedgerError, RecordedUse
-from dpcore.store import RunStore
-from dpcore.trainer import train
+from dpcore.privacy.ledger import Ledger, LedgerError, RecordedUse
+from dpcore.store.runs import RunStore
+from dpcore.training.trainer import train
 
 
 # -- the one-run p-value and bound ----------------------------------------------------------------

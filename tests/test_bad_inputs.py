@@ -23,19 +23,20 @@ from PIL import Image
 
 import dpcore.data
 import dpcore.data.base
-import dpcore.run_review
+import dpcore.analysis.run_review
 from apptest_support import fresh_caches, open_page, texts  # noqa: F401 - fresh_caches is autouse
-from dpcore import accounting, cli
-from dpcore.card import _fmt_factor, guarantee_sentence
-from dpcore.cli_ledger import _remaining
+from dpcore.privacy import accounting
+from dpcore.cli import main as cli
+from dpcore.store.card import _fmt_factor, guarantee_sentence
+from dpcore.cli.ledger import _remaining
 from dpcore.config import MAX_EPOCHS, RunConfig
 from dpcore.data import ArrayImageList, load_dataset
 from dpcore.data.folder import drop_test_copies
 from dpcore.errors import ConfigError, DataError, DPCoreError
-from dpcore.ledger import DatasetSummary, Exposure, Ledger
-from dpcore.predict import read_image_file
-from dpcore.store import RunStore
-from dpcore.trainer import train
+from dpcore.privacy.ledger import DatasetSummary, Exposure, Ledger
+from dpcore.analysis.predict import read_image_file
+from dpcore.store.runs import RunStore
+from dpcore.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"backbone": "tiny_cnn", "image_size": 16, "epochs": 1, "device": "cpu", "scope": "head"}
@@ -102,7 +103,7 @@ PLD_HANGS = [  # each took > 120 s (or ran out of memory) before the bounds
 
 
 def test_pld_queries_that_hung_now_fail_fast_with_a_fix():
-    script = ("import sys, json\nfrom dpcore import cli\n"
+    script = ("import sys, json\nfrom dpcore.cli import main as cli\n"
               f"for argv in {PLD_HANGS!r}:\n"
               "    print('RC', cli.main(argv), flush=True)\n")
     try:
@@ -340,7 +341,7 @@ def test_gallery_withholds_a_test_image_whose_pixels_are_a_training_image(digits
         return s
 
     monkeypatch.setattr(dpcore.data, "load_dataset", with_copy)
-    monkeypatch.setattr(dpcore.run_review, "load_dataset", with_copy)
+    monkeypatch.setattr(dpcore.analysis.run_review, "load_dataset", with_copy)
     at = open_page("pages/predictions.py", digits_run, monkeypatch)
     warning = " ".join(w.value for w in at.warning)
     assert "1 test image(s) are byte-identical to images this run trained on" in warning

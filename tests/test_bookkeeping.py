@@ -1,4 +1,4 @@
-"""Book-keeping clipping (dpcore.bookkeeping) against per-example autograd, in float64.
+"""Book-keeping clipping (dpcore.privacy.bookkeeping) against per-example autograd, in float64.
 
 The DP guarantee rests on each example's contribution being clipped to C: these tests check the
 per-example norms and the clipped sums for every layer rule and every code path (ghost norm from
@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from dpcore import bookkeeping as bk
-from dpcore import grad_modes as gm
-from dpcore.bookkeeping import BookKeepingModule, UnsupportedModel
+from dpcore.privacy import bookkeeping as bk
+from dpcore.privacy import grad_modes as gm
+from dpcore.privacy.bookkeeping import BookKeepingModule, UnsupportedModel
 
 
 class Zoo(nn.Module):
@@ -453,9 +453,9 @@ def test_group_norm_act_mask_falls_back_when_its_output_changed_in_place(monkeyp
 
 
 # -- ViT / BEiT / ConvNeXt: class token + position embedding, layer scale, relative position bias,
-#    LayerNorm2d (models.opacus_compat's modules, dpcore.bookkeeping_rules) -------------------------
+#    LayerNorm2d (models.opacus_compat's modules, dpcore.privacy.bookkeeping_rules) -------------------------
 
-from dpcore import bookkeeping_rules as rules  # noqa: E402
+from dpcore.privacy import bookkeeping_rules as rules  # noqa: E402
 from models import opacus_compat as oc  # noqa: E402
 
 # the registry's architectures, narrowed (float64 per-example autograd of the real widths is GBs);

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.app_server import CHART_POINTS_JS, CHROMIUM, FLAGS, READY, busy_cores, click_preset, serve
-from dpcore.store import RunStore
+from dpcore.store.runs import RunStore
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_privacy_budget_page_shows_the_ledger_in_the_browser(fresh_ledger, app_s
     from playwright.sync_api import sync_playwright
 
     from dpcore.data import load_dataset
-    from dpcore.ledger import Ledger
+    from dpcore.privacy.ledger import Ledger
 
     url, runs = app_server
     ledger = Ledger()  # the server's: DPCORE_LEDGER is inherited from the test session
@@ -138,7 +138,7 @@ def xray_server(tmp_path, chromium):
     if not (XRAYS / "test" / "PNEUMONIA").is_dir():
         pytest.skip(f"real chest X-rays {XRAYS} are absent")
     from dpcore.config import RunConfig
-    from dpcore.trainer import train
+    from dpcore.training.trainer import train
 
     runs = tmp_path / "runs"
     data = _xray_subset(tmp_path / "xray_subset")

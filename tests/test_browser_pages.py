@@ -14,8 +14,8 @@ import pytest
 
 from bench.app_server import CHROMIUM, FLAGS, READY, serve
 from dpcore.config import RunConfig
-from dpcore.store import RunStore
-from dpcore.trainer import train
+from dpcore.store.runs import RunStore
+from dpcore.training.trainer import train
 
 PAGES = {"": "DP Explorer", "train": "Train", "accounting": "accounting", "runs": "Runs",
          "experiments": "Experiments", "predictions": "predictions", "audit": "audit", "ledger": "Privacy budget",

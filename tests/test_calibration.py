@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 
 from apptest_support import fresh_caches, open_page, texts  # noqa: F401 - fresh_caches is autouse
-from dpcore import calibration as cal
-from dpcore.calibration_figures import reliability_figure
-from dpcore.cli import main as cli
+from dpcore.training import calibration as cal
+from dpcore.figures.calibration import reliability_figure
+from dpcore.cli.main import main as cli
 from dpcore.config import RunConfig
 from dpcore.data import load_dataset
 from dpcore.errors import DPCoreError
-from dpcore.predict import load_run
-from dpcore.store import RunStore
-from dpcore.trainer import train
+from dpcore.analysis.predict import load_run
+from dpcore.store.runs import RunStore
+from dpcore.training.trainer import train
 
 TINY = {"dataset": "digits", "backbone": "tiny_cnn", "image_size": 16, "epochs": 1, "batch_size": 64,
         "max_physical_batch_size": 64, "epsilon": 2.0, "device": "cpu"}

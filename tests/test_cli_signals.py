@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dpcore.ledger import Ledger
-from dpcore.store import RunStore
+from dpcore.privacy.ledger import Ledger
+from dpcore.store.runs import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--dataset", "digits", "--backbone", "tiny_cnn", "--image-size", "16", "--epochs", "200", "--batch-size",

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import dpcore.store as store_mod
-from dpcore import cli
+import dpcore.store.runs as store_mod
+from dpcore.cli import main as cli
 from dpcore.config import RunConfig
-from dpcore.events import Event
+from dpcore.store.events import Event
 from dpcore.process import alive, own_token, start_token
-from dpcore.store import (LAST_ARTEFACT, RunStore, StoreCorruptError, StoreWriteError, atomic_write, reindex)
+from dpcore.store.runs import (LAST_ARTEFACT, RunStore, StoreCorruptError, StoreWriteError, atomic_write, reindex)
 
 ROOT = Path(__file__).resolve().parents[1]
 LINUX = Path("/proc/self/stat").exists()
@@ -33,8 +33,8 @@ TINY = {"dataset": "digits", "backbone": "tiny_cnn", "image_size": 16, "epochs":
 CHILD = textwrap.dedent("""
     import sys, time
     from dpcore.config import RunConfig
-    from dpcore.events import Event
-    from dpcore.store import RunStore
+    from dpcore.store.events import Event
+    from dpcore.store.runs import RunStore
     store = RunStore(sys.argv[1])
     run_id = store.create_run(RunConfig())
     store.set_status(run_id, "running")
@@ -48,7 +48,7 @@ CHILD = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def finished_runs(tmp_path_factory) -> tuple[Path, str]:
     """A runs folder with one finished DP run (card, weights, predictions) and one failed run (no card)."""
-    from dpcore.trainer import train
+    from dpcore.training.trainer import train
 
     root = tmp_path_factory.mktemp("crash_runs")
     store = RunStore(root)
@@ -285,7 +285,7 @@ def test_write_json_is_atomic_and_durable(tmp_path, monkeypatch):
 def test_save_model_writes_a_temporary_file_then_renames_it(tmp_path, monkeypatch):
     import torch
 
-    from dpcore import model_io
+    from dpcore.store import model_io
 
     path = tmp_path / "model.safetensors"
     model = torch.nn.Linear(3, 2)
@@ -354,7 +354,7 @@ def test_failure_paths_raise_a_clear_error_when_the_index_turns_read_only(tmp_pa
 
 def test_the_trainers_failure_handler_reports_a_store_that_cannot_be_written(tmp_path, monkeypatch, capsys):
     """`_Run.fail` records what it could; the message names the store problem, not a bare sqlite error."""
-    from dpcore.trainer import _Run
+    from dpcore.training.trainer import _Run
 
     store = RunStore(tmp_path)
     run_id = store.create_run(RunConfig())

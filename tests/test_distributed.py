@@ -1,4 +1,4 @@
-"""Multi-process DP-SGD (`dpcore.distributed`, torchrun, gloo on this CPU): the same mechanism as one process.
+"""Multi-process DP-SGD (`dpcore.privacy.distributed`, torchrun, gloo on this CPU): the same mechanism as one process.
 
 The mechanism checks run in `tests/distributed_checks.py` under torchrun; the end-to-end tests launch
 `torchrun ... -m dpcore train` exactly as a user does and read what rank 0 stored.
@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpcore import distributed
+from dpcore.privacy import distributed
 from dpcore.config import RunConfig
 from dpcore.errors import ConfigError
-from dpcore.ledger import Ledger
-from dpcore.store import RunStore
-from dpcore.trainer import BatchedTensorDataset, train
+from dpcore.privacy.ledger import Ledger
+from dpcore.store.runs import RunStore
+from dpcore.training.trainer import BatchedTensorDataset, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ["--dataset", "digits", "--backbone", "tiny_cnn", "--pretrained", "none", "--image-size", "16",
@@ -75,7 +75,7 @@ def test_what_a_multi_process_run_refuses_is_said_before_it_starts():
 
 
 def test_under_torchrun_only_train_runs(tmp_path, monkeypatch, capsys):
-    from dpcore import cli
+    from dpcore.cli import main as cli
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
@@ -240,7 +240,7 @@ def test_sigterm_to_the_launcher_cancels_every_process_after_the_same_step(tmp_p
 
 # -- the app's path: a queued job spread over processes ----------------------------------------------------
 def test_the_job_queue_runs_a_job_over_two_processes_and_streams_rank_0s_events(tmp_path, fresh_ledger):
-    from dpcore.jobs import JobManager
+    from dpcore.training.jobs import JobManager
 
     manager = JobManager(RunStore(tmp_path / "runs"))
     job = manager.submit(RunConfig(dataset="digits", backbone="tiny_cnn", pretrained="none", image_size=16,
@@ -255,7 +255,7 @@ def test_the_job_queue_runs_a_job_over_two_processes_and_streams_rank_0s_events(
 
 
 def test_a_patient_level_job_is_refused_before_it_is_queued(tmp_path):
-    from dpcore.jobs import JobManager
+    from dpcore.training.jobs import JobManager
 
     manager = JobManager(RunStore(tmp_path / "runs"))
     with pytest.raises(ConfigError, match="patient-level"):

@@ -9,7 +9,7 @@ from opacus.data_loader import DPDataLoader
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import TensorDataset
 
-from dpcore.trainer import privatize, steps_per_epoch
+from dpcore.training.trainer import privatize, steps_per_epoch
 
 
 def _toy(n=64, d=20, k=3, seed=0):

@@ -8,7 +8,7 @@ from dpcore import environment
 from dpcore.config import RunConfig
 from dpcore.data import DATASETS
 from dpcore.environment import cached_weights, dataset_availability, default_data_root, describe_machine
-from dpcore.presets import PRESETS, Preset, build_presets, missing_requirements
+from dpcore.training.presets import PRESETS, Preset, build_presets, missing_requirements
 from models import list_models
 
 
@@ -110,7 +110,7 @@ def test_seed_preset_missing_everything(no_caches, tmp_path):
 
 def test_seed_preset_ready_when_data_and_weights_present(no_caches, tmp_path, monkeypatch):
     preset = build_presets(_fake_root(tmp_path / "data"))["seed-pneumonia-beit22k"]
-    monkeypatch.setattr("dpcore.presets.weights_cached", lambda backbone: True)
+    monkeypatch.setattr("dpcore.training.presets.weights_cached", lambda backbone: True)
     assert missing_requirements(preset, online=False) == []
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from dpcore import experiments as ex
+from dpcore.analysis import experiments as ex
 from dpcore.config import RunConfig
-from dpcore.experiment_figures import comparison_figure
-from dpcore.store import RunStore
+from dpcore.figures.experiments import comparison_figure
+from dpcore.store.runs import RunStore
 
 SHIPPED = ["seed-pneumonia-beit22k-eps0.5", "seed-pneumonia-vgg11-eps0.5", "pretrained-vs-random", "in22k-vs-in1k",
            "dp-vs-nonprivate", "recipe-ablation", "recipe-ablation-ham10000", "pretrained-vs-random-ham10000"]
@@ -269,7 +269,7 @@ def test_data_root_defaults_to_the_shared_data_env(monkeypatch, tmp_path):
 def test_missing_pretrain_engine_is_reported(tmp_path, monkeypatch):
     monkeypatch.setattr(ex, "_pretrain_available", lambda: False)
     exp = ex.load_experiment(write(tmp_path, "pre", PRETRAIN_EXP))
-    assert any("pretrain" in m and "dpcore/pretrain.py" in m for m in ex.check_needs(exp, runs_dir=tmp_path / "r"))
+    assert any("pretrain" in m and "dpcore/training/pretrain.py" in m for m in ex.check_needs(exp, runs_dir=tmp_path / "r"))
     # arms that do not use the pretrained file need nothing
     assert ex.check_needs(exp, runs_dir=tmp_path / "r", arms=exp.select("scratch")) == []
 
@@ -425,7 +425,7 @@ def test_pretrain_step_runs_once_and_its_file_is_used(tmp_path):
 
 # -- the command line --------------------------------------------------------------------------------------
 def test_cli_list_table_and_dry_run(tiny_done, capsys):
-    from dpcore.cli import main
+    from dpcore.cli.main import main
 
     d, store, comp, _ = tiny_done
     assert main(["experiment", "--list", "--experiments-dir", str(d / "experiments"), "--runs-dir", str(store.root)]) == 0
@@ -448,7 +448,7 @@ def test_cli_list_table_and_dry_run(tiny_done, capsys):
 
 
 def test_cli_runs_an_experiment(tmp_path, exp_dir, capsys):
-    from dpcore.cli import main
+    from dpcore.cli.main import main
 
     rc = main(["experiment", "tiny", "--only", "non-private", "--experiments-dir", str(exp_dir),
                "--runs-dir", str(tmp_path / "runs")])

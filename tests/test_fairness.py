@@ -14,14 +14,14 @@ import streamlit as st
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from dpcore import fairness as fx
-from dpcore.cli import main as cli
+from dpcore.analysis import fairness as fx
+from dpcore.cli.main import main as cli
 from dpcore.config import RunConfig
 from dpcore.data import load_dataset
 from dpcore.errors import DataError, DPCoreError
-from dpcore.fairness_figures import fairness_figure
-from dpcore.store import RunStore
-from dpcore.trainer import train
+from dpcore.figures.fairness import fairness_figure
+from dpcore.store.runs import RunStore
+from dpcore.training.trainer import train
 
 NAMES = ["bkl", "mel", "nv"]
 

@@ -4,16 +4,17 @@ import pytest
 import torch
 
 import models
-from dpcore import accounting, features
-from dpcore.cli import main as cli
+from dpcore.privacy import accounting
+from dpcore.training import features
+from dpcore.cli.main import main as cli
 from dpcore.config import RunConfig
 from dpcore.data import load_dataset
-from dpcore.events import EventLog
-from dpcore.model_io import load_weights
-from dpcore.predict import load_run
-from dpcore.store import RunStore
-from dpcore.sweep import parse_epsilons, run_sweep, sweep_configs
-from dpcore.trainer import train
+from dpcore.store.events import EventLog
+from dpcore.store.model_io import load_weights
+from dpcore.analysis.predict import load_run
+from dpcore.store.runs import RunStore
+from dpcore.training.sweep import parse_epsilons, run_sweep, sweep_configs
+from dpcore.training.trainer import train
 
 HEAD = dict(dataset="digits", backbone="tiny_cnn", image_size=16, epochs=2, batch_size=128,
             max_physical_batch_size=64, lr=0.05, scope="head", device="cpu")

@@ -3,8 +3,8 @@ import numpy as np
 import plotly.graph_objects as go
 import pytest
 
-from dpcore.events import Event
-from dpcore.figures import (compare_runs_figure, confusion_matrix_figure, epsilon_curve_figure, frontier_figure,
+from dpcore.store.events import Event
+from dpcore.figures.runs import (compare_runs_figure, confusion_matrix_figure, epsilon_curve_figure, frontier_figure,
                             heatmap_figure, probability_bars_figure, roc_curve_figure, training_figures)
 
 
@@ -131,20 +131,20 @@ def test_heatmap_values_and_shape_check():
 def test_figures_never_import_streamlit():
     import subprocess
     import sys
-    code = ("import sys, dpcore.figures, dpcore.uploads, dpcore.saliency, dpcore.environment, dpcore.presets, "
-            "dpcore.run_review; assert 'streamlit' not in sys.modules")
+    code = ("import sys, dpcore.figures.runs, dpcore.analysis.uploads, dpcore.analysis.saliency, dpcore.environment, dpcore.training.presets, "
+            "dpcore.analysis.run_review; assert 'streamlit' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_probability_bars_label_every_class():
-    from dpcore.figures import probability_bars_figure
+    from dpcore.figures.runs import probability_bars_figure
 
     fig = probability_bars_figure({"NORMAL": 0.72, "PNEUMONIA": 0.28})
     assert list(fig.layout.yaxis.tickvals) == ["PNEUMONIA", "NORMAL"]
 
 
 def test_weights_are_described_in_plain_words():
-    from dpcore.card import describe_weights
+    from dpcore.store.card import describe_weights
 
     assert describe_weights({"source": "none"}) == "random initialisation (no pretraining)"
     assert "timm hub" in describe_weights({"source": "hub", "name": "resnet18.a1_in1k"})
@@ -201,7 +201,7 @@ def test_the_frontier_marks_the_runs_an_answer_comes_from():
 
 
 def test_experiment_comparison_axes_match_the_frontier():
-    from dpcore.experiment_figures import comparison_figure
+    from dpcore.figures.experiments import comparison_figure
 
     rows = [{"arm": f"ε={e}", "group": "DP", "private": True, "epsilon": e, "accuracy": a, "run_id": str(e)}
             for e, a in ((0.5, 0.7), (2.0, 0.9))]

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from dpcore.errors import DPCoreError
-from dpcore.frontier import parse_target, smallest_epsilon
+from dpcore.analysis.frontier import parse_target, smallest_epsilon
 
 
 def _pts(*pairs, metric="accuracy", unit="image"):
@@ -77,9 +77,9 @@ def test_targets_parse_as_fractions_or_percent():
 def test_the_cli_answers_from_the_stored_runs(tmp_path, capsys):
     import json
 
-    from dpcore.cli import main
+    from dpcore.cli.main import main
     from dpcore.config import RunConfig
-    from dpcore.store import RunStore
+    from dpcore.store.runs import RunStore
 
     store = RunStore(tmp_path)
     for eps, acc in ((1.0, 0.8), (4.0, 1.0), (None, 0.99)):

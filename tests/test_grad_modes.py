@@ -1,4 +1,4 @@
-"""dpcore.grad_modes: every mode the table may pick clips the same gradient as hooks; the chooser."""
+"""dpcore.privacy.grad_modes: every mode the table may pick clips the same gradient as hooks; the chooser."""
 
 import json
 import warnings
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import models
-from dpcore import grad_modes as gm
+from dpcore.privacy import grad_modes as gm
 
 
 @pytest.fixture(autouse=True)
@@ -105,7 +105,7 @@ def test_uses_wrapped_criterion():
     assert gm.device_kind("cuda:1") == "cuda" and gm.device_kind("cpu") == "cpu"
 
 
-# -- conv grad samplers for Opacus' hooks (models/opacus_samplers.py, registered via dpcore.grad_modes) --
+# -- conv grad samplers for Opacus' hooks (models/opacus_samplers.py, registered via dpcore.privacy.grad_modes) --
 
 def _conv_stack():
     from timm.layers import Conv2dSame

@@ -67,8 +67,8 @@ def test_a_data_set_without_owners_refuses_the_grouped_split(tmp_path):
 
 
 def test_the_cli_and_the_card_carry_the_split(tmp_path, fresh_ledger):
-    from dpcore.cli import main as cli
-    from dpcore.store import RunStore
+    from dpcore.cli.main import main as cli
+    from dpcore.store.runs import RunStore
 
     root = _kermany(tmp_path / "xr")
     rc = cli(["train", "--runs-dir", str(tmp_path / "runs"), "--dataset", "folder", "--data-dir", str(root),

@@ -2,10 +2,10 @@
 import threading
 
 from dpcore.config import RunConfig
-from dpcore.events import Event
-from dpcore.jobs import JobManager
-from dpcore.store import RunStore
-from dpcore.trainer import TrainResult
+from dpcore.store.events import Event
+from dpcore.training.jobs import JobManager
+from dpcore.store.runs import RunStore
+from dpcore.training.trainer import TrainResult
 
 
 def _blocking_train(release: threading.Event):

@@ -1,4 +1,4 @@
-"""Last-k fine-tuning on cached activations of the frozen blocks (``models.split``, ``dpcore.features``):
+"""Last-k fine-tuning on cached activations of the frozen blocks (``models.split``, ``dpcore.training.features``):
 the split computes the same function as the model, the trainer takes the cached path only when it is
 exact (no augmentation, frozen prefix), trains the model's own parameters, and saves a model that
 predicts like any other."""
@@ -11,8 +11,8 @@ import torch
 
 import models
 from dpcore.config import RunConfig
-from dpcore.store import RunStore
-from dpcore.trainer import train
+from dpcore.store.runs import RunStore
+from dpcore.training.trainer import train
 from models.split import last_k_split
 
 
@@ -49,7 +49,7 @@ def _run(tmp_path, **kw):
 
 
 def test_dp_last_k_on_cached_activations_trains_and_saves_the_whole_model(tmp_path, fresh_ledger):
-    from dpcore.predict import load_run
+    from dpcore.analysis.predict import load_run
 
     before = {k: v.clone() for k, v in _lite(1, 32).state_dict().items()}
     result = _run(tmp_path, augment="none")

@@ -15,13 +15,13 @@ from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from dpcore import cli
-from dpcore.accounting import PLD_DISCRETIZATION
+from dpcore.cli import main as cli
+from dpcore.privacy.accounting import PLD_DISCRETIZATION
 from dpcore.config import RunConfig
 from dpcore.data import load_dataset
-from dpcore.ledger import Ledger, LedgerCorrupt, LedgerError, compose
-from dpcore.store import RunStore
-from dpcore.trainer import train
+from dpcore.privacy.ledger import Ledger, LedgerCorrupt, LedgerError, compose
+from dpcore.store.runs import RunStore
+from dpcore.training.trainer import train
 
 BASE = {"dataset": "digits", "backbone": "tiny_cnn", "scope": "head", "epochs": 2, "batch_size": 128,
         "device": "cpu", "image_size": 16}

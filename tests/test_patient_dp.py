@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from dpcore import accounting, trainer
+from dpcore.privacy import accounting
+from dpcore.training import trainer
 from dpcore.config import RunConfig
 from dpcore.errors import ConfigError
-from dpcore.ledger import RecordedUse
+from dpcore.privacy.ledger import RecordedUse
 from dpcore.privacy.units import Chunk, Oversized, UnitPlan
 
 C = 0.01  # small: every patient's gradient is clipped, so a wrong grouping cannot pass by luck
@@ -149,7 +150,7 @@ def test_the_sampler_draws_patients_at_rate_q_whatever_their_size():
 
 
 def test_a_data_set_without_patients_refuses_patient_level_dp(tmp_path):
-    from dpcore.store import RunStore
+    from dpcore.store.runs import RunStore
 
     cfg = RunConfig(dataset="digits", backbone="tiny_cnn", epsilon=2.0, privacy_unit="patient", epochs=1,
                     device="cpu")
@@ -196,8 +197,8 @@ def _kermany_folder(root):
 def test_a_patient_level_run_states_and_records_a_per_patient_guarantee(tmp_path, fresh_ledger):
     from dpcore.data import load_dataset
     from dpcore.data.groups import groups_of
-    from dpcore.ledger import Ledger
-    from dpcore.store import RunStore
+    from dpcore.privacy.ledger import Ledger
+    from dpcore.store.runs import RunStore
 
     root = _kermany_folder(tmp_path / "xr")
     cfg = RunConfig(dataset="folder", data_dir=str(root), backbone="tiny_cnn", epsilon=4.0, delta=1e-3, epochs=2,
@@ -263,7 +264,7 @@ def test_a_patient_level_run_states_and_records_a_per_patient_guarantee(tmp_path
 def test_the_audit_of_a_patient_level_run_puts_whole_patients_in_or_out(monkeypatch):
     """Membership is per patient: each model trains patient-level DP-SGD on all images of its member patients
     (none of the others), and the bound is over patients."""
-    from dpcore import audit
+    from dpcore.analysis import audit
 
     sizes = [1 + (i % 4) for i in range(60)]
     x, y, owner = _data(sizes, shape=(6,), seed=5)

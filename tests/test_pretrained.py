@@ -371,7 +371,7 @@ def test_config_accepts_the_new_words():
 
 
 def test_preflight_weights_of_resolves_bundled_and_default(tmp_path, monkeypatch, shared_weights):
-    from dpcore.preflight import weights_of
+    from dpcore.training.preflight import weights_of
     from dpcore.privacy.lineage import origin_of
 
     w = weights_of("bundled", LITE0)
@@ -433,8 +433,8 @@ def test_list_weights_dir_rules(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def lite0_run(tmp_path_factory):
-    from dpcore.store import RunStore
-    from dpcore.trainer import train
+    from dpcore.store.runs import RunStore
+    from dpcore.training.trainer import train
 
     store = RunStore(tmp_path_factory.mktemp("runs"))
     cfg = RunConfig(dataset="digits", backbone=LITE0, pretrained="bundled", image_size=32, scope="last-k",
@@ -455,7 +455,7 @@ def test_dp_fine_tune_from_bundled_weights(lite0_run):
 
 def test_folded_run_reloads_without_the_pretrained_weights(lite0_run, monkeypatch):
     from dpcore.data import load_dataset
-    from dpcore.predict import load_run
+    from dpcore.analysis.predict import load_run
 
     store, result = lite0_run
     saved = store.run_dir(result.run_id) / "model.safetensors"
@@ -487,7 +487,7 @@ def test_a_folded_run_is_a_starting_point_for_another(lite0_run):
 
 
 def test_a_groupnorm_run_file_still_loads_as_groupnorm(tmp_path):
-    from dpcore.model_io import save_model
+    from dpcore.store.model_io import save_model
 
     src = create_model("mobilenetv2_100", 3, image_size=32)
     assert src.weights["norm"] == "groupnorm" and type(src.model.bn1).__name__ == "GroupNormAct"

@@ -27,13 +27,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dpcore import cli
+from dpcore.cli import main as cli
 from dpcore.config import RunConfig
-from dpcore.ledger import BudgetExceeded, Ledger, LedgerCorrupt, LedgerError
+from dpcore.privacy.ledger import BudgetExceeded, Ledger, LedgerCorrupt, LedgerError
 from dpcore.privacy.lineage import METADATA_KEY
 from dpcore.privacy.randomness import SecretRandomness
-from dpcore.store import RunStore
-from dpcore.trainer import BatchedTensorDataset, privatize, train
+from dpcore.store.runs import RunStore
+from dpcore.training.trainer import BatchedTensorDataset, privatize, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # head-only on cached features: each run takes a second, and the privacy machinery is the same
@@ -137,7 +137,7 @@ def test_a_dp_run_stores_no_training_loss_anywhere(tmp_path):
     assert "add/remove one image" in facts["adjacency"] and facts["unit"] == "image"
     assert any("training-batch losses" in x for x in facts["not_released"])
     assert any("number of training" in x for x in facts["treated_as_public"])
-    from dpcore.figures import training_figures
+    from dpcore.figures.runs import training_figures
 
     names = [t.name for t in training_figures(store.events(dp.run_id))["loss"].data]
     assert names == ["test-split loss"]
@@ -146,7 +146,7 @@ def test_a_dp_run_stores_no_training_loss_anywhere(tmp_path):
 def test_no_hash_of_the_training_data_reaches_the_card(tmp_path):
     store = RunStore(tmp_path / "runs")
     card = _train(store, epsilon=1.0).card
-    from dpcore import features
+    from dpcore.training import features
     from dpcore.data import load_dataset
 
     splits = load_dataset("digits", None, seed=0, test_fraction=0.2)
@@ -212,7 +212,7 @@ def test_an_ancestor_from_another_ledger_is_assumed_to_share_every_image(tmp_pat
 
 
 def test_pretrain_refuses_private_images_and_is_recorded_as_a_public_use(tmp_path, fresh_ledger):
-    from dpcore.pretrain import pretrain
+    from dpcore.training.pretrain import pretrain
 
     store = RunStore(tmp_path / "runs")
     _train(store, epsilon=1.0)
@@ -320,7 +320,7 @@ def test_the_budget_is_enforced_for_every_launcher(tmp_path, fresh_ledger, capsy
     assert cli.main(argv + ["--allow-over-budget"]) == 0
     over = [e for e in Ledger().entries() if e.over_budget]
     assert len(over) == 1 and over[0].status == "done"
-    from dpcore.sweep import run_sweep
+    from dpcore.training.sweep import run_sweep
 
     points = run_sweep([RunConfig(**{**FAST, "epsilon": 1.0})], store)
     assert points[0].status == "failed"
@@ -395,7 +395,7 @@ def test_weight_standardisation_survives_empty_poisson_batches(tmp_path):
 def test_the_card_counts_duplicate_and_non_image_files_but_does_not_name_them():
     """Which training files are byte-identical copies is computed from the private images' content: the card
     keeps the counts (declared as treated as public), the names stay in the loader's local warning."""
-    from dpcore.card import public_split_info, release_facts
+    from dpcore.store.card import public_split_info, release_facts
 
     info = {"method": "official folders", "duplicate_files": [["train/A/x.png", "train/A/y.png"]],
             "n_duplicate_files": 1, "ignored_files": ["train/A/notes.txt"], "n_ignored_files": 1}

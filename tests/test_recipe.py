@@ -12,13 +12,13 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 import models
-from dpcore import augment
+from dpcore.training import augment
 from dpcore.config import RunConfig
-from dpcore.ema import EMA, ema_decay_at
+from dpcore.training.ema import EMA, ema_decay_at
 from dpcore.errors import ConfigError
-from dpcore.schedule import LRSchedule, lr_factor
-from dpcore.store import RunStore
-from dpcore.trainer import average_views, train
+from dpcore.training.schedule import LRSchedule, lr_factor
+from dpcore.store.runs import RunStore
+from dpcore.training.trainer import average_views, train
 from models.factory import WSConv2d, bake_weight_standardization, set_trainable
 
 FAST = dict(dataset="digits", backbone="tiny_cnn", image_size=16, epochs=1, batch_size=128,
@@ -57,7 +57,7 @@ def _dp_step_grads(model, x, y, k: int, clip: float, mode: str) -> dict[str, tor
         average_views(module, len(y), k)
         dp.pre_step()
     else:
-        from dpcore import grad_modes
+        from dpcore.privacy import grad_modes
 
         module, dp, criterion = grad_modes.make_bookkeeping(m, opt, torch.nn.CrossEntropyLoss(), noise_multiplier=0.0,
                                                             clip_norm=clip, expected_batch_size=1)
@@ -105,7 +105,7 @@ def test_weight_standardization_per_example_gradients_are_correct():
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6)
     # book-keeping has no rule for it and refuses it (the trainer then uses hooks)
-    from dpcore.bookkeeping import UnsupportedModel, check_supported
+    from dpcore.privacy.bookkeeping import UnsupportedModel, check_supported
 
     with pytest.raises(UnsupportedModel):
         check_supported(model)
@@ -145,7 +145,7 @@ def test_augmult_run_has_the_same_epsilon(runs):
 
 def test_ema_run_reports_and_saves_the_ema_weights(runs):
     from dpcore.data import load_dataset
-    from dpcore.predict import load_run
+    from dpcore.analysis.predict import load_run
 
     store, base, recipe = runs
     card = recipe.card
@@ -167,7 +167,7 @@ def test_ema_run_reports_and_saves_the_ema_weights(runs):
 
 def test_weight_standardized_private_augmult_run_on_hooks_reloads(tmp_path):
     """WS makes book-keeping step aside: Opacus' hooks, with the K views averaged in the real loop."""
-    from dpcore.predict import load_run
+    from dpcore.analysis.predict import load_run
 
     store = RunStore(tmp_path)
     r = train(RunConfig(epsilon=4.0, weight_standardization=True, scope="last-k", trainable_blocks=1, augmult=2,
@@ -180,7 +180,7 @@ def test_weight_standardized_private_augmult_run_on_hooks_reloads(tmp_path):
 
 
 def test_pretrain_output_loads_for_other_classes_and_is_recorded(tmp_path, fresh_ledger):
-    from dpcore.pretrain import pretrain, state_dict_keys
+    from dpcore.training.pretrain import pretrain, state_dict_keys
 
     out = tmp_path / "pub.safetensors"
     res = pretrain("digits", out, backbone="tiny_cnn", image_size=16, epochs=1, batch_size=128,
@@ -198,13 +198,14 @@ def test_pretrain_output_loads_for_other_classes_and_is_recorded(tmp_path, fresh
 
     state = load_file(str(out))
     torch.testing.assert_close(created.model.state_dict()["features.0.0.weight"], state["features.0.0.weight"])
-    from dpcore.card import describe_weights
+    from dpcore.store.card import describe_weights
 
     assert "pretrained without DP on digits" in describe_weights(created.weights)
 
 
 def test_cli_flags_reach_the_config(tmp_path):
-    from dpcore.cli import build_parser, config_from_args
+    from dpcore.cli.main import build_parser
+    from dpcore.cli.train import config_from_args
 
     args = build_parser().parse_args(["train", "--augmult", "4", "--augment", "xray", "--ema-decay", "0.999",
                                       "--weight-standardization", "--lr-schedule", "cosine", "--warmup-fraction",

@@ -1,4 +1,4 @@
-"""The clinician's report (dpcore.report): a PDF and a JSON file with the same facts, built in memory from a
+"""The clinician's report (dpcore.analysis.report): a PDF and a JSON file with the same facts, built in memory from a
 trained run's card and the model's output; the notice and the ε with its privacy unit are in both."""
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from dpcore import report
+from dpcore.analysis import report
 from dpcore.config import RunConfig
 from dpcore.data import load_dataset
-from dpcore.predict import load_run
-from dpcore.saliency import saliency
-from dpcore.store import RunStore
-from dpcore.trainer import train
+from dpcore.analysis.predict import load_run
+from dpcore.analysis.saliency import saliency
+from dpcore.store.runs import RunStore
+from dpcore.training.trainer import train
 
 
 @pytest.fixture(scope="module")

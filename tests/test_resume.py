@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from dpcore import accounting
-from dpcore.checkpoint import CheckpointError
+from dpcore.privacy import accounting
+from dpcore.training.checkpoint import CheckpointError
 from dpcore.config import RunConfig
-from dpcore.ledger import Ledger
-from dpcore.store import RunStore
-from dpcore.trainer import train
+from dpcore.privacy.ledger import Ledger
+from dpcore.store.runs import RunStore
+from dpcore.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--dataset", "digits", "--backbone", "tiny_cnn", "--image-size", "16", "--epochs", "40", "--batch-size",

@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import dpcore.run_review as insp
+import dpcore.analysis.run_review as insp
 from dpcore.config import RunConfig
 from dpcore.data import load_dataset
 from dpcore.errors import DPCoreError
-from dpcore.store import RunStore
-from dpcore.trainer import train
+from dpcore.store.runs import RunStore
+from dpcore.training.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -133,9 +133,9 @@ def test_gallery_refuses_changed_or_missing_data(store, tmp_path):
 
 def test_clinician_sees_the_best_private_medical_model_first(tmp_path):
     """Not the newest run: private with a holding guarantee first, medical before the digits demo, then test AUC."""
-    from dpcore import run_review
+    from dpcore.analysis import run_review
     from dpcore.config import RunConfig
-    from dpcore.store import RunStore
+    from dpcore.store.runs import RunStore
 
     store = RunStore(tmp_path)
     made = {}

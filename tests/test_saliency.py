@@ -7,11 +7,11 @@ from PIL import Image
 import models
 from dpcore.config import RunConfig
 from dpcore.data import load_dataset
-from dpcore.predict import LoadedRun, load_run
-from dpcore.preprocess import Normalizer, make_to_uint8
-from dpcore.saliency import SaliencyError, SaliencyResult, saliency
-from dpcore.store import RunStore
-from dpcore.trainer import train
+from dpcore.analysis.predict import LoadedRun, load_run
+from dpcore.training.preprocess import Normalizer, make_to_uint8
+from dpcore.analysis.saliency import SaliencyError, SaliencyResult, saliency
+from dpcore.store.runs import RunStore
+from dpcore.training.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
 
 
 def test_the_colour_map_runs_dark_to_bright_and_clips():
-    from dpcore.saliency import COLOUR_TABLE, colour_map
+    from dpcore.analysis.saliency import COLOUR_TABLE, colour_map
 
     assert COLOUR_TABLE.shape == (256, 3) and COLOUR_TABLE.dtype == np.uint8
     lum = _luminance(COLOUR_TABLE)  # brighter means more, also in grey scale
@@ -103,7 +103,7 @@ def test_the_colour_map_runs_dark_to_bright_and_clips():
 
 
 def test_blend_mixes_the_image_and_the_colour_map_by_opacity():
-    from dpcore.saliency import blend, colour_map
+    from dpcore.analysis.saliency import blend, colour_map
 
     image = _photo(16)
     heat = np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)
@@ -123,7 +123,7 @@ def test_blend_mixes_the_image_and_the_colour_map_by_opacity():
 
 
 def test_blend_resizes_a_coarser_map_to_the_image():
-    from dpcore.saliency import blend
+    from dpcore.analysis.saliency import blend
 
     heat = np.zeros((4, 4), dtype=np.float32)
     heat[:2] = 1.0  # the top half is hot

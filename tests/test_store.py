@@ -4,8 +4,8 @@ import threading
 import pytest
 
 from dpcore.config import RunConfig
-from dpcore.events import Event
-from dpcore.store import RunNotFound, RunStore
+from dpcore.store.events import Event
+from dpcore.store.runs import RunNotFound, RunStore
 
 
 def test_lifecycle_and_ordering(tmp_path):

@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpcore import accounting
-from dpcore.cli import main as cli
+from dpcore.privacy import accounting
+from dpcore.cli.main import main as cli
 from dpcore.config import RunConfig
-from dpcore.events import EventLog
-from dpcore.predict import load_run
-from dpcore.store import RunStore
-from dpcore.trainer import train
+from dpcore.store.events import EventLog
+from dpcore.analysis.predict import load_run
+from dpcore.store.runs import RunStore
+from dpcore.training.trainer import train
 
 FAST = dict(dataset="digits", backbone="tiny_cnn", image_size=16, epochs=2, batch_size=128,
             max_physical_batch_size=64, lr=0.05)
@@ -106,7 +106,7 @@ def test_cancel_stops_between_steps_and_is_recorded(tmp_path):
 
 
 def test_crash_is_recorded_as_failed(tmp_path, monkeypatch):
-    import dpcore.trainer as trainer_mod
+    import dpcore.training.trainer as trainer_mod
 
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
@@ -156,7 +156,7 @@ def test_bookkeeping_run_with_virtual_steps(tmp_path, monkeypatch):
     empty batches possible), Opacus' noise and accountant; the card's ε is the accountant's."""
     import json
 
-    from dpcore import grad_modes as gm
+    from dpcore.privacy import grad_modes as gm
 
     table = tmp_path / "modes.json"
     table.write_text(json.dumps({"devices": {"cpu": {"models": {"tiny_cnn": {"mode": "bk", "ranked": ["bk"]}}}}}))

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from dpcore.errors import DPCoreError
-from dpcore.uploads import ALLOWED_FORMATS, MAX_PIXELS, MAX_UPLOAD_BYTES, UploadError, decode_upload
+from dpcore.analysis.uploads import ALLOWED_FORMATS, MAX_PIXELS, MAX_UPLOAD_BYTES, UploadError, decode_upload
 
 
 def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -1,4 +1,4 @@
-"""Training runs in a worker process (dpcore.worker) supervised by the job manager: events reach the job,
+"""Training runs in a worker process (dpcore.training.worker) supervised by the job manager: events reach the job,
 cancel stops the child cleanly, and a child killed with SIGKILL fails its run with the reason while the
 manager goes on with the next job."""
 from __future__ import annotations
@@ -11,9 +11,9 @@ import time
 import pytest
 
 from dpcore.config import RunConfig
-from dpcore.jobs import JobManager
-from dpcore.store import RunStore
-from dpcore.worker import WorkerFailed, death_reason
+from dpcore.training.jobs import JobManager
+from dpcore.store.runs import RunStore
+from dpcore.training.worker import WorkerFailed, death_reason
 
 TINY = dict(dataset="digits", backbone="tiny_cnn", image_size=16, epochs=1, batch_size=64, max_physical_batch_size=64,
             epsilon=2.0, device="cpu")
@@ -75,7 +75,7 @@ def test_cancel_stops_the_worker_cleanly(tmp_path, fresh_ledger):
 
 
 def test_a_failing_run_raises_with_the_trainers_message(tmp_path, fresh_ledger):
-    from dpcore.worker import train_in_worker
+    from dpcore.training.worker import train_in_worker
 
     store = RunStore(tmp_path / "runs")
     with pytest.raises(WorkerFailed, match="names no patient"):

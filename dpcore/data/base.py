@@ -93,15 +93,26 @@ def file_digest(path: str) -> str | None:
 
 def content_digests(images: ImageList, indices: Sequence[int] | None = None) -> list[str | None]:
     """sha256 of each item's content: a file's bytes (cached by signature), or an array image's pixels with dtype
-    and shape (`privacy.fingerprint.sha256_array`), or else the decoded RGB pixels. Two items with one digest are
+    and shape (`sha256_array`), or else the decoded RGB pixels. Two items with one digest are
     the same image, whatever their names."""
     idx = range(len(images)) if indices is None else indices
     paths = getattr(images, "paths", None)
     if paths is not None:
         return [file_digest(paths[i]) for i in idx]
-    from ..privacy.fingerprint import sha256_array  # privacy imports this module: import at call time
-
     array = getattr(images, "array", None)
     if array is not None:
         return [sha256_array(array[i]) for i in idx]
     return [sha256_array(np.asarray(images.image(i))) for i in idx]
+
+
+def sha256_array(a: np.ndarray) -> str:
+    """sha256 of an image array's pixels, with dtype and shape, so (28,28) and (784,) differ.
+
+    A trailing channel axis of 1 is dropped: (H,W,1) and (H,W) are the same grayscale image.
+    """
+    a = np.ascontiguousarray(a)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    h = hashlib.sha256(f"ndarray {a.dtype.str} {','.join(map(str, a.shape))}\0".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()

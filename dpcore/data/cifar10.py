@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import OfflineError
-from .base import DataSplits
-from .images import ArrayImageList
-from .split import finish
+from dpcore.errors import OfflineError
+from dpcore.data.base import DataSplits
+from dpcore.data.images import ArrayImageList
+from dpcore.data.split import finish
 
 DEFAULT_CACHE = Path("~/.cache/dpcore/cifar10")
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"

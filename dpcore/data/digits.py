@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import DataSplits
-from .images import ArrayImageList
-from .split import finish, stratified_split
+from dpcore.data.base import DataSplits
+from dpcore.data.images import ArrayImageList
+from dpcore.data.split import finish, stratified_split
 
 
 def load_digits_splits(*, seed: int = 0, test_fraction: float = 0.2) -> DataSplits:

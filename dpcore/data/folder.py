@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, DataError, UnreadableImagesError
-from .base import DataSplits, content_digests
-from .images import PathImageList, open_image
-from .split import finish, stratified_split
+from dpcore.errors import ConfigError, DataError, UnreadableImagesError
+from dpcore.data.base import DataSplits, content_digests
+from dpcore.data.images import PathImageList, open_image
+from dpcore.data.split import finish, stratified_split
 
 METADATA_CSV = "metadata.csv"
 KEY_COLUMNS = ("path", "file", "filename", "image")  # the first one present keys the rows

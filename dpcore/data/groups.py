@@ -62,7 +62,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .base import DataSplits, ImageList
+from dpcore.data.base import DataSplits, ImageList
 
 UNITS = ("patient", "lesion")
 KERMANY_MIN_MATCH = 0.9  # fraction of a split's file names that must follow the Kermany rule

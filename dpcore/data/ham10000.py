@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataError
-from .base import DataSplits
-from .folder import check_data_dir, is_image_file
-from .images import PathImageList
-from .split import finish
+from dpcore.errors import DataError
+from dpcore.data.base import DataSplits
+from dpcore.data.folder import check_data_dir, is_image_file
+from dpcore.data.images import PathImageList
+from dpcore.data.split import finish
 
 METADATA_FILE = "HAM10000_metadata.csv"
 IMAGE_FOLDERS = ("images", ".", "HAM10000_images_part_1", "HAM10000_images_part_2",

@@ -11,8 +11,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import DataError, UnreadableImagesError
-from .base import ImageList
+from dpcore.errors import DataError, UnreadableImagesError
+from dpcore.data.base import ImageList
 
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _16BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I;16S", "I;16BS", "I;16LS"}

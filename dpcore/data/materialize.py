@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ..errors import DataError, UnreadableImagesError
-from .base import ImageList
+from dpcore.errors import DataError, UnreadableImagesError
+from dpcore.data.base import ImageList
 
 Transform = Callable[[Image.Image], torch.Tensor]
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, DataError, OfflineError
-from .base import DataSplits
-from .images import ArrayImageList
-from .split import finish
+from dpcore.errors import ConfigError, DataError, OfflineError
+from dpcore.data.base import DataSplits
+from dpcore.data.images import ArrayImageList
+from dpcore.data.split import finish
 
 SIZES = (28, 64, 128, 224)
 ZENODO_URL = "https://zenodo.org/records/10519652/files/{file}?download=1"

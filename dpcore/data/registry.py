@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
-from .base import DataSplits
+from dpcore.errors import ConfigError
+from dpcore.data.base import DataSplits
 
 
 @dataclass(frozen=True)
@@ -48,12 +48,12 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, seed: int = 0
         return splits
     if split != "grouped":
         raise ConfigError("split", f"unknown split {split!r}", "use official or grouped")
-    from .regroup import grouped_resplit
+    from dpcore.data.regroup import grouped_resplit
 
     regrouped = grouped_resplit(splits, name, seed=seed)
     if name == "folder":  # two copies with two owner ids may now straddle the split (the loader refuses
         # copies across the official folders)
-        from .folder import drop_test_copies
+        from dpcore.data.folder import drop_test_copies
 
         regrouped = drop_test_copies(regrouped)
     return regrouped
@@ -65,16 +65,16 @@ def _load(name: str, data_dir, *, seed: int, test_fraction: float, cache_dir, me
     if not 0 < test_fraction < 1:
         raise ConfigError("test_fraction", f"must be in (0, 1), got {test_fraction}", "pass e.g. 0.2")
     if name == "digits":
-        from .digits import load_digits_splits
+        from dpcore.data.digits import load_digits_splits
         return load_digits_splits(seed=seed, test_fraction=test_fraction)
     if name == "folder":
-        from .folder import load_folder
+        from dpcore.data.folder import load_folder
         return load_folder(data_dir, seed=seed, test_fraction=test_fraction)
     if name == "ham10000":
-        from .ham10000 import load_ham10000
+        from dpcore.data.ham10000 import load_ham10000
         return load_ham10000(data_dir, seed=seed, test_fraction=test_fraction)
     if name in ("pneumoniamnist", "dermamnist"):
-        from .medmnist import load_medmnist
+        from dpcore.data.medmnist import load_medmnist
         return load_medmnist(name, data_dir, size=medmnist_size, cache_dir=cache_dir)
-    from .cifar10 import load_cifar10
+    from dpcore.data.cifar10 import load_cifar10
     return load_cifar10(cache_dir=cache_dir)

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataError
-from .base import DataSplits
-from .groups import groups_of
-from .split import finish
+from dpcore.errors import DataError
+from dpcore.data.base import DataSplits
+from dpcore.data.groups import groups_of
+from dpcore.data.split import finish
 
 SPLITS = ("official", "grouped")
 
@@ -41,7 +41,7 @@ def grouped_resplit(splits: DataSplits, dataset: str, *, seed: int, test_fractio
     train, test = splits.train, splits.test
     if not hasattr(train, "paths") or not hasattr(test, "paths"):
         raise DataError(f"{dataset}: a grouped re-split needs images read from files. Fix: use split 'official'")
-    from .images import PathImageList
+    from dpcore.data.images import PathImageList
 
     pooled = PathImageList(list(train.paths) + list(test.paths),
                            np.concatenate([np.asarray(train.labels), np.asarray(test.labels)]))

@@ -6,8 +6,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import DataError
-from .base import DataSplits, ImageList
+from dpcore.errors import DataError
+from dpcore.data.base import DataSplits, ImageList
 
 
 def stratified_split(labels: Sequence[int], test_fraction: float, seed: int, what: str,

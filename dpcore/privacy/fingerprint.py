@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..data.base import ImageList
-from ..data.images import ArrayImageList, PathImageList, to_rgb
-from ..errors import DataError, UnreadableImagesError
+from dpcore.data.base import ImageList, sha256_array  # noqa: F401 - part of this module's interface
+from dpcore.data.images import ArrayImageList, PathImageList, to_rgb
+from dpcore.errors import DataError, UnreadableImagesError
 
 FP_VERSION = "phash256-luma-bicubic32-v1"  # stored beside every fingerprint: a changed algorithm must not be compared
 CANON = 32  # canonical side: the fingerprint sees only these 32x32 luma values
@@ -116,19 +116,6 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_array(a: np.ndarray) -> str:
-    """sha256 of an image array's pixels, with dtype and shape, so (28,28) and (784,) differ.
-
-    A trailing channel axis of 1 is dropped: (H,W,1) and (H,W) are the same grayscale image.
-    """
-    a = np.ascontiguousarray(a)
-    if a.ndim == 3 and a.shape[-1] == 1:
-        a = a[..., 0]
-    h = hashlib.sha256(f"ndarray {a.dtype.str} {','.join(map(str, a.shape))}\0".encode())
-    h.update(a.tobytes())
-    return h.hexdigest()
 
 
 def _decode(data: bytes) -> Image.Image:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..data.groups import GroupInfo
+from dpcore.data.groups import GroupInfo
 
 _LOG_MAX = 700.0  # math.exp overflows a float just above 709.78
 _WEAK_DELTA = 1e-2  # a δ_k at least this large is called weak in the sentence

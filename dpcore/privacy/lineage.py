@@ -15,13 +15,13 @@ ancestors in this machine's ledger; an ancestor from another ledger is assumed t
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-METADATA_KEY = "dpcore_lineage"
+from models.lineage_metadata import METADATA_KEY, from_metadata, to_metadata  # noqa: F401 - the file format
+
 LINEAGE_VERSION = 1
 
 
@@ -41,24 +41,6 @@ def run_record(*, run_id: str, ledger_id: str, kind: str, config, privacy: dict[
         "guarantee_epsilon": guarantee.epsilon if guarantee is not None else None,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def to_metadata(chain: list[dict[str, Any]]) -> str:
-    return json.dumps(chain, sort_keys=True, default=str, allow_nan=True)
-
-
-def from_metadata(meta: dict[str, str]) -> list[dict[str, Any]] | None:
-    """The chain stored in a weights file's metadata (None: the file has none)."""
-    text = meta.get(METADATA_KEY)
-    if not text:
-        return None
-    try:
-        chain = json.loads(text)
-    except ValueError as exc:
-        raise ValueError(f"the weights file's lineage metadata is not valid JSON ({exc})") from exc
-    if not isinstance(chain, list) or not all(isinstance(r, dict) for r in chain):
-        raise ValueError("the weights file's lineage metadata is not a list of records")
-    return chain
 
 
 @dataclass(frozen=True)
@@ -109,7 +91,7 @@ def assess(weights: dict[str, Any], *, ledger, train_ids, mechanism: tuple[float
     ``mechanism``: this run's (σ, q, T), or None when it is not private (then nothing is guaranteed and the
     chain only matters for the record). ``train_ids``: the training images' content identities.
     """
-    from ..accounting import epsilon as run_epsilon
+    from dpcore.privacy.accounting import epsilon as run_epsilon
 
     chain = list((weights or {}).get("lineage") or [])
     origin = origin_of(weights)
@@ -170,7 +152,7 @@ def assess(weights: dict[str, Any], *, ledger, train_ids, mechanism: tuple[float
         per_image = exposure.epsilon_rdp if accountant == "rdp" else exposure.epsilon_pld
         eps = float(per_image.max()) if len(per_image) else 0.0
         if assumed and any(not m for m in matches):  # images new to this ledger: this run + assumed ancestors
-            from ..ledger import compose
+            from dpcore.privacy.ledger import compose
 
             eps = max(eps, compose(extra, delta, accountant))
         eps = max(eps, own)

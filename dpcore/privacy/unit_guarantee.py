@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import accounting
-from .group_privacy import _fmt, group_guarantee, is_meaningful
+from dpcore.privacy import accounting
+from dpcore.privacy.group_privacy import _fmt, group_guarantee, is_meaningful
 
 
 def _plan(target: float, delta: float, n: int, batch: int, epochs: int, accountant: str) -> dict[str, Any]:

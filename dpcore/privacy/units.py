@@ -15,7 +15,7 @@ patients × k images × K views, unit-major: the existing per-example machinery 
 book-keeping rules, the cached-features head) then treats k·K rows as one "example" and its clipping
 is per patient, exact, with no padding. A patient whose k·K rows exceed the budget is an
 `Oversized` chunk: its images are split into pieces within the budget and its mean gradient is
-accumulated exactly over the pieces (plain autograd), then clipped as one (`dpcore.trainer`).
+accumulated exactly over the pieces (plain autograd), then clipped as one (`dpcore.training.trainer`).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from dpcore.errors import ConfigError
 
 PRIVACY_UNITS = ("image", "patient")
 

@@ -1,0 +1,1 @@
+"""python -m dpcore: one module per command group."""

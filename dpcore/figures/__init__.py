@@ -1,0 +1,1 @@
+"""Every plotly chart of the app."""
