@@ -13,7 +13,8 @@ import streamlit as st
 from dpcore.analysis import audit as au
 from dpcore.figures import audit as audit_figures
 from dpcore.errors import DPCoreError
-from pages.common import fmt_duration, fmt_eps, fmt_time, run_label, store
+from dpcore.analysis.labels import fmt_duration, fmt_eps, fmt_time, run_label
+from pages.common import store
 
 st.title("🕵️ Membership-inference audit")
 st.caption("Can an attacker tell whether an image was in the training data? The audit replays this run's "

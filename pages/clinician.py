@@ -26,7 +26,10 @@ from dpcore.analysis.report import (GRADCAM_EXPLAINED, NOTICE, calibration_line,
                            report_pdf)
 from dpcore.analysis.saliency import DEFAULT_OPACITY, saliency
 from dpcore.analysis.uploads import MAX_UPLOAD_BYTES, UploadError, decode_upload
-from pages.common import as_percent, pct_column, show_table, fmt_pct, privacy_headline, runs_dir, show_guarantee, store
+from dpcore.analysis.labels import fmt_pct
+from pages.common import runs_dir, store
+from pages.parts.formats import as_percent, pct_column, show_table
+from pages.parts.run_panel import privacy_headline, show_guarantee
 
 ANALYSES = "cl_analyses"  # session state: (run, upload digest) → (probabilities, Grad-CAM, problem)
 

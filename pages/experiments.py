@@ -10,7 +10,9 @@ import streamlit as st
 from dpcore.analysis import experiments as ex
 from dpcore.errors import DPCoreError
 from dpcore.figures.experiments import comparison_figure
-from pages.common import as_percent, experiment_columns, fmt_duration, manager, show_queue, show_table, store
+from dpcore.analysis.labels import fmt_duration
+from pages.common import manager, show_queue, store
+from pages.parts.formats import as_percent, experiment_columns, show_table
 
 st.title("🧪 Experiments")
 st.caption("Each experiment is a file in `experiments/` with a version: a base run, its arms (ε values, weights, "

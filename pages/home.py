@@ -44,7 +44,8 @@ with left:
 import models
 from dpcore import environment
 from dpcore.training.presets import build_presets, missing_requirements
-from pages.common import job_panel, manager, show_queue, watch, watched_run
+from pages.common import manager, show_queue, watch, watched_run
+from pages.parts.run_panel import job_panel
 from pages.train_form import load_into_form
 
 

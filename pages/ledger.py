@@ -12,7 +12,7 @@ import streamlit as st
 from dpcore.errors import DPCoreError
 from dpcore.privacy.ledger import Ledger, LedgerError, composition_sentence
 from dpcore.figures.ledger import image_epsilon_figure, ledger_figure
-from pages.common import fmt_time
+from dpcore.analysis.labels import fmt_time
 
 st.title("💰 Privacy budget")
 st.caption("Every use of an image spends privacy — tuning runs, failed and killed runs, another seed's split, a "

@@ -12,7 +12,9 @@ from dpcore.analysis import run_review
 from dpcore.data import load_dataset
 from dpcore.data.base import content_digests
 from dpcore.errors import DPCoreError
-from pages.common import as_percent, pct_column, show_table, fmt_eps, fmt_pct, run_label, runs_dir, store
+from dpcore.analysis.labels import fmt_eps, fmt_pct, run_label
+from pages.common import runs_dir, store
+from pages.parts.formats import as_percent, pct_column, show_table
 
 
 @st.cache_data(max_entries=16, show_spinner="Loading test images…")

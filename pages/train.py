@@ -23,7 +23,6 @@ from dpcore.training.schedule import LR_SCHEDULES
 from pages.train_form import HIDDEN_KEY, SOURCE_KEY, load_into_form, with_options
 from pages.common import (
     ACTIVE,
-    job_panel,
     manager,
     run_view,
     show_config_error,
@@ -31,6 +30,7 @@ from pages.common import (
     watch,
     watched_run,
 )
+from pages.parts.run_panel import job_panel
 
 EPSILONS = [0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 8.0, 10.0, 15.0, 20.0, 30.0, 50.0]
 DELTAS = [1e-3, 1e-4, 1e-5, 1e-6, 1e-7]

@@ -234,7 +234,7 @@ def test_runs_page_sweep_button_launches_one_background_sweep(tmp_path, monkeypa
 
 def test_durations_of_unstarted_runs_read_as_a_dash():
     """A queued run has no duration; in a runs table pandas turns its None into NaN (this crashed the page)."""
-    from pages.common import fmt_duration
+    from dpcore.analysis.labels import fmt_duration
 
     assert fmt_duration(float("nan")) == fmt_duration(None) == "—" and fmt_duration(75) == "1 min 15 s"
 
