@@ -11,10 +11,10 @@ keep_app_navigation()  # first: a deep link on a fresh server must run through a
 import streamlit as st
 
 from dpcore.analysis import audit as au
-from dpcore.figures import audit as audit_figures
 from dpcore.errors import DPCoreError
-from dpcore.analysis.labels import fmt_duration, fmt_eps, fmt_time, run_label
+from dpcore.analysis.labels import fmt_duration, run_label
 from pages.common import store
+from pages.parts.audit_result import show_result
 
 st.title("🕵️ Membership-inference audit")
 st.caption("Can an attacker tell whether an image was in the training data? The audit replays this run's "
@@ -73,70 +73,6 @@ def _progress_panel() -> None:
         st.caption(prog["log"][-1])
 
 
-def _show(result: dict) -> None:
-    s = result["summary"]
-    cfg = result["config"]
-    bound = result["bound"]
-    claimed = result.get("claimed_epsilon")
-    level = f"{bound['confidence']:.0%}"
-    st.subheader("Result")
-    unit = result.get("candidate_unit", "image")
-    what = (f"{result['n_candidates']:,} candidate patients ({result.get('n_candidate_images', 0):,} images; each "
-            "patient in or out with ALL of their images)" if unit == "patient" else
-            f"{result['n_candidates']:,} candidate images")
-    st.caption(f"Audited {fmt_time(result.get('created_at'))}: {what} "
-               f"(each in the audit target with probability 1/2: {result['n_members']:,} were), {cfg['shadows']} "
-               f"shadow models, scope {cfg['scope']}{' (head-only proxy)' if cfg.get('proxy') else ''}, seed "
-               f"{cfg['seed']}, {fmt_duration(result['timings']['total_s'])}.")
-    cols = st.columns(4)
-    cols[0].metric("Best attack AUC", f"{s['attack_auc']:.3f}", help="Descriptive, not a bound. 0.5 = guessing")
-    cols[1].metric("TPR at 1 % FPR", f"{100 * s['tpr_at_0.01_fpr']:.1f} %",
-                   help="Descriptive, not a bound: members caught when 1 % of non-members are wrongly accused")
-    cols[2].metric(f"Empirical ε ≥ ({level})", f"{s['epsilon_lb']:.3g}", help=bound["correction"])
-    cols[3].metric("Claimed ε", fmt_eps(claimed))
-
-    rows = [{"attack": au.ATTACK_LABELS.get(name, name), "ROC-AUC": a["auc"], "TPR @ 1% FPR": a["tpr_at_0.01_fpr"],
-             "TPR @ 0.1% FPR": a["tpr_at_0.001_fpr"], f"ε lower bound ({level} joint)": a["epsilon_lb"],
-             "guesses (k₊ in, k₋ out)": f"{a['k_plus']}, {a['k_minus']}"}
-            for name, a in au.ordered_attacks(result)]
-    st.dataframe(rows, hide_index=True, column_config={
-        "ROC-AUC": st.column_config.NumberColumn(format="%.3f"),
-        "TPR @ 1% FPR": st.column_config.NumberColumn(format="percent"),
-        "TPR @ 0.1% FPR": st.column_config.NumberColumn(format="percent"),
-        f"ε lower bound ({level} joint)": st.column_config.NumberColumn(format="%.3f")})
-    st.caption(f"AUC and TPR are descriptive statistics of these candidates, not bounds. The ε bounds are valid "
-               f"{level} lower bounds jointly: {bound['correction']}.")
-    left, right = st.columns(2)
-    left.plotly_chart(audit_figures.roc_figure(result), key="au-roc")
-    right.plotly_chart(audit_figures.epsilon_figure(result), key="au-eps")
-
-    st.subheader("What this means")
-    if claimed is None:
-        st.warning(f"This run is **not private**: it claims no ε. The strongest attack reaches AUC "
-                   f"{s['attack_auc']:.3f}, and the audit proves ε ≥ {s['epsilon_lb']:.3g} ({level} confidence) "
-                   "for this mechanism — any real guarantee would have to be at least that large.")
-    elif s["consistent"]:
-        st.success(f"The run claims ε = {claimed:.3g}. The audit proves only ε ≥ {s['epsilon_lb']:.3g} "
-                   f"({level} confidence), which is consistent with the claim.")
-    else:
-        st.error(f"The audit proves ε ≥ {s['epsilon_lb']:.3g} with {level} confidence, **more than the claimed "
-                 f"ε = {claimed:.3g}**: the training code does not deliver its guarantee (or this was the "
-                 f"{1 - bound['confidence']:.0%} chance). Report it; re-running until a bound looks better voids "
-                 "the confidence.")
-    st.markdown(
-        "- **DP caps every attack.** With (ε, δ)-DP, at any false-positive rate FPR an attacker's true-positive "
-        "rate is at most e^ε·FPR + δ (the red dashed line on the ROC).\n"
-        "- **One training run, valid statistics.** The candidates are not independent trials (one model was "
-        "trained on all of them), so the bound uses the one-run theorem of Steinke, Nasr & Jagielski (2023): "
-        "the attacker guesses *in* for the k₊ highest scores and *out* for the k₋ lowest, and every ε below "
-        "the bound is ruled out: an (ε, δ)-DP mechanism would give that many correct guesses with probability "
-        f"at most β. {bound['correction']}.\n"
-        "- **A lower bound, not a measurement of ε.** It is what *these* attacks can show from one training run "
-        "on a few thousand images; the real leakage of the worst-case image can be much larger. A bound far "
-        "below the claimed ε does not mean the accountant is loose.\n"
-        "- **Not covered by any guarantee.** " + result.get("ledger", {}).get("statement", au.LEDGER_STATEMENT))
-
-
 prog = au.read_progress(store(), run_id)
 running = prog is not None and prog.get("status") == "running"
 if running:
@@ -156,4 +92,4 @@ if result is None:
         st.caption("No audit of this run yet. A head-only run on cached features takes seconds per model; a "
                    "full fine-tuning replays the whole training S+1 times.")
 else:
-    _show(result)
+    show_result(result)

@@ -8,6 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from dpcore.analysis import experiments as ex
+from dpcore.analysis.experiment_arms import arm_rows
 from dpcore.errors import DPCoreError
 from dpcore.figures.experiments import comparison_figure
 from dpcore.analysis.labels import fmt_duration
@@ -43,15 +44,7 @@ if exp.notes:
     st.caption(exp.notes)
 
 with st.expander(f"Arms ({len(exp.arms)}) and settings"):
-    arm_rows = []
-    for arm in exp.arms:
-        changes = {k: ("non-private" if k == "epsilon" and v is None else v) for k, v in arm.overrides.items()}
-        arm_rows.append({"arm": arm.label, "changes from the base": ", ".join(f"{k}={v}" for k, v in changes.items())
-                         or "—", "reported elsewhere": ", ".join(f"{k} {v}" for k, v in arm.reference.items()
-                                                                   if k != "source") or "—",
-                         "reports": {"raw": "raw (last-iterate) weights", "ema": "EMA weights"}.get(arm.report or "",
-                                                                                                 "the run's own")})
-    show_table(pd.DataFrame(arm_rows))
+    show_table(pd.DataFrame(arm_rows(exp)))
     st.caption("Arms with identical run configs share one training run (e.g. the raw and the EMA weights of one "
                "run: EMA is post-processing and does not change training).")
     st.markdown("**Base run config** (relative data paths resolve against the data root)")
