@@ -85,3 +85,17 @@ def test_the_engine_never_imports_streamlit_or_the_pages():
     bad = [f"{p.relative_to(ROOT)}:{line} {t}" for p in engine_files() for line, t in imports_of(p)
            if t.split(".")[0] in ("streamlit", "pages", "app")]
     assert not bad, bad
+
+
+def test_pages_are_views_of_at_most_150_lines():
+    """A page draws and calls the engine; what it would compute belongs to a wing (ARCHITECTURE.md)."""
+    long = {str(p.relative_to(ROOT)): n for p in sorted((ROOT / "pages").rglob("*.py"))
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 150}
+    assert not long, f"pages longer than 150 lines (move what they compute to the engine): {long}"
+
+
+def test_pages_reach_the_engine_only_through_dpcore_and_models():
+    """No page trains, clips or accounts by itself: torch and opacus stay behind the engine's functions."""
+    bad = [f"{p.relative_to(ROOT)}:{line} {t}" for p in sorted((ROOT / "pages").rglob("*.py"))
+           for line, t in imports_of(p) if t.split(".")[0] in ("torch", "opacus", "dp_accounting")]
+    assert not bad, bad
