@@ -21,7 +21,7 @@ from dpcore.privacy import distributed
 from dpcore.config import RunConfig
 from dpcore.errors import ConfigError
 from dpcore.privacy.ledger import Ledger
-from dpcore.store.runs import RunStore
+from dpcore.store.runs import RunStore, StoreError
 from dpcore.training.trainer import BatchedTensorDataset, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,9 +190,12 @@ def _wait_for_steps(runs: Path, proc: subprocess.Popen, n: int) -> str:
     deadline = time.time() + LAUNCH_TIMEOUT
     while time.time() < deadline:
         assert proc.poll() is None, proc.stdout.read()
-        records = RunStore(runs, readonly=True).list_runs() if (runs / "index.sqlite").exists() else []
-        if records and len(RunStore(runs, readonly=True).events(records[0].run_id, "step")) >= n:
-            return records[0].run_id
+        try:  # rank 0 may be creating the index right now: a half-made one reads as "not yet"
+            records = RunStore(runs, readonly=True).list_runs() if (runs / "index.sqlite").exists() else []
+            if records and len(RunStore(runs, readonly=True).events(records[0].run_id, "step")) >= n:
+                return records[0].run_id
+        except StoreError:
+            pass
         time.sleep(0.3)
     raise AssertionError("the run did not start within the timeout")
 
