@@ -264,3 +264,27 @@ def test_a_patient_level_job_is_refused_before_it_is_queued(tmp_path):
     with pytest.raises(ConfigError, match="patient-level"):
         manager.submit(RunConfig(dataset="ham10000", privacy_unit="patient"), processes=2)
     assert RunStore(tmp_path / "runs").list_runs() == []
+
+
+def test_a_killed_launcher_stops_its_processes_and_the_run_is_stored(tmp_path, fresh_ledger):
+    runs, mark = tmp_path / "runs", uuid.uuid4().hex
+    proc = torchrun("-m", "dpcore", "train", *DIGITS, "--epochs", "400", "--epsilon", "2", "--runs-dir", str(runs),
+                    env={"DPCORE_TEST_MARK": mark})
+    try:
+        run_id = _wait_for_steps(runs, proc, 3)
+        ranks = [_pid_of_rank(mark, r) for r in (0, 1)]
+        assert None not in ranks
+        proc.kill()  # torchrun itself, not its ranks (each runs in a session of its own)
+        proc.communicate(timeout=30)
+        deadline = time.time() + 120
+        while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in ranks):
+            time.sleep(0.5)
+    finally:
+        for pid in [p for p in (_pid_of_rank(mark, 0), _pid_of_rank(mark, 1)) if p]:
+            os.kill(pid, signal.SIGKILL)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in ranks), "the ranks trained on without their launcher"
+    rec = RunStore(runs).get_run(run_id)
+    assert rec.status == "cancelled", rec.error
+    entry = [e for e in Ledger(fresh_ledger).entries() if e.run_id == run_id][0]
+    assert entry.steps == RunStore(runs).card(run_id)["privacy"]["steps"] > 0
+

@@ -20,8 +20,11 @@ Rank 0 alone writes: the run store, the privacy ledger entry, the card, checkpoi
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -69,6 +72,7 @@ class World:
 
     # -- set-up --------------------------------------------------------------------------------------
     def init(self) -> "World":
+        _stop_with_the_launcher()
         if not dist.is_initialized():
             dist.init_process_group(self.backend, timeout=datetime.timedelta(seconds=_seconds(TIMEOUT_ENV,
                                                                                               DEFAULT_TIMEOUT_S)))
@@ -169,6 +173,21 @@ class World:
                 f"did not answer {what} ({type(exc).__name__}: {_first_line(exc)}); the run is ended on "
                 "every process. Fix: see that process's own output (out of memory, a killed job, a lost node), "
                 "then start the run again") from exc
+
+
+def _stop_with_the_launcher() -> None:
+    """torchrun starts each rank in a session of its own: if torchrun itself is killed (SIGKILL, a lost terminal),
+    the ranks would train on without it. On Linux each rank asks for SIGTERM when its parent dies, which the
+    command line turns into a cancel: every rank stops after the same step and rank 0 stores the run."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def from_env(environ=None) -> World | None:
