@@ -24,6 +24,7 @@ from dpcore.data.titles import dataset_title
 from dpcore.training.metrics import clinical_metrics
 from dpcore.analysis.run_review import guaranteed_epsilon
 from dpcore.analysis.saliency import COLOUR_TABLE, SaliencyResult
+from dpcore.analysis.labels import fmt_num, fmt_pct as _pct
 
 NOTICE = ("**Research use only — not a medical device; not a clinical diagnosis.** The output must be interpreted "
           "by a qualified healthcare professional. For research, educational and demonstration purposes only.")
@@ -46,12 +47,8 @@ def fmt_eps(eps) -> str:
     return f"{eps:.3g}"
 
 
-def _pct(x) -> str:
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f} %"
-
-
-def _num(x, spec: str = ".3f") -> str:
-    return "—" if x is None else format(x, spec)
+def _num(x, spec: str = ".3f") -> str:  # the report prints scores to 3 decimals
+    return fmt_num(x, spec)
 
 
 def privacy_headline(card: dict) -> str:
