@@ -299,11 +299,9 @@ def _cmd_train(args) -> int:
 def _train_rank(config: RunConfig, store, world, *, quiet: bool) -> int:
     """One process of a torchrun launch: rank 0 prints and records the run as a single-process run would; the
     others train their shard quietly (their failures go to stderr, which torchrun shows)."""
-    from dpcore.privacy.distributed import backend_for
     from dpcore.training.trainer import resolve_device
 
-    world.backend = backend_for(resolve_device(config.device))
-    world.init()
+    world.init(resolve_device(config.device))
     try:
         if world.is_main:
             return train_and_print(config, store, quiet=quiet, world=world)

@@ -71,7 +71,10 @@ class World:
                 "replicas_verified_steps": self.verified_steps if self.verify else None}
 
     # -- set-up --------------------------------------------------------------------------------------
-    def init(self) -> "World":
+    def init(self, device: torch.device | None = None) -> "World":
+        """Join the process group; with `device` (the run's), over its backend (NCCL for CUDA, else gloo)."""
+        if device is not None:
+            self.backend = backend_for(device)
         _stop_with_the_launcher()
         if not dist.is_initialized():
             dist.init_process_group(self.backend, timeout=datetime.timedelta(seconds=_seconds(TIMEOUT_ENV,
@@ -115,8 +118,7 @@ class World:
 
     def broadcast_module(self, module: torch.nn.Module) -> None:
         """Rank 0's parameters and buffers on every rank before the first step (same seed or not)."""
-        tensors = [t for t in list(module.parameters()) + list(module.buffers())]
-        for t in tensors:
+        for t in [*module.parameters(), *module.buffers()]:
             self._collective(lambda t=t: dist.broadcast(t.data, src=0), "while sharing the initial weights")
 
     def _barrier(self, what: str) -> None:

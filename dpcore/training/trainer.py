@@ -25,8 +25,7 @@ from torch.utils.data import TensorDataset
 
 import models
 
-from dpcore.privacy import grad_modes
-from dpcore.privacy import accounting
+from dpcore.privacy import accounting, grad_modes
 from dpcore.training import augment, features
 from dpcore.store.card import build_card
 from dpcore.config import RunConfig
@@ -937,11 +936,11 @@ class _Run:
                 loss = self.criterion(out, augment.expand_views(y.to(self.device), self.K))
                 (loss * (len(chunk) / len(idx))).backward()  # gradient of the mean over the logical batch
                 losses.append((float(loss.detach()), len(chunk)))
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
             if self.world is not None:  # every rank's share of the logical batch, and its loss
                 self._check_cancel()
                 mine_loss = torch.tensor([sum(v * k for v, k in losses), float(len(mine))], dtype=torch.float64)
-                total = self.world.sum_gradients([p for g in self.optimizer.param_groups for p in g["params"]],
-                                                 self.cancel.is_set(), extra=mine_loss)
+                total = self.world.sum_gradients(params, self.cancel.is_set(), extra=mine_loss)
                 losses = [(float(total[0]) / max(float(total[1]), 1.0), int(total[1]))]
             if self.main:
                 if self.spending is None:
@@ -949,7 +948,7 @@ class _Run:
                 self.spending.ensure(self.step + 1 - self.step_offset)  # counted before it is taken: it voids its images
             self.optimizer.step()
             if self.world is not None and self.world.verify:
-                self.world.verify_identical([p for g in self.optimizer.param_groups for p in g["params"]])
+                self.world.verify_identical(params)
             self._after_step(epoch, losses)
 
     def _empty_batch(self) -> None:

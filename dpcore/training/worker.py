@@ -174,14 +174,13 @@ def main(argv=None) -> int:
     cancel = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: cancel.set())
-    from dpcore.privacy.distributed import backend_for, from_env
+    from dpcore.privacy.distributed import from_env
     from dpcore.training.trainer import resolve_device, train
 
     world = from_env()
     try:
         if world is not None:
-            world.backend = backend_for(resolve_device(config.device))
-            world.init()
+            world.init(resolve_device(config.device))
         train(config, store, listener=_emit if world is None or world.is_main else None, cancel=cancel,
               run_id=args.run_id, world=world, **json.loads(args.options))
     except BaseException:  # noqa: BLE001 - the trainer stored the failure and emitted "failed"
